@@ -1,0 +1,41 @@
+# Every target sets itself up: the virtualenv, the packages, and the services it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: run test test-real lint infra-down clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+## make run: the whole system on SQLite and the embedded broker; prints where it is.
+run: $(STAMP)
+	$(BIN)/trial run
+
+## make test: the whole suite on the embedded default (SQLite + the embedded Kafka-protocol broker).
+test: $(STAMP)
+	TRIAL_TEST_BACKEND=embedded $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## make test-real: the same suite on PostgreSQL and Apache Kafka, both installed and started here.
+test-real: $(STAMP)
+	$(BIN)/python deploy/infra.py postgres up
+	$(BIN)/python deploy/infra.py kafka up
+	TRIAL_TEST_BACKEND=real $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy shared services deploy tests
+
+## Stop whatever the test targets left running (they are reused between runs otherwise).
+infra-down:
+	-$(BIN)/python deploy/infra.py kafka down
+	-$(BIN)/python deploy/infra.py postgres down
+	-$(BIN)/python deploy/infra.py tansu down
+
+clean: infra-down
+	rm -rf .run $(VENV)

@@ -1,0 +1,84 @@
+"""The `trial` command: run the system, print a development token, migrate, verify a store."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import typer
+
+from shared.auth import issue_dev_token
+from shared.settings import SERVICES, Settings
+
+app = typer.Typer(help="NCT03424629 trial backend", no_args_is_help=True)
+
+
+@app.command()
+def token(role: str = typer.Option(..., help="site_coordinator, investigator, pharmacist, "
+                                               "monitor, dsmb or admin"),
+          site: str | None = typer.Option(None, help="required for the three site roles"),
+          sub: str | None = typer.Option(None, help="the person or system"),
+          ttl: int = typer.Option(8 * 3600, help="seconds until it expires")) -> None:
+    """Print a development token signed with TRIAL_JWT_SECRET (HS256)."""
+    try:
+        typer.echo(issue_dev_token(Settings().jwt_secret, role, site, sub, ttl))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def run(data_dir: Path = typer.Option(Path(".run/data"), help="SQLite files live here"),
+        kafka_port: int = typer.Option(9092, help="port of the embedded broker")) -> None:
+    """Start the embedded broker and all five services; stop them on Ctrl-C."""
+    from deploy import infra
+    from shared.launcher import System
+
+    settings = Settings()
+    bootstrap = infra.start_tansu(kafka_port)
+    urls = {s: f"sqlite+aiosqlite:///{data_dir / f'{s}.db'}" for s in SERVICES}
+    system = System(bootstrap=bootstrap, database_urls=urls,
+                    env={"TRIAL_DATA_DIR": str(data_dir)})
+    system.ports["gateway"] = settings.gateway_port
+    system.start()
+    try:
+        system.wait_ready()
+        typer.echo(f"Gateway:          {system.url()}  (docs: {system.url()}/docs)")
+        typer.echo(f"Kafka bootstrap:  {bootstrap}")
+        typer.echo(f"Logs:             {system.log_dir}/   Ctrl-C stops everything.")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        system.stop()
+        infra.stop_tansu(kafka_port)
+
+
+@app.command()
+def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")) -> None:
+    """Bring a service database to the newest schema."""
+    from shared.migrate import upgrade
+
+    asyncio.run(upgrade(database_url))
+
+
+@app.command()
+def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")) -> None:
+    """Walk a store's hash chain; exit 1 and name the first broken position if it is broken."""
+    from shared.store import EventStore
+
+    async def _verify() -> int:
+        store = EventStore(database_url)
+        try:
+            result = await store.verify()
+        finally:
+            await store.close()
+        typer.echo(f"ok={result.ok} events_checked={result.events_checked} "
+                   f"first_broken_position={result.first_broken_position}")
+        return 0 if result.ok else 1
+
+    sys.exit(asyncio.run(_verify()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,314 @@
+"""The event catalogue: Pydantic models of every event's data, their topics, and the CloudEvents envelope."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENROLLMENT = "trial.enrollment"
+DOSING = "trial.dosing"
+SAFETY = "trial.safety"
+TOPICS = (ENROLLMENT, DOSING, SAFETY)
+
+Arm = Literal["msc_low", "msc_high", "mtx"]
+ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")
+
+
+def dlq_topic(topic: str) -> str:
+    return f"{topic}.dlq"
+
+
+class EventData(BaseModel):
+    """Base of every event's data: frozen, strict about unknown fields, bound to one topic."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: ClassVar[str]
+    schema_version: ClassVar[int] = 1
+    # The field whose value keys the Kafka record and fills the CloudEvents `subject`.
+    subject_field: ClassVar[str] = "patient_id"
+
+    @classmethod
+    def event_type(cls) -> str:
+        return cls.__name__
+
+    def subject(self) -> str:
+        return str(getattr(self, self.subject_field))
+
+
+# --- trial.enrollment -------------------------------------------------------------------------
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    criterion: str
+    message: str
+
+
+class PatientScreened(EventData):
+    topic = ENROLLMENT
+    subject_field = "screening_id"
+    screening_id: str
+    site_id: str
+    screening_number: str
+    eligible: bool
+    reasons: tuple[Reason, ...] = ()
+    age_years: int
+    weight_kg: float
+    pasi: float
+    protocol_version: str
+    screened_at: datetime
+
+
+class PatientEnrolled(EventData):
+    topic = ENROLLMENT
+    patient_id: str
+    site_id: str
+    screening_id: str
+    baseline_weight_kg: float
+    baseline_pasi: float
+    enrolled_at: datetime
+
+
+class ArmAssigned(EventData):
+    topic = ENROLLMENT
+    patient_id: str
+    site_id: str
+    arm: Arm
+    randomization_number: int = Field(ge=1)
+    stratum: str
+    baseline_weight_kg: float
+    assigned_at: datetime
+
+
+class PatientWithdrawn(EventData):
+    topic = ENROLLMENT
+    patient_id: str
+    site_id: str
+    reason: str
+    withdrawn_at: datetime
+
+
+# --- trial.dosing -----------------------------------------------------------------------------
+
+
+class PlannedVisit(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    week: int
+    kind: Literal["infusion", "methotrexate", "assessment"]
+    due_date: date
+    window_start: date
+    window_end: date
+    product: str | None = None
+    planned_cells: int | None = None
+    planned_dose_mg: float | None = None
+
+
+class DosingScheduleCreated(EventData):
+    topic = DOSING
+    patient_id: str
+    site_id: str
+    arm: Arm
+    anchor_date: date
+    visits: tuple[PlannedVisit, ...]
+
+
+class InfusionGiven(EventData):
+    topic = DOSING
+    infusion_id: str
+    patient_id: str
+    site_id: str
+    arm: Arm
+    week: int
+    cells_administered: int
+    cells_per_kg: float
+    weight_kg: float
+    lot_number: str
+    given_at: datetime
+    deviation_reason: str | None = None
+
+
+class MethotrexateDoseGiven(EventData):
+    topic = DOSING
+    dose_id: str
+    patient_id: str
+    site_id: str
+    week: int
+    dose_mg: float
+    given_at: datetime
+    deviation_reason: str | None = None
+
+
+class DosingHeld(EventData):
+    topic = DOSING
+    subject_field = "target"
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    rule_id: str
+    hold_id: str
+
+
+class DosingResumed(EventData):
+    topic = DOSING
+    subject_field = "target"
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    rule_id: str
+    hold_id: str
+
+
+# --- trial.safety -----------------------------------------------------------------------------
+
+
+class AdverseEventReported(EventData):
+    topic = SAFETY
+    adverse_event_id: str
+    patient_id: str
+    site_id: str
+    arm: Arm | None = None
+    term: str
+    onset_at: datetime
+    ctcae_grade: int = Field(ge=1, le=5)
+    serious: bool
+    relatedness: Literal["not_related", "unlikely", "possible", "probable", "definite"]
+    expected: bool
+    infusion_related: bool | None = None
+
+
+class StoppingRuleTriggered(EventData):
+    topic = SAFETY
+    subject_field = "target"
+    rule_id: str
+    rule_set_version: str
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    evidence: tuple[str, ...]
+
+
+class PatientDosingHeld(EventData):
+    topic = SAFETY
+    hold_id: str
+    patient_id: str
+    rule_id: str
+    product: Literal["any", "infusion", "methotrexate"] = "any"
+
+
+class ArmSuspended(EventData):
+    topic = SAFETY
+    subject_field = "arm"
+    hold_id: str
+    arm: Arm
+    rule_id: str
+
+
+class EnrollmentPaused(EventData):
+    topic = SAFETY
+    subject_field = "trial_id"
+    hold_id: str
+    trial_id: str
+    rule_id: str
+
+
+class TrialHalted(EventData):
+    topic = SAFETY
+    subject_field = "trial_id"
+    hold_id: str
+    trial_id: str
+    rule_id: str
+
+
+class SafetyHoldLifted(EventData):
+    topic = SAFETY
+    subject_field = "target"
+    hold_id: str
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    rationale: str
+    decided_by: str
+
+
+CATALOGUE: dict[str, type[EventData]] = {
+    cls.event_type(): cls
+    for cls in (
+        PatientScreened,
+        PatientEnrolled,
+        ArmAssigned,
+        PatientWithdrawn,
+        DosingScheduleCreated,
+        InfusionGiven,
+        MethotrexateDoseGiven,
+        DosingHeld,
+        DosingResumed,
+        AdverseEventReported,
+        StoppingRuleTriggered,
+        PatientDosingHeld,
+        ArmSuspended,
+        EnrollmentPaused,
+        TrialHalted,
+        SafetyHoldLifted,
+    )
+}
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+def model_for(event_type: str) -> type[EventData]:
+    try:
+        return CATALOGUE[event_type]
+    except KeyError:
+        raise UnknownEventType(event_type) from None
+
+
+def parse_data(event_type: str, data: dict[str, Any]) -> EventData:
+    return model_for(event_type).model_validate(data)
+
+
+# --- the wire format --------------------------------------------------------------------------
+
+
+class CloudEvent(BaseModel):
+    """CloudEvents 1.0, structured JSON mode: the value of every Kafka record the system writes."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: dict[str, Any]
+    schemaversion: int = 1
+    sequence: int
+    correlationid: str | None = None
+    causationid: str | None = None
+    actor: str | None = None
+    actorrole: str | None = None
+    actorsite: str | None = None
+    reason: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CloudEvent:
+        return cls.model_validate_json(raw)
+
+    def typed_data(self) -> EventData:
+        return parse_data(self.type, self.data)
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every event's data, keyed by event type (for docs and AsyncAPI)."""
+    return {name: cls.model_json_schema() for name, cls in CATALOGUE.items()}
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialisation the hash chain is computed over: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

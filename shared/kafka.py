@@ -1,0 +1,80 @@
+"""Kafka clients configured one way for the whole system, and topic creation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from shared.events import TOPICS, dlq_topic
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def all_topics() -> list[str]:
+    return [*TOPICS, *(dlq_topic(t) for t in TOPICS)]
+
+
+def make_producer(settings: Settings) -> AIOKafkaProducer:
+    # acks=all and no idempotent producer: the embedded broker lacks it, and delivery is
+    # at-least-once by design, made exactly-once in effect by idempotent consumers.
+    return AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=2,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+        client_id=f"{settings.service_name}-producer",
+    )
+
+
+async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
+    """Create the trial's topics if missing, so consumers never subscribe to nothing."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in (topics or all_topics()) if t not in existing]
+        for name in missing:
+            try:
+                await admin.create_topics([NewTopic(name, settings.kafka_topic_partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+async def broker_reachable(bootstrap: str, timeout: float = 2.0) -> bool:
+    """True when some bootstrap address accepts a TCP connection (for /readyz)."""
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        except (OSError, TimeoutError):
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return True
+    return False
+
+
+async def ensure_topics_forever(settings: Settings, stop: asyncio.Event) -> None:
+    """Retry topic creation until the broker answers (it may start after the service)."""
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            await ensure_topics(settings)
+            return
+        except Exception as exc:  # any broker failure: wait and try again
+            log.warning("topic creation failed, retrying in %.1fs: %s", delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)

@@ -1,0 +1,64 @@
+"""One settings class for every service, read from `TRIAL_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICES = ("randomization", "dosing", "safety", "audit")
+DEV_JWT_SECRET = "dev-only-secret-change-me-in-production"
+
+
+class Settings(BaseSettings):
+    """Every connection and knob is configuration, so one test suite runs on both backends."""
+
+    model_config = SettingsConfigDict(env_prefix="TRIAL_", extra="ignore")
+
+    service_name: str = "gateway"
+    trial_id: str = "NCT03424629"
+    data_dir: Path = Path(".run/data")
+    # Empty means "SQLite file <data_dir>/<service_name>.db" (the embedded default).
+    database_url: str = ""
+
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_topic_partitions: int = Field(3, ge=1)
+    kafka_request_timeout_ms: int = Field(10_000, ge=1000)
+
+    relay_enabled: bool = True
+    relay_batch_size: int = Field(500, ge=1)
+    relay_poll_interval_s: float = Field(0.5, gt=0)
+    consumers_enabled: bool = True
+
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8000
+    randomization_url: str = "http://127.0.0.1:8001"
+    dosing_url: str = "http://127.0.0.1:8002"
+    safety_url: str = "http://127.0.0.1:8003"
+    audit_url: str = "http://127.0.0.1:8004"
+    upstream_timeout_s: float = Field(10.0, gt=0)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / f'{self.service_name}.db'}"
+
+    def service_urls(self) -> dict[str, str]:
+        return {
+            "randomization": self.randomization_url,
+            "dosing": self.dosing_url,
+            "safety": self.safety_url,
+            "audit": self.audit_url,
+        }
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
