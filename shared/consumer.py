@@ -57,8 +57,11 @@ class ConsumerRunner:
         self.group_id = group_id or settings.service_name
         self._producer_factory = producer_factory
         self._producer: AIOKafkaProducer | None = None
-        self.dead_lettered = 0
+        self.records_seen = 0
         self.handled = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.commit_offsets = True  # tests turn it off to act out a crash before the commit
 
     async def run(self, stop: asyncio.Event) -> None:
         delay = 0.2
@@ -98,10 +101,12 @@ class ConsumerRunner:
                 for record in records:
                     await self.handle_record(record)
                 # Only now is every record of the batch in the database (or the DLQ).
-                await consumer.commit({tp: records[-1].offset + 1})
+                if self.commit_offsets:
+                    await consumer.commit({tp: records[-1].offset + 1})
 
     async def handle_record(self, record: ConsumerRecord) -> None:
         """Handle one record to completion: processed, skipped, or dead-lettered."""
+        self.records_seen += 1
         attempt, delay = 0, 0.1
         while True:
             attempt += 1
@@ -145,6 +150,7 @@ class ConsumerRunner:
             raise PoisonRecord(f"event type {event.type} is not in the catalogue")
         async with self.store.transaction() as tx:
             if await tx.was_processed(self.group_id, event.id):
+                self.duplicates += 1
                 return
             await handler(tx, Delivery(event, data, record.topic))
             await tx.mark_processed(self.group_id, event.id, record.topic)

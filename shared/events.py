@@ -6,7 +6,7 @@ import json
 from datetime import date, datetime
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 ENROLLMENT = "trial.enrollment"
 DOSING = "trial.dosing"
@@ -43,7 +43,7 @@ class EventData(BaseModel):
 
 
 class Reason(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     criterion: str
     message: str
 
@@ -96,7 +96,7 @@ class PatientWithdrawn(EventData):
 
 
 class PlannedVisit(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     week: int
     kind: Literal["infusion", "methotrexate", "assessment"]
     due_date: date
@@ -281,7 +281,7 @@ class CloudEvent(BaseModel):
     source: str
     type: str
     subject: str
-    time: datetime
+    time: AwareDatetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: dict[str, Any]
     schemaversion: int = 1

@@ -37,8 +37,12 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
 
-    gateway_host: str = "127.0.0.1"
+    # Where `trial run` (make run) puts each process; the URLs below are how services find them.
     gateway_port: int = 8000
+    randomization_port: int = 8001
+    dosing_port: int = 8002
+    safety_port: int = 8003
+    audit_port: int = 8004
     randomization_url: str = "http://127.0.0.1:8001"
     dosing_url: str = "http://127.0.0.1:8002"
     safety_url: str = "http://127.0.0.1:8003"
@@ -49,6 +53,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{self.data_dir / f'{self.service_name}.db'}"
+
+    def service_ports(self) -> dict[str, int]:
+        return {"gateway": self.gateway_port, "randomization": self.randomization_port,
+                "dosing": self.dosing_port, "safety": self.safety_port,
+                "audit": self.audit_port}
 
     def service_urls(self) -> dict[str, str]:
         return {

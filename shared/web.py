@@ -74,18 +74,23 @@ def install_problem_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            return problem_response(Problem(400, "malformed_json", "Request body is not UTF-8 JSON"))
         code = _STATUS_CODES.get(exc.status_code, "error")
         return problem_response(Problem(exc.status_code, code, str(exc.detail)))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")  # the stack goes to the log, never to the caller
-        return problem_response(Problem(500, "internal_error", "Internal error",
-                                        request_id=request_id_var.get()))
+
+
+def internal_error(request_id: str | None) -> JSONResponse:
+    return problem_response(Problem(500, "internal_error", "Internal error", request_id=request_id))
 
 
 class RequestIdMiddleware:
-    """Takes the caller's X-Request-ID (if well-formed) or makes one, and echoes it back."""
+    """Takes the caller's X-Request-ID (if well-formed) or makes one, and echoes it back.
+
+    It also turns an unexpected exception into a 500 problem carrying the request id: the stack
+    goes to the log, never to the caller.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -95,11 +100,14 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_REQUEST_ID.match(given) else str(uuid.uuid4())
+        request_id = given if _SAFE_REQUEST_ID.fullmatch(given) else str(uuid.uuid4())
         token = request_id_var.set(request_id)
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [(k, v) for k, v in message.get("headers", [])
                            if k.lower() != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
@@ -108,6 +116,11 @@ class RequestIdMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            if started:
+                raise
+            await internal_error(request_id)(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
 

@@ -1,0 +1,132 @@
+"""The consumer runner against the real broker and database: redelivery, poison records, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+
+from shared.consumer import ConsumerRunner, Delivery
+from shared.events import CloudEvent, PatientWithdrawn, dlq_topic
+from shared.kafka import ensure_topics
+from shared.settings import Settings
+from shared.store import EventStore, NewEvent, Transaction, utcnow
+from tests.support import eventually, read_topic
+
+
+def withdrawal(patient: str) -> CloudEvent:
+    data = PatientWithdrawn(patient_id=patient, site_id="S1", reason="moved away",
+                            withdrawn_at=utcnow())
+    return CloudEvent(id=str(uuid.uuid4()), source="/services/test", type="PatientWithdrawn",
+                      subject=patient, time=utcnow(), data=data.model_dump(mode="json"), sequence=1)
+
+
+async def count_down(tx: Transaction, delivery: Delivery) -> None:
+    """A handler with a visible effect: one event per handled record, in the patient's stream."""
+    assert isinstance(delivery.data, PatientWithdrawn)
+    await tx.append(f"seen-{delivery.data.patient_id}",
+                    [NewEvent("Seen", {"event_id": delivery.event.id})], None)
+
+
+async def produce(settings: Settings, topic: str, *values: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=b"k")  # one key: one partition, in order
+    finally:
+        await producer.stop()
+
+
+async def run_until(runner: ConsumerRunner, condition: Callable[[], bool], what: str) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(condition, what=what)
+    finally:
+        stop.set()
+        await task
+
+
+async def test_the_same_record_delivered_twice_changes_state_once(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.redelivery.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    event, other = withdrawal("P1"), withdrawal("P1")
+    # The relay may resend after a crash: the same event arrives as two records.
+    await produce(settings, topic, event.to_bytes(), event.to_bytes(), other.to_bytes())
+    runner = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": count_down},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    await run_until(runner, lambda: runner.handled >= 2 and _consumed(runner, 3), "3 records")
+    seen = await store.read_stream("seen-P1")
+    assert [e.data["event_id"] for e in seen] == [event.id, other.id]
+    assert runner.duplicates == 1
+
+
+def _consumed(runner: ConsumerRunner, n: int) -> bool:
+    return runner.records_seen >= n
+
+
+async def test_a_redelivery_after_a_crash_before_the_offset_commit_changes_nothing(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.crash.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    event = withdrawal("P2")
+    await produce(settings, topic, event.to_bytes())
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    async def crash_after_commit(tx: Transaction, delivery: Delivery) -> None:
+        await count_down(tx, delivery)
+
+    first = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": crash_after_commit},
+                           group_id=group)
+    first.commit_offsets = False  # the process dies after the database commit, before Kafka's
+    await run_until(first, lambda: first.handled == 1, "first delivery")
+    second = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": count_down},
+                            group_id=group)
+    await run_until(second, lambda: _consumed(second, 1), "redelivery")
+    assert second.handled == 0 and second.duplicates == 1
+    assert len(await store.read_stream("seen-P2")) == 1
+
+
+async def test_poison_records_go_to_the_dlq_and_the_next_good_record_is_handled(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.poison.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    bad_data = withdrawal("P3").model_copy(update={"data": {"patient_id": "P3"}})
+    good = withdrawal("P3")
+    await produce(settings, topic, b"\x00not json at all", b'{"specversion": "1.0"}',
+                  bad_data.to_bytes(), good.to_bytes())
+    runner = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": count_down},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    await run_until(runner, lambda: runner.handled == 1, "the good record")
+    assert runner.dead_lettered == 3
+    assert [e.data["event_id"] for e in await store.read_stream("seen-P3")] == [good.id]
+    dead = await read_topic(settings.kafka_bootstrap_servers, dlq_topic(topic),
+                            until=lambda rs: len(rs) >= 3)
+    assert [r.value for r in dead][:2] == [b"\x00not json at all", b'{"specversion": "1.0"}']
+    headers = dict(dead[2].headers)
+    assert headers["dlq_topic"] == topic.encode()
+    assert b"invalid PatientWithdrawn data" in headers["dlq_error"]
+
+
+async def test_a_failing_handler_dead_letters_after_retries_without_writing(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.failing.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    doomed, fine = withdrawal("P4"), withdrawal("P5")
+
+    async def sometimes_broken(tx: Transaction, delivery: Delivery) -> None:
+        await count_down(tx, delivery)  # written, then rolled back with the failure
+        if delivery.event.id == doomed.id:
+            raise ValueError("cannot handle this one")
+
+    await produce(settings, topic, doomed.to_bytes(), fine.to_bytes())
+    runner = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": sometimes_broken},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    await run_until(runner, lambda: runner.handled == 1, "the fine record")
+    assert runner.dead_lettered == 1
+    assert await store.read_stream("seen-P4") == []
+    assert len(await store.read_stream("seen-P5")) == 1

@@ -1,0 +1,177 @@
+"""The event store against the real database: concurrency, gapless commit order, immutability."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from shared.db import is_sqlite
+from shared.schema import append_only_ddl
+from shared.store import ConcurrencyError, EventStore, NewEvent
+
+WRITERS = 10
+
+
+def ev(n: int = 0) -> NewEvent:
+    return NewEvent("TestHappened", {"n": n, "weight_kg": 70.5, "note": "é ü"},
+                    {"actor": "tester", "role": "admin"})
+
+
+async def test_append_read_and_expected_version(store: EventStore) -> None:
+    first = await store.append("s-1", [ev(1), ev(2)], expected_version=0)
+    assert [e.stream_version for e in first] == [1, 2]
+    assert [e.position for e in first] == [1, 2]
+    with pytest.raises(ConcurrencyError) as err:
+        await store.append("s-1", [ev(3)], expected_version=1)
+    assert err.value.actual == 2
+    await store.append("s-1", [ev(3)], expected_version=2)
+    read = await store.read_stream("s-1")
+    assert [e.data["n"] for e in read] == [1, 2, 3]
+    assert read[0].data == first[0].data and read[0].hash == first[0].hash
+    assert read[1].prev_hash == read[0].hash
+    assert (await store.verify()).ok
+
+
+async def test_concurrent_appends_at_the_same_version_exactly_one_wins(database_url: str,
+                                                                       store: EventStore) -> None:
+    await store.append("contested", [ev()], expected_version=0)
+    # One store (engine) per writer, so the database's lock does the work, not the process's.
+    writers = [EventStore(database_url) for _ in range(WRITERS)]
+    try:
+        for round_ in range(5):
+            version = 1 + round_
+            results = await asyncio.gather(
+                *(w.append("contested", [ev(i)], expected_version=version)
+                  for i, w in enumerate(writers)), return_exceptions=True)
+            winners = [r for r in results if isinstance(r, list)]
+            losers = [r for r in results if isinstance(r, ConcurrencyError)]
+            assert len(winners) == 1, results
+            assert len(losers) == WRITERS - 1, results
+    finally:
+        for w in writers:
+            await w.close()
+    stream = await store.read_stream("contested")
+    assert [e.stream_version for e in stream] == list(range(1, 7))
+    assert (await store.verify()).ok
+
+
+async def test_positions_are_gapless_and_never_skipped_by_a_concurrent_reader(
+        database_url: str, store: EventStore) -> None:
+    """The relay's hazard: a later position visible before an earlier one commits.
+
+    Many writers append concurrently while a reader does exactly what the relay does
+    (read after its checkpoint, advance to the last position seen). If any position ever became
+    visible before a smaller one, the reader would jump past the smaller one and miss it.
+    """
+    writers = [EventStore(database_url) for _ in range(WRITERS)]
+    rounds = 15
+    done = asyncio.Event()
+    seen: list[int] = []
+
+    async def write(w: EventStore, idx: int) -> None:
+        for r in range(rounds):
+            await w.append(f"w{idx}", [ev(r), ev(r)] if r % 3 == 0 else [ev(r)], None)
+
+    async def relay_like_reader() -> None:
+        checkpoint = 0
+        while True:
+            finished = done.is_set()
+            batch = await store.read_all(after=checkpoint, limit=random.randint(1, 50))
+            seen.extend(e.position for e in batch)
+            if batch:
+                checkpoint = batch[-1].position
+            elif finished:
+                return
+            await asyncio.sleep(0)
+
+    reader = asyncio.create_task(relay_like_reader())
+    try:
+        await asyncio.gather(*(write(w, i) for i, w in enumerate(writers)))
+    finally:
+        done.set()
+        await reader
+        for w in writers:
+            await w.close()
+    total = WRITERS * (rounds + len(range(0, rounds, 3)))
+    assert seen == list(range(1, total + 1))
+    assert await store.head() == total
+    assert (await store.verify()) .events_checked == total
+
+
+async def test_the_database_refuses_update_and_delete(store: EventStore) -> None:
+    await store.append("s", [ev(1), ev(2)], 0)
+    statements = ["UPDATE events SET type = 'Forged' WHERE position = 1",
+                  "UPDATE events SET data = '{}'",
+                  "DELETE FROM events WHERE position = 2",
+                  "DELETE FROM events"]
+    if not store.sqlite:
+        statements.append("TRUNCATE events")
+    for statement in statements:
+        with pytest.raises((IntegrityError, DBAPIError)) as err:
+            async with store.engine.begin() as conn:
+                await conn.execute(sa.text(statement))
+        assert "append-only" in str(err.value)
+    events = await store.read_stream("s")
+    assert [e.type for e in events] == ["TestHappened"] * 2
+    assert (await store.verify()).ok
+
+
+async def _tamper(store: EventStore, statement: str) -> None:
+    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
+    async with store.engine.begin() as conn:
+        if is_sqlite(store.url):
+            await conn.execute(sa.text("DROP TRIGGER events_no_update"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
+        else:
+            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE events SET data = '{\"n\": 999, \"weight_kg\": 70.5, \"note\": \"é ü\"}' WHERE position = 7",
+    "UPDATE events SET metadata = '{\"actor\": \"someone-else\", \"role\": \"admin\"}' WHERE position = 7",
+    "UPDATE events SET type = 'Forged' WHERE position = 7",
+])
+async def test_verifier_names_the_first_altered_position(store: EventStore, statement: str) -> None:
+    for i in range(12):
+        await store.append(f"s{i % 3}", [ev(i)], None)
+    assert (await store.verify()) .ok
+    await _tamper(store, statement)
+    result = await store.verify()
+    assert not result.ok
+    assert result.first_broken_position == 7
+    assert result.events_checked == 6
+
+
+async def test_verifier_reports_a_removed_row(store: EventStore) -> None:
+    for i in range(5):
+        await store.append("s", [ev(i)], None)
+    async with store.engine.begin() as conn:
+        if store.sqlite:
+            await conn.execute(sa.text("DROP TRIGGER events_no_delete"))
+        else:
+            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
+        await conn.execute(sa.text("DELETE FROM events WHERE position = 3"))
+    result = await store.verify()
+    assert (result.ok, result.first_broken_position) == (False, 3)
+
+
+async def test_migrations_are_idempotent_and_processed_ids_are_transactional(
+        database_url: str, store: EventStore) -> None:
+    from shared.migrate import upgrade
+
+    await upgrade(database_url)  # a second start-up changes nothing
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.append("s", [ev()], 0)
+            await tx.mark_processed("c", "e-1", "t")
+            raise RuntimeError("handler failed after writing")
+    async with store.transaction() as tx:  # both rolled back together
+        assert not await tx.was_processed("c", "e-1")
+        assert await tx.stream_version("s") == 0

@@ -1,0 +1,309 @@
+"""The event catalogue and the CloudEvents envelope: topics, subjects, schemas, the wire format."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from shared.events import (
+    CATALOGUE,
+    TOPICS,
+    AdverseEventReported,
+    ArmAssigned,
+    ArmSuspended,
+    CloudEvent,
+    DosingHeld,
+    DosingResumed,
+    DosingScheduleCreated,
+    EnrollmentPaused,
+    EventData,
+    InfusionGiven,
+    MethotrexateDoseGiven,
+    PatientDosingHeld,
+    PatientEnrolled,
+    PatientScreened,
+    PatientWithdrawn,
+    PlannedVisit,
+    Reason,
+    SafetyHoldLifted,
+    StoppingRuleTriggered,
+    TrialHalted,
+    UnknownEventType,
+    canonical_json,
+    json_schemas,
+    model_for,
+    parse_data,
+)
+
+AT = datetime(2026, 11, 26, 10, 30, tzinfo=UTC)
+
+# One valid instance of every catalogue event, with the value its subject must be.
+SAMPLES: dict[str, tuple[EventData, str]] = {
+    "PatientScreened": (PatientScreened(
+        screening_id="scr-1", site_id="S1", screening_number="S1-0001", eligible=False,
+        reasons=(Reason(criterion="INC-AGE", message="age 17 is outside 18 to 60"),),
+        age_years=17, weight_kg=70.0, pasi=14.2, protocol_version="1.0.0", screened_at=AT), "scr-1"),
+    "PatientEnrolled": (PatientEnrolled(
+        patient_id="p-1", site_id="S1", screening_id="scr-1", baseline_weight_kg=70.0,
+        baseline_pasi=14.2, enrolled_at=AT), "p-1"),
+    "ArmAssigned": (ArmAssigned(
+        patient_id="p-1", site_id="S1", arm="msc_high", randomization_number=1,
+        stratum="S1:pasi_lt20", baseline_weight_kg=70.0, assigned_at=AT), "p-1"),
+    "PatientWithdrawn": (PatientWithdrawn(
+        patient_id="p-1", site_id="S1", reason="moved away", withdrawn_at=AT), "p-1"),
+    "DosingScheduleCreated": (DosingScheduleCreated(
+        patient_id="p-1", site_id="S1", arm="mtx", anchor_date=date(2026, 11, 26),
+        visits=(PlannedVisit(week=0, kind="methotrexate", due_date=date(2026, 11, 26),
+                             window_start=date(2026, 11, 24), window_end=date(2026, 11, 28),
+                             product="methotrexate", planned_dose_mg=7.5),)), "p-1"),
+    "InfusionGiven": (InfusionGiven(
+        infusion_id="inf-1", patient_id="p-1", site_id="S1", arm="msc_low", week=0,
+        cells_administered=70_000_000, cells_per_kg=1_000_000, weight_kg=70.0, lot_number="L-1",
+        given_at=AT), "p-1"),
+    "MethotrexateDoseGiven": (MethotrexateDoseGiven(
+        dose_id="d-1", patient_id="p-1", site_id="S1", week=3, dose_mg=10.0, given_at=AT), "p-1"),
+    "DosingHeld": (DosingHeld(scope="arm", target="msc_high", rule_id="R-ARM", hold_id="h-1"),
+                   "msc_high"),
+    "DosingResumed": (DosingResumed(scope="trial", target="NCT03424629", rule_id="R-TRIAL",
+                                    hold_id="h-2"), "NCT03424629"),
+    "AdverseEventReported": (AdverseEventReported(
+        adverse_event_id="ae-1", patient_id="p-1", site_id="S1", arm="msc_low", term="fever",
+        onset_at=AT, ctcae_grade=2, serious=False, relatedness="possible", expected=True,
+        infusion_related=True), "p-1"),
+    "StoppingRuleTriggered": (StoppingRuleTriggered(
+        rule_id="R-1", rule_set_version="1", scope="patient", target="p-1",
+        evidence=("ev-1", "ev-2")), "p-1"),
+    "PatientDosingHeld": (PatientDosingHeld(hold_id="h-3", patient_id="p-1", rule_id="R-1"), "p-1"),
+    "ArmSuspended": (ArmSuspended(hold_id="h-4", arm="msc_high", rule_id="R-ARM"), "msc_high"),
+    "EnrollmentPaused": (EnrollmentPaused(hold_id="h-5", trial_id="NCT03424629", rule_id="R-2"),
+                         "NCT03424629"),
+    "TrialHalted": (TrialHalted(hold_id="h-6", trial_id="NCT03424629", rule_id="R-3"),
+                    "NCT03424629"),
+    "SafetyHoldLifted": (SafetyHoldLifted(
+        hold_id="h-4", scope="arm", target="msc_high", rationale="DSMB reviewed the cases",
+        decided_by="dsmb-1"), "msc_high"),
+}
+
+EXPECTED_TOPIC = {
+    "PatientScreened": "trial.enrollment", "PatientEnrolled": "trial.enrollment",
+    "ArmAssigned": "trial.enrollment", "PatientWithdrawn": "trial.enrollment",
+    "DosingScheduleCreated": "trial.dosing", "InfusionGiven": "trial.dosing",
+    "MethotrexateDoseGiven": "trial.dosing", "DosingHeld": "trial.dosing",
+    "DosingResumed": "trial.dosing",
+    "AdverseEventReported": "trial.safety", "StoppingRuleTriggered": "trial.safety",
+    "PatientDosingHeld": "trial.safety", "ArmSuspended": "trial.safety",
+    "EnrollmentPaused": "trial.safety", "TrialHalted": "trial.safety",
+    "SafetyHoldLifted": "trial.safety",
+}
+
+
+def test_catalogue_names_every_contract_event_and_every_sample() -> None:
+    assert set(CATALOGUE) >= set(EXPECTED_TOPIC)
+    assert set(SAMPLES) == set(CATALOGUE), "add a sample for every new catalogue event"
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_event_has_a_known_topic_and_its_contract_topic(name: str) -> None:
+    cls = CATALOGUE[name]
+    assert cls.event_type() == name
+    assert cls.topic in TOPICS
+    if name in EXPECTED_TOPIC:
+        assert cls.topic == EXPECTED_TOPIC[name]
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_every_event_has_a_working_subject(name: str) -> None:
+    cls = CATALOGUE[name]
+    sample, subject = SAMPLES[name]
+    assert type(sample) is cls
+    assert cls.subject_field in cls.model_fields
+    assert sample.subject() == subject
+    # The subject survives the JSON round trip the store and the relay put it through.
+    assert parse_data(name, sample.model_dump(mode="json")).subject() == subject
+
+
+def test_json_schemas_cover_the_catalogue_and_forbid_unknown_fields() -> None:
+    schemas = json_schemas()
+    assert set(schemas) == set(CATALOGUE)
+    for name, schema in schemas.items():
+        assert schema["type"] == "object", name
+        assert CATALOGUE[name].subject_field in schema["properties"], name
+        assert CATALOGUE[name].subject_field in schema["required"], name
+        assert schema["additionalProperties"] is False, name
+        json.dumps(schema)  # serialisable, for docs and AsyncAPI
+
+
+def test_unknown_event_type_raises() -> None:
+    with pytest.raises(UnknownEventType):
+        model_for("PatientTeleported")
+    with pytest.raises(UnknownEventType):
+        parse_data("patientenrolled", {})
+    assert issubclass(UnknownEventType, ValueError)
+
+
+def test_unknown_fields_in_event_data_are_rejected() -> None:
+    sample, _ = SAMPLES["PatientEnrolled"]
+    data = {**sample.model_dump(mode="json"), "patient_name": "Jane Doe"}
+    with pytest.raises(ValidationError, match="patient_name"):
+        parse_data("PatientEnrolled", data)
+
+
+def test_event_data_is_frozen() -> None:
+    sample, _ = SAMPLES["ArmAssigned"]
+    assert isinstance(sample, ArmAssigned)
+    with pytest.raises(ValidationError):
+        sample.arm = "mtx"  # type: ignore[misc]
+    assert sample.arm == "msc_high"
+
+
+def test_event_data_validates_its_constraints() -> None:
+    data = SAMPLES["AdverseEventReported"][0].model_dump(mode="json")
+    with pytest.raises(ValidationError):
+        parse_data("AdverseEventReported", {**data, "ctcae_grade": 6})
+    with pytest.raises(ValidationError):
+        parse_data("AdverseEventReported", {**data, "relatedness": "maybe"})
+    with pytest.raises(ValidationError):
+        parse_data("ArmAssigned", {**SAMPLES["ArmAssigned"][0].model_dump(mode="json"), "arm": "placebo"})
+
+
+# --- the CloudEvents envelope --------------------------------------------------------------------
+
+FULL_ENVELOPE: dict[str, Any] = {
+    "specversion": "1.0",
+    "id": "7b0f2c9e-1f7c-4c1e-9b43-0c7c2b0f3a11",
+    "source": "/services/randomization",
+    "type": "ArmAssigned",
+    "subject": "p-1",
+    "time": "2026-11-26T10:30:00.123456Z",
+    "datacontenttype": "application/json",
+    "data": SAMPLES["ArmAssigned"][0].model_dump(mode="json"),
+    "schemaversion": 1,
+    "sequence": 42,
+    "correlationid": "req-1",
+    "causationid": "ev-0",
+    "actor": "coordinator-7",
+}
+
+
+def test_cloudevent_round_trips_every_contract_field() -> None:
+    event = CloudEvent.model_validate(FULL_ENVELOPE)
+    raw = event.to_bytes()
+    wire = json.loads(raw)
+    assert set(FULL_ENVELOPE) <= set(wire)
+    for key in ("specversion", "id", "source", "type", "subject", "datacontenttype", "data",
+                "schemaversion", "sequence", "correlationid", "causationid", "actor"):
+        assert wire[key] == FULL_ENVELOPE[key], key
+    assert datetime.fromisoformat(wire["time"]) == datetime(2026, 11, 26, 10, 30, 0, 123456, tzinfo=UTC)
+    back = CloudEvent.from_bytes(raw)
+    assert back == event
+    assert back.typed_data() == SAMPLES["ArmAssigned"][0]
+
+
+def test_cloudevent_defaults_and_omits_absent_extensions() -> None:
+    minimal = {k: FULL_ENVELOPE[k] for k in ("id", "source", "type", "subject", "time", "data", "sequence")}
+    event = CloudEvent.model_validate(minimal)
+    assert (event.specversion, event.datacontenttype, event.schemaversion) == (
+        "1.0", "application/json", 1)
+    wire = json.loads(event.to_bytes())
+    assert "correlationid" not in wire and "actor" not in wire and "causationid" not in wire
+    assert wire["specversion"] == "1.0"
+
+
+def test_cloudevent_keeps_unknown_extension_attributes() -> None:
+    event = CloudEvent.model_validate({**FULL_ENVELOPE, "traceparent": "00-abc-def-01"})
+    back = CloudEvent.from_bytes(event.to_bytes())
+    assert json.loads(back.to_bytes())["traceparent"] == "00-abc-def-01"
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"{", b"[]", b"null", b'"x"', b"\xff\xfe"])
+def test_from_bytes_rejects_garbage(raw: bytes) -> None:
+    with pytest.raises(ValidationError):
+        CloudEvent.from_bytes(raw)
+
+
+@pytest.mark.parametrize("missing", ["id", "source", "type", "subject", "time", "data", "sequence"])
+def test_from_bytes_rejects_a_missing_required_field(missing: str) -> None:
+    envelope = {k: v for k, v in FULL_ENVELOPE.items() if k != missing}
+    with pytest.raises(ValidationError, match=missing):
+        CloudEvent.from_bytes(json.dumps(envelope).encode())
+
+
+@pytest.mark.parametrize("bad", [{"specversion": "0.3"}, {"datacontenttype": "text/xml"},
+                                 {"sequence": "first"}, {"time": "yesterday"}, {"data": [1, 2]}])
+def test_from_bytes_rejects_wrong_values(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        CloudEvent.from_bytes(json.dumps({**FULL_ENVELOPE, **bad}).encode())
+
+
+def test_typed_data_of_an_unknown_type_raises() -> None:
+    event = CloudEvent.model_validate({**FULL_ENVELOPE, "type": "SomethingElse"})
+    with pytest.raises(UnknownEventType):
+        event.typed_data()
+
+
+# --- canonical JSON and round trips as properties ------------------------------------------------
+
+json_scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+json_objects = st.dictionaries(st.text(max_size=8), json_values, max_size=6)
+
+
+def reorder(value: Any) -> Any:
+    """The same value with every object's keys in reverse insertion order."""
+    if isinstance(value, dict):
+        return {k: reorder(value[k]) for k in reversed(list(value))}
+    if isinstance(value, list):
+        return [reorder(v) for v in value]
+    return value
+
+
+@given(json_objects)
+def test_canonical_json_is_key_order_independent(value: dict[str, Any]) -> None:
+    assert canonical_json(reorder(value)) == canonical_json(value)
+
+
+@given(json_objects)
+def test_canonical_json_round_trips_and_is_compact(value: dict[str, Any]) -> None:
+    text = canonical_json(value)
+    assert json.loads(text) == value
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_canonical_json_exact_form() -> None:
+    assert canonical_json({"b": [1, {"d": 2, "c": "é"}], "a": None}) == '{"a":null,"b":[1,{"c":"é","d":2}]}'
+    assert canonical_json({"b": 1, "a": 2}) == canonical_json({"a": 2, "b": 1})
+
+
+identifiers = st.text(st.characters(codec="utf-8"), min_size=1, max_size=30)
+offsets = st.sampled_from([UTC, timezone(timedelta(hours=8)), timezone(timedelta(hours=-5, minutes=-30))])
+
+
+@given(
+    event_id=identifiers, source=identifiers, event_type=identifiers, subject=identifiers,
+    time=st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2100, 1, 1), timezones=offsets),
+    data=json_objects, schemaversion=st.integers(1, 99), sequence=st.integers(0, 2**62),
+    correlationid=st.none() | identifiers, causationid=st.none() | identifiers,
+    actor=st.none() | identifiers,
+)
+def test_cloudevent_round_trip_property(
+    event_id: str, source: str, event_type: str, subject: str, time: datetime, data: dict[str, Any],
+    schemaversion: int, sequence: int, correlationid: str | None, causationid: str | None,
+    actor: str | None,
+) -> None:
+    event = CloudEvent(id=event_id, source=source, type=event_type, subject=subject, time=time,
+                       data=data, schemaversion=schemaversion, sequence=sequence,
+                       correlationid=correlationid, causationid=causationid, actor=actor)
+    back = CloudEvent.from_bytes(event.to_bytes())
+    assert back == event
+    assert back.time.utcoffset() == time.utcoffset()
