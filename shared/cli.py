@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 import typer
 
@@ -51,6 +52,18 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
     finally:
         system.stop()
         infra.stop_tansu(kafka_port)
+
+
+@app.command()
+def schemas(out: Path = typer.Option(Path("docs/events.schema.json"), help="where to write")) -> None:
+    """Write the event catalogue (CloudEvents envelope + every event's data) as JSON Schema."""
+    import json
+
+    from shared.events import catalogue_document
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(catalogue_document(), indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -230,9 +230,12 @@ class Transaction:
         return int((await self.conn.execute(q)).scalar_one_or_none() or 0)
 
     async def save_checkpoint(self, name: str, position: int) -> None:
-        updated = await self.conn.execute(checkpoints.update().where(checkpoints.c.name == name)
-                                          .values(position=position, updated_at=utcnow()))
-        if updated.rowcount == 0:
+        """Move the checkpoint forward (never back, should two relays race)."""
+        updated = await self.conn.execute(
+            checkpoints.update().where(checkpoints.c.name == name,
+                                       checkpoints.c.position < position)
+            .values(position=position, updated_at=utcnow()))
+        if updated.rowcount == 0 and await self.checkpoint(name) == 0:
             await self.conn.execute(checkpoints.insert().values(
                 name=name, position=position, updated_at=utcnow()))
 

@@ -1,0 +1,41 @@
+"""The documents other teams code against are generated, and the committed copies are current."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from shared.events import CATALOGUE, TOPICS, catalogue_document
+from shared.settings import SERVICES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_committed_event_catalogue_is_the_generated_one() -> None:
+    committed = json.loads((REPO / "docs" / "events.schema.json").read_text())
+    assert committed == json.loads(json.dumps(catalogue_document())), \
+        "run `.venv/bin/trial schemas` and commit docs/events.schema.json"
+    assert set(committed["events"]) == set(CATALOGUE)
+    assert {e["topic"] for e in committed["events"].values()} == set(TOPICS)
+
+
+def test_docker_compose_runs_every_service_against_postgres_and_kafka() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "kafka", "gateway", *SERVICES} <= set(services)
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["TRIAL_DATABASE_URL"].startswith("postgresql+asyncpg://")
+        assert env["TRIAL_DATABASE_URL"].endswith(f"/trial_{name}")
+        assert env["TRIAL_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
+        assert services[name]["command"][1] == f"services.{name}.app:app"
+        assert (REPO / "services" / name / "app.py").exists()
+    gateway_env = services["gateway"]["environment"]
+    for name in SERVICES:
+        assert gateway_env[f"TRIAL_{name.upper()}_URL"] == f"http://{name}:8000"
+    assert "8000:8000" in services["gateway"]["ports"]
+    init_sql = (REPO / "deploy" / "postgres-init.sql").read_text()
+    assert all(f"trial_{name}" in init_sql for name in SERVICES)
+    assert services["kafka"]["image"].startswith("apache/kafka:4.")
