@@ -230,27 +230,19 @@ class SafetyHoldLifted(EventData):
     decided_by: str
 
 
-CATALOGUE: dict[str, type[EventData]] = {
-    cls.event_type(): cls
-    for cls in (
-        PatientScreened,
-        PatientEnrolled,
-        ArmAssigned,
-        PatientWithdrawn,
-        DosingScheduleCreated,
-        InfusionGiven,
-        MethotrexateDoseGiven,
-        DosingHeld,
-        DosingResumed,
-        AdverseEventReported,
-        StoppingRuleTriggered,
-        PatientDosingHeld,
-        ArmSuspended,
-        EnrollmentPaused,
-        TrialHalted,
-        SafetyHoldLifted,
-    )
-}
+def _catalogue() -> dict[str, type[EventData]]:
+    """Every EventData subclass defined in this module is in the catalogue: define, don't list."""
+    found: dict[str, type[EventData]] = {}
+    todo = list(EventData.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__ == __name__:
+            found[cls.event_type()] = cls
+    return dict(sorted(found.items()))
+
+
+CATALOGUE: dict[str, type[EventData]] = _catalogue()
 
 
 class UnknownEventType(ValueError):

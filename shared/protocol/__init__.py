@@ -11,7 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.events import ARMS, Arm
 
-DEFAULT_PATH = Path(__file__).with_name("v1.json")
+from shared.protocol.eligibility import EligibilityConfig
+from shared.protocol.randomization import RandomizationConfig
+from shared.protocol.safety import SafetyConfig
+
+# One folder per protocol version: trial.json holds the trial-wide keys, every other file
+# <section>.json holds one section (so each service's rules live in a file of their own).
+DEFAULT_PATH = Path(__file__).with_name("v1")
 
 
 class ArmConfig(BaseModel):
@@ -36,6 +42,9 @@ class ProtocolConfig(BaseModel):
     assessment_weeks: tuple[int, ...]
     mtx_dose_range_mg: tuple[float, float]
     pasi_band_threshold: float
+    eligibility: EligibilityConfig = EligibilityConfig()
+    randomization: RandomizationConfig = RandomizationConfig()
+    safety: SafetyConfig = SafetyConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolConfig:
@@ -55,8 +64,13 @@ class ProtocolConfig(BaseModel):
         return self
 
 
-def load_protocol(path: Path | None = None) -> ProtocolConfig:
-    return ProtocolConfig.model_validate(json.loads((path or DEFAULT_PATH).read_text()))
+def load_protocol(folder: Path | None = None) -> ProtocolConfig:
+    folder = folder or DEFAULT_PATH
+    document = json.loads((folder / "trial.json").read_text())
+    for section in sorted(folder.glob("*.json")):
+        if section.stem != "trial":
+            document[section.stem] = json.loads(section.read_text())
+    return ProtocolConfig.model_validate(document)
 
 
 @lru_cache

@@ -15,7 +15,7 @@ from shared.protocol import DEFAULT_PATH, ArmConfig, ProtocolConfig, default_pro
 
 
 def raw_default() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(DEFAULT_PATH.read_text())
+    loaded: dict[str, Any] = json.loads((DEFAULT_PATH / "trial.json").read_text())
     return loaded
 
 
@@ -34,9 +34,11 @@ def test_default_protocol_loads_the_registry_facts() -> None:
 
 
 def test_load_protocol_from_a_path_equals_the_default(tmp_path: Path) -> None:
-    path = tmp_path / "v1-copy.json"
-    path.write_text(json.dumps(raw_default()))
-    assert load_protocol(path) == default_protocol()
+    folder = tmp_path / "v1-copy"
+    folder.mkdir()
+    for section in DEFAULT_PATH.glob("*.json"):
+        (folder / section.name).write_text(section.read_text())
+    assert load_protocol(folder) == default_protocol()
 
 
 def test_default_protocol_is_frozen() -> None:
@@ -51,9 +53,10 @@ def test_default_protocol_is_frozen() -> None:
 
 
 def write(tmp_path: Path, config: dict[str, Any]) -> Path:
-    path = tmp_path / "protocol.json"
-    path.write_text(json.dumps(config))
-    return path
+    folder = tmp_path / "protocol"
+    folder.mkdir(exist_ok=True)
+    (folder / "trial.json").write_text(json.dumps(config))
+    return folder
 
 
 def test_unknown_top_level_key_fails(tmp_path: Path) -> None:
@@ -100,7 +103,6 @@ def test_arm_config_forbids_unknown_fields() -> None:
 
 
 def test_malformed_file_fails(tmp_path: Path) -> None:
-    path = tmp_path / "broken.json"
-    path.write_text("{ not json")
+    (tmp_path / "trial.json").write_text("{ not json")
     with pytest.raises(json.JSONDecodeError):
-        load_protocol(path)
+        load_protocol(tmp_path)

@@ -1,0 +1,63 @@
+"""The permission matrix, enforced at the gateway and again in every service."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from shared.auth import SITE_ROLES, Principal
+from shared.web import Problem
+
+
+class Action(StrEnum):
+    ENROL = "enrol"                      # screen, enrol, randomize, withdraw
+    CROSSOVER = "crossover"
+    DOSE = "dose"                        # record an infusion or a methotrexate dose
+    READ_PATIENT = "read_patient"        # patient, schedule
+    REPORT_SAFETY = "report_safety"      # adverse event, lab result
+    READ_SAFETY_STATUS = "read_safety_status"
+    DSMB_DECISION = "dsmb_decision"
+    AUDIT = "audit"                      # audit events, verify, export
+
+
+ALL_ROLES = frozenset({*SITE_ROLES, "monitor", "dsmb", "admin"})
+# Which roles may do what. Site roles (site_coordinator, investigator, pharmacist) act only on
+# their own site's patients; the other roles are trial-wide.
+MATRIX: dict[Action, frozenset[str]] = {
+    Action.ENROL: frozenset({"site_coordinator", "investigator"}),
+    Action.CROSSOVER: frozenset({"investigator"}),
+    Action.DOSE: frozenset({"site_coordinator", "investigator", "pharmacist"}),
+    Action.READ_PATIENT: ALL_ROLES,
+    Action.REPORT_SAFETY: frozenset({"site_coordinator", "investigator"}),
+    Action.READ_SAFETY_STATUS: ALL_ROLES,
+    Action.DSMB_DECISION: frozenset({"dsmb"}),
+    Action.AUDIT: frozenset({"monitor", "dsmb", "admin"}),
+}
+
+
+def allowed(who: Principal, action: Action) -> bool:
+    return who.role in MATRIX[action]
+
+
+def authorize(who: Principal, action: Action) -> None:
+    """403 unless the caller's role may do `action` at all."""
+    if not allowed(who, action):
+        raise Problem(403, "forbidden", f"Role {who.role} may not {action.value.replace('_', ' ')}")
+
+
+def sees_site(who: Principal, site_id: str | None) -> bool:
+    return not who.is_site_role or (site_id is not None and who.site == site_id)
+
+
+def authorize_patient(who: Principal, action: Action, site_id: str | None) -> None:
+    """For an existing patient: another site's patient is 404 (its existence must not leak),
+    then 403 if the role may not do `action`."""
+    if not sees_site(who, site_id):
+        raise Problem(404, "patient_not_found", "No such patient")
+    authorize(who, action)
+
+
+def authorize_site(who: Principal, action: Action, site_id: str) -> None:
+    """For a new record at a site the caller names (a screening): 403 for another site."""
+    authorize(who, action)
+    if not sees_site(who, site_id):
+        raise Problem(403, "forbidden", "Site roles act only on their own site")
