@@ -10,7 +10,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.events import ARMS, Arm
-
 from shared.protocol.eligibility import EligibilityConfig
 from shared.protocol.randomization import RandomizationConfig
 from shared.protocol.safety import SafetyConfig
