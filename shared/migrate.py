@@ -19,7 +19,8 @@ def _upgrade(connection: Connection) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    # "heads": each area may add its own branch off 0001 (see docs/decisions.md, D9).
+    command.upgrade(config, "heads")
 
 
 async def upgrade(url: str) -> None:
