@@ -163,6 +163,10 @@ class DosingResumed(EventData):
 # --- trial.safety -----------------------------------------------------------------------------
 
 
+AdverseEventOutcome = Literal["recovered", "recovering", "not_recovered",
+                              "recovered_with_sequelae", "fatal", "unknown"]
+
+
 class AdverseEventReported(EventData):
     topic = SAFETY
     adverse_event_id: str
@@ -176,6 +180,9 @@ class AdverseEventReported(EventData):
     relatedness: Literal["not_related", "unlikely", "possible", "probable", "definite"]
     expected: bool
     infusion_related: bool | None = None
+    # When the sponsor learnt of it (the SUSAR clock starts here), and the outcome if known.
+    reported_at: datetime | None = None
+    outcome: AdverseEventOutcome | None = None
 
 
 class StoppingRuleTriggered(EventData):
@@ -186,6 +193,7 @@ class StoppingRuleTriggered(EventData):
     scope: Literal["patient", "arm", "trial"]
     target: str
     evidence: tuple[str, ...]
+    triggered_at: datetime | None = None
 
 
 class PatientDosingHeld(EventData):
@@ -228,6 +236,68 @@ class SafetyHoldLifted(EventData):
     target: str
     rationale: str
     decided_by: str
+
+
+class AdverseEventFollowedUp(EventData):
+    """A later report on an adverse event: only the fields that changed; the first stays as it was."""
+
+    topic = SAFETY
+    follow_up_id: str
+    adverse_event_id: str
+    patient_id: str
+    site_id: str
+    ctcae_grade: int | None = Field(None, ge=1, le=5)
+    serious: bool | None = None
+    relatedness: Literal["not_related", "unlikely", "possible", "probable", "definite"] | None = None
+    expected: bool | None = None
+    outcome: AdverseEventOutcome | None = None
+    resolved_at: datetime | None = None
+    reported_at: datetime
+
+
+class LabResult(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    analyte: Literal["ALT", "AST", "WBC", "neutrophils", "platelets"]
+    value: float
+    unit: str
+    uln: float | None = None  # upper limit of normal, in `unit` (required for ALT and AST)
+
+
+class LabResultReported(EventData):
+    """A patient's laboratory results (the methotrexate rules R7 and R8 read them)."""
+
+    topic = SAFETY
+    lab_result_id: str
+    patient_id: str
+    site_id: str
+    arm: Arm | None = None
+    collected_at: datetime
+    results: tuple[LabResult, ...]
+    reported_at: datetime
+
+
+class SusarReportDue(EventData):
+    """A suspected unexpected serious adverse reaction must reach the regulator by `due_at`."""
+
+    topic = SAFETY
+    adverse_event_id: str
+    patient_id: str
+    rule_id: str
+    days: int
+    aware_at: datetime
+    due_at: datetime
+
+
+class PatientSafetyFactRecorded(EventData):
+    """What safety learnt about a patient from enrolment or dosing: its rules' own evidence trail."""
+
+    topic = SAFETY
+    patient_id: str
+    site_id: str
+    fact: Literal["enrolled", "assigned", "withdrawn", "crossed_over", "infusion", "methotrexate"]
+    arm: Arm | None = None
+    at: datetime
+    source_event_id: str
 
 
 def _catalogue() -> dict[str, type[EventData]]:

@@ -1,0 +1,263 @@
+"""Pure safety decisions: adverse event and lab intake, follow-ups, DSMB decisions, status. No I/O."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from fractions import Fraction
+
+from services.safety import rules
+from services.safety.rules import Emitted
+from services.safety.state import Hold, PatientFile, SafetyState, evolve
+from shared.events import (
+    ARMS,
+    AdverseEventFollowedUp,
+    AdverseEventReported,
+    ArmAssigned,
+    EventData,
+    InfusionGiven,
+    LabResult,
+    LabResultReported,
+    MethotrexateDoseGiven,
+    PatientEnrolled,
+    PatientSafetyFactRecorded,
+    PatientWithdrawn,
+    SafetyHoldLifted,
+)
+from shared.protocol.safety import SafetyConfig
+from shared.web import Problem
+
+FACT_NS = uuid.UUID("9a3f6c1e-2b7d-4e58-8c09-4d1e6f2a7b30")
+# Units accepted per analyte; cell counts in 10^9/L (10^3/uL is the same number).
+LAB_UNITS = {"ALT": {"U/L", "IU/L"}, "AST": {"U/L", "IU/L"},
+             "WBC": {"10^9/L", "10^3/uL"}, "neutrophils": {"10^9/L", "10^3/uL"},
+             "platelets": {"10^9/L", "10^3/uL"}}
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def apply(state: SafetyState, emitted: list[Emitted]) -> SafetyState:
+    for event_id, event in emitted:
+        state = evolve(state, event_id, event)
+    return state
+
+
+def with_consequences(config: SafetyConfig, state: SafetyState, emitted: list[Emitted],
+                      now: datetime) -> list[Emitted]:
+    """The new events, then every rule firing they cause: evaluated once, where they are made."""
+    return emitted + rules.evaluate(config, apply(state, emitted), now)
+
+
+def known_patient(state: SafetyState, patient_id: str) -> PatientFile:
+    patient = state.patients.get(patient_id)
+    if patient is None:
+        raise Problem(404, "patient_not_found", "No such patient")
+    return patient
+
+
+# --- facts from enrolment and dosing ----------------------------------------------------------
+
+
+def fact_from(event_id: str, event: EventData) -> PatientSafetyFactRecorded | None:
+    """The part of a consumed enrolment or dosing event that the rules need, or None."""
+    match event:
+        case PatientEnrolled():
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="enrolled", at=event.enrolled_at,
+                                             source_event_id=event_id)
+        case ArmAssigned():
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="assigned", arm=event.arm,
+                                             at=event.assigned_at, source_event_id=event_id)
+        case _ if event.event_type() == "ArmCrossedOver":  # randomization's, when enabled
+            data = event.model_dump()
+            return PatientSafetyFactRecorded(patient_id=data["patient_id"],
+                                             site_id=data["site_id"], fact="crossed_over",
+                                             arm=data["to_arm"], at=data["crossed_over_at"],
+                                             source_event_id=event_id)
+        case PatientWithdrawn():
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="withdrawn", at=event.withdrawn_at,
+                                             source_event_id=event_id)
+        case InfusionGiven():
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="infusion", arm=event.arm, at=event.given_at,
+                                             source_event_id=event_id)
+        case MethotrexateDoseGiven():
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="methotrexate", arm="mtx", at=event.given_at,
+                                             source_event_id=event_id)
+    return None
+
+
+def fact_event_id(source_event_id: str) -> str:
+    """One fact per source event, however often the source is delivered."""
+    return str(uuid.uuid5(FACT_NS, source_event_id))
+
+
+def decide_fact(config: SafetyConfig, state: SafetyState, source_event_id: str,
+                event: EventData, now: datetime) -> list[Emitted]:
+    fact = fact_from(source_event_id, event)
+    if fact is None:
+        return []
+    return with_consequences(config, state, [(fact_event_id(source_event_id), fact)], now)
+
+
+# --- adverse events and labs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportAdverseEvent:
+    patient_id: str
+    term: str
+    onset_at: datetime
+    ctcae_grade: int
+    serious: bool
+    relatedness: str
+    expected: bool
+    infusion_related: bool | None = None
+    outcome: str | None = None
+
+
+def infusion_related(config: SafetyConfig, patient: PatientFile, onset: datetime) -> bool:
+    """Onset within the configured hours after one of the patient's infusions."""
+    window = timedelta(hours=config.infusion_related_hours)
+    return any(timedelta(0) <= onset - given <= window for given in patient.infusions)
+
+
+def decide_report(config: SafetyConfig, state: SafetyState, cmd: ReportAdverseEvent,
+                  adverse_event_id: str, now: datetime) -> list[Emitted]:
+    patient = known_patient(state, cmd.patient_id)
+    if cmd.onset_at > now + CLOCK_SKEW:
+        raise Problem(422, "onset_in_future", "The onset lies in the future",
+                      errors=[{"field": "body.onset_at", "message": "must not be in the future"}])
+    derived = cmd.infusion_related
+    if derived is None:
+        derived = infusion_related(config, patient, cmd.onset_at)
+    reported = AdverseEventReported.model_validate({
+        "adverse_event_id": adverse_event_id, "patient_id": patient.patient_id,
+        "site_id": patient.site_id, "arm": patient.arm, "term": cmd.term,
+        "onset_at": cmd.onset_at, "ctcae_grade": cmd.ctcae_grade, "serious": cmd.serious,
+        "relatedness": cmd.relatedness, "expected": cmd.expected, "infusion_related": derived,
+        "reported_at": now, "outcome": cmd.outcome})
+    return with_consequences(config, state, [(str(uuid.uuid4()), reported)], now)
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    patient_id: str
+    adverse_event_id: str
+    ctcae_grade: int | None = None
+    serious: bool | None = None
+    relatedness: str | None = None
+    expected: bool | None = None
+    outcome: str | None = None
+    resolved_at: datetime | None = None
+
+
+def decide_follow_up(config: SafetyConfig, state: SafetyState, cmd: FollowUp, follow_up_id: str,
+                     now: datetime) -> list[Emitted]:
+    patient = known_patient(state, cmd.patient_id)
+    ae = state.adverse_events.get(cmd.adverse_event_id)
+    if ae is None or ae.patient_id != patient.patient_id:
+        raise Problem(404, "adverse_event_not_found", "No such adverse event for this patient")
+    changes = {k: v for k, v in cmd.__dict__.items()
+               if k not in ("patient_id", "adverse_event_id") and v is not None}
+    if not changes:
+        raise Problem(422, "empty_follow_up", "A follow-up must report at least one change")
+    if cmd.resolved_at is not None and cmd.resolved_at < ae.onset_at:
+        raise Problem(422, "resolved_before_onset", "The event cannot resolve before its onset",
+                      errors=[{"field": "body.resolved_at", "message": "before the onset"}])
+    event = AdverseEventFollowedUp.model_validate({
+        "follow_up_id": follow_up_id, "adverse_event_id": ae.adverse_event_id,
+        "patient_id": patient.patient_id, "site_id": patient.site_id, **changes,
+        "reported_at": now})
+    return with_consequences(config, state, [(str(uuid.uuid4()), event)], now)
+
+
+def decide_lab(config: SafetyConfig, state: SafetyState, patient_id: str, collected_at: datetime,
+               results: tuple[LabResult, ...], lab_result_id: str, now: datetime) -> list[Emitted]:
+    patient = known_patient(state, patient_id)
+    errors = []
+    for i, r in enumerate(results):
+        if r.unit not in LAB_UNITS[r.analyte]:
+            errors.append({"field": f"body.results.{i}.unit",
+                           "message": f"{r.analyte} in one of {sorted(LAB_UNITS[r.analyte])}"})
+        if r.analyte in ("ALT", "AST") and r.uln is None:
+            errors.append({"field": f"body.results.{i}.uln",
+                           "message": f"{r.analyte} needs its upper limit of normal"})
+    if errors:
+        raise Problem(422, "validation_error", "Lab results are not valid", errors=errors)
+    if collected_at > now + CLOCK_SKEW:
+        raise Problem(422, "collected_in_future", "The sample's collection lies in the future")
+    event = LabResultReported.model_validate({
+        "lab_result_id": lab_result_id, "patient_id": patient.patient_id,
+        "site_id": patient.site_id, "arm": patient.arm, "collected_at": collected_at,
+        "results": results, "reported_at": now})
+    return with_consequences(config, state, [(str(uuid.uuid4()), event)], now)
+
+
+# --- DSMB decisions ---------------------------------------------------------------------------
+
+
+def decide_lift(state: SafetyState, scope: str, target: str, hold_id: str | None,
+                rationale: str, decided_by: str) -> list[Emitted]:
+    """Lift exactly the named hold, or every hold in force on the scope's target."""
+    holds = state.holds_on(scope, target)
+    if hold_id is not None:
+        holds = [h for h in holds if h.hold_id == hold_id]
+        if not holds:
+            raise Problem(404, "hold_not_found", f"No hold {hold_id} in force on {scope} {target}")
+    if not holds:
+        raise Problem(409, "no_active_hold", f"No hold is in force on {scope} {target}")
+    return [(str(uuid.uuid4()), SafetyHoldLifted(hold_id=h.hold_id, scope=h.scope,
+                                                 target=h.target, rationale=rationale,
+                                                 decided_by=decided_by))
+            for h in holds]
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int) -> dict[str, object]:
+    holds = list(state.active_holds.values())
+    trial_holds = [h for h in holds if h.scope == "trial"]
+    halted = any(h.kind == "TrialHalted" for h in trial_holds)
+    randomized = sum(1 for p in state.patients.values() if p.arm is not None)
+    enrollment = ("paused" if trial_holds else
+                  "closed" if randomized >= enrollment_cap else "open")
+    bayes = next((r.bayes for r in config.rules if r.bayes is not None), None)
+    bayes_id = next((r.id for r in config.rules if r.bayes is not None), None)
+    arms: dict[str, object] = {}
+    for arm in ARMS:
+        arm_holds = [h for h in holds if h.scope == "arm" and h.target == arm]
+        view: dict[str, object] = {
+            "status": "suspended" if arm_holds else "active",
+            "patients_dosed": sum(1 for p in state.patients.values() if p.arm == arm and p.dosed),
+            "holds": [_hold_view(h) for h in arm_holds]}
+        if bayes is not None:
+            tox = rules.arm_toxicity(config, bayes, state, arm)
+            view.update(toxicities=tox.toxicities, posterior_n=tox.patients_dosed,
+                        posterior_probability=round(float(tox.probability), 6),
+                        posterior_rule=bayes_id,
+                        posterior_threshold=bayes.probability, posterior_rate=bayes.rate,
+                        posterior_exceeded=tox.probability > Fraction(str(bayes.probability)))
+        arms[arm] = view
+    return {
+        "trial": {"trial_id": state.trial_id, "status": "halted" if halted else "active",
+                  "enrollment": enrollment, "rule_set_version": config.rule_set_version,
+                  "holds": [_hold_view(h) for h in trial_holds]},
+        "arms": arms,
+        "patient_holds": [{"patient_id": h.target, **_hold_view(h)}
+                          for h in holds if h.scope == "patient"],
+        "triggered_rules": [{"rule_id": f.rule_id, "rule_set_version": f.rule_set_version,
+                             "scope": f.scope, "target": f.target, "at": f.at,
+                             "evidence": list(f.evidence)} for f in state.firings],
+        "susar_reports_due": [{"adverse_event_id": s.adverse_event_id, "patient_id": s.patient_id,
+                               "days": s.days, "due_at": s.due_at} for s in state.susars],
+    }
+
+
+def _hold_view(h: Hold) -> dict[str, object]:
+    return {"hold_id": h.hold_id, "kind": h.kind, "scope": h.scope, "target": h.target,
+            "rule_id": h.rule_id, "product": h.product}
