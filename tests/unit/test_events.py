@@ -88,6 +88,20 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "SafetyHoldLifted": (SafetyHoldLifted(
         hold_id="h-4", scope="arm", target="msc_high", rationale="DSMB reviewed the cases",
         decided_by="dsmb-1"), "msc_high"),
+    # safety (issue 5)
+    "AdverseEventFollowedUp": (parse_data("AdverseEventFollowedUp", {
+        "follow_up_id": "fu-1", "adverse_event_id": "ae-1", "patient_id": "p-1", "site_id": "S1",
+        "ctcae_grade": 3, "reported_at": AT.isoformat()}), "p-1"),
+    "LabResultReported": (parse_data("LabResultReported", {
+        "lab_result_id": "lab-1", "patient_id": "p-1", "site_id": "S1", "arm": "mtx",
+        "collected_at": AT.isoformat(), "reported_at": AT.isoformat(),
+        "results": [{"analyte": "ALT", "value": 130.0, "unit": "U/L", "uln": 40.0}]}), "p-1"),
+    "SusarReportDue": (parse_data("SusarReportDue", {
+        "adverse_event_id": "ae-1", "patient_id": "p-1", "rule_id": "R5-susar", "days": 7,
+        "aware_at": AT.isoformat(), "due_at": (AT + timedelta(days=7)).isoformat()}), "p-1"),
+    "PatientSafetyFactRecorded": (parse_data("PatientSafetyFactRecorded", {
+        "patient_id": "p-1", "site_id": "S1", "fact": "infusion", "arm": "msc_low",
+        "at": AT.isoformat(), "source_event_id": "ev-1"}), "p-1"),
 }
 
 EXPECTED_TOPIC = {
