@@ -9,10 +9,12 @@ from pathlib import Path
 
 import typer
 
+from shared.asyncapi import write as write_asyncapi
 from shared.auth import issue_dev_token
 from shared.settings import SERVICES, Settings
 
 app = typer.Typer(help="NCT03424629 trial backend", no_args_is_help=True)
+app.command("asyncapi")(write_asyncapi)
 
 
 @app.command()

@@ -92,6 +92,18 @@ class PatientWithdrawn(EventData):
     withdrawn_at: datetime
 
 
+class ArmCrossedOver(EventData):
+    """An investigator moved a randomized patient to another arm, as the protocol allows."""
+
+    topic = ENROLLMENT
+    patient_id: str
+    site_id: str
+    from_arm: Arm
+    to_arm: Arm
+    reason: str
+    crossed_over_at: datetime
+
+
 # --- trial.dosing -----------------------------------------------------------------------------
 
 
@@ -114,6 +126,7 @@ class DosingScheduleCreated(EventData):
     arm: Arm
     anchor_date: date
     visits: tuple[PlannedVisit, ...]
+    weight_kg: float | None = None  # the weight the planned cells were computed from
 
 
 class InfusionGiven(EventData):
@@ -149,6 +162,8 @@ class DosingHeld(EventData):
     target: str
     rule_id: str
     hold_id: str
+    # Which product stops being prepared: a patient hold may cover only one (safety rules R7, R8).
+    product: Literal["any", "infusion", "methotrexate"] = "any"
 
 
 class DosingResumed(EventData):
@@ -158,6 +173,67 @@ class DosingResumed(EventData):
     target: str
     rule_id: str
     hold_id: str
+    product: Literal["any", "infusion", "methotrexate"] = "any"
+
+
+class DosingScheduleReanchored(EventData):
+    """Day 0 is fixed by the week-0 dose: every visit of the current calendar, re-dated from it."""
+
+    topic = DOSING
+    patient_id: str
+    site_id: str
+    arm: Arm
+    anchor_date: date
+    visits: tuple[PlannedVisit, ...]
+
+
+class ProtocolDeviationRecorded(EventData):
+    """A dose given outside the protocol (window, cell count) with the investigator's reason."""
+
+    topic = DOSING
+    deviation_id: str
+    patient_id: str
+    site_id: str
+    arm: Arm
+    week: int
+    kind: Literal["infusion", "methotrexate"]
+    dose_event_id: str  # the InfusionGiven's infusion_id or the MethotrexateDoseGiven's dose_id
+    deviations: tuple[Literal["out_of_window", "dose_mismatch"], ...]
+    reason: str
+    recorded_at: datetime
+
+
+class VisitMissed(EventData):
+    """A dosing visit whose window closed without a dose."""
+
+    topic = DOSING
+    patient_id: str
+    site_id: str
+    arm: Arm
+    week: int
+    kind: Literal["infusion", "methotrexate"]
+    due_date: date
+    window_end: date
+    detected_at: datetime
+
+
+class VisitRef(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    week: int
+    kind: Literal["infusion", "methotrexate", "assessment"]
+    due_date: date
+
+
+class VisitsCancelled(EventData):
+    """The patient's remaining visits end: a withdrawal, or the old arm's doses at a crossover."""
+
+    topic = DOSING
+    patient_id: str
+    site_id: str
+    arm: Arm
+    cause: Literal["withdrawn", "crossover"]
+    visits: tuple[VisitRef, ...]
+    cancelled_at: datetime
 
 
 # --- trial.safety -----------------------------------------------------------------------------

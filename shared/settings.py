@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     safety_url: str = "http://127.0.0.1:8003"
     audit_url: str = "http://127.0.0.1:8004"
     upstream_timeout_s: float = Field(10.0, gt=0)
+    # How often dosing looks for visits whose window closed without a dose (VisitMissed).
+    dosing_sweep_interval_s: float = Field(300.0, gt=0)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -1,28 +1,131 @@
-"""HTTP API of the dosing service: the patient's visit calendar."""
+"""HTTP API of the dosing service: the visit calendar, and recording infusions and methotrexate."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import uuid
+from typing import Annotated
 
-from services.dosing.handlers import schedule_stream
-from shared.events import DosingScheduleCreated
-from shared.service import CurrentPrincipal, CurrentRuntime
+from fastapi import APIRouter, Depends, Request
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from services.dosing import domain
+from services.dosing import holds as holding
+from services.dosing.handlers import load_holds, load_record
+from shared.clock import Clock, SystemClock
+from shared.events import EventData
+from shared.permissions import Action, authorize_patient
+from shared.protocol import default_protocol
+from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
+from shared.store import ConcurrencyError, NewEvent
 from shared.web import Problem
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
-READ_ALL_ROLES = {"monitor", "dsmb", "admin"}
+Reason = Annotated[str, Field(min_length=3, max_length=2000)]
+
+
+def clock(request: Request) -> Clock:
+    """The app's clock: the wall clock, unless a test put another one in `app.state.clock`."""
+    found: Clock = getattr(request.app.state, "clock", None) or SystemClock()
+    return found
+
+
+CurrentClock = Annotated[Clock, Depends(clock)]
+
+
+class InfusionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    week: Annotated[int, Field(ge=0, le=1000)]
+    given_at: AwareDatetime
+    weight_kg: Annotated[float, Field(gt=20, lt=300)]
+    cells_administered: Annotated[int, Field(gt=0, le=10**12)]
+    lot_number: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._/-]+$")]
+    deviation_reason: Reason | None = None
+
+
+class MethotrexateDoseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    week: Annotated[int, Field(ge=0, le=1000)]
+    dose_mg: Annotated[float, Field(allow_inf_nan=False)]  # the range is a domain guard
+    given_at: AwareDatetime
+    deviation_reason: Reason | None = None
 
 
 @router.get("/patients/{patient_id}/schedule")
 async def schedule(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
-    stream = await rt.store.read_stream(schedule_stream(patient_id))
-    created = next((e.payload() for e in stream if e.type == "DosingScheduleCreated"), None)
-    if not isinstance(created, DosingScheduleCreated) or (
-            who.role not in READ_ALL_ROLES and who.site != created.site_id):
-        raise Problem(404, "schedule_not_found", "No schedule for this patient")
+    stream = await rt.store.read_stream(domain.schedule_stream(patient_id))
+    record = domain.fold(e.payload() for e in stream)
+    authorize_patient(who, Action.READ_PATIENT, record.site_id)
+    cur = record.current
+    if cur is None:
+        raise Problem(404, "patient_not_found", "No such patient")
+    holds = holding.fold(e.payload() for e in await rt.store.read_stream(holding.HOLDS_STREAM))
+    return schedule_view(record, holds)
+
+
+def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str, object]:
+    assert record.current is not None and record.patient_id is not None
+    visits = []
+    for slot in record.slots():
+        status: str = slot.status
+        if slot.is_open and slot.visit.kind in ("infusion", "methotrexate") and holding.blocking(
+                holds, record.patient_id, slot.arm, slot.visit.kind) is not None:
+            status = "held"
+        visits.append({**slot.visit.model_dump(mode="json", exclude_none=True), "arm": slot.arm,
+                       "status": status})
+    in_force = [h for h in holds.active.values() if any(
+        holding.blocking(holding.Holds({h.hold_id: h}), record.patient_id, record.current.arm, k)
+        for k in ("infusion", "methotrexate"))]
     return {
-        "patient_id": patient_id,
-        "arm": created.arm,
-        "visits": [{**v.model_dump(mode="json", exclude_none=True), "status": "planned"}
-                   for v in created.visits],
+        "patient_id": record.patient_id, "site_id": record.site_id, "arm": record.current.arm,
+        "anchor_date": str(record.current.anchor_date),
+        "day_zero_fixed": record.current.day_zero_fixed, "withdrawn": record.withdrawn,
+        "holds": [h.model_dump(mode="json") for h in in_force],
+        "visits": visits,
     }
+
+
+async def _record_dose(rt: CurrentRuntime, patient_id: str, who: CurrentPrincipal,
+                       command: domain.RecordInfusion | domain.RecordMethotrexateDose,
+                       reason: str | None) -> list[EventData]:
+    """Decide and append in one store transaction: the holds read here are the holds in force
+    when the dose commits, so a hold consumed before the dose is always enforced."""
+    try:
+        async with rt.store.transaction() as tx:
+            record, version = await load_record(tx, patient_id)
+            authorize_patient(who, Action.DOSE, record.site_id)
+            holds, _ = await load_holds(tx)
+            new = domain.decide_dose(record, holds, command, default_protocol())
+            meta = metadata_for(who, reason=reason)
+            await tx.append(domain.schedule_stream(patient_id),
+                            [NewEvent.of(e, meta) for e in new], version)
+    except ConcurrencyError as exc:  # another replica recorded something for this patient
+        raise Problem(409, "conflict", "The patient's dosing record changed; retry") from exc
+    return new
+
+
+def _dose_body(new: list[EventData]) -> dict[str, object]:
+    body: dict[str, object] = {**new[0].model_dump(mode="json"), "status": "given"}
+    for extra in new[1:]:
+        if extra.event_type() == "ProtocolDeviationRecorded":
+            body["deviation"] = extra.model_dump(mode="json")
+    return body
+
+
+@router.post("/patients/{patient_id}/infusions", status_code=201)
+async def record_infusion(patient_id: str, body: InfusionRequest, who: CurrentPrincipal,
+                          rt: CurrentRuntime, now: CurrentClock) -> dict[str, object]:
+    command = domain.RecordInfusion(
+        infusion_id=str(uuid.uuid4()), week=body.week, given_at=body.given_at,
+        weight_kg=body.weight_kg, cells_administered=body.cells_administered,
+        lot_number=body.lot_number, deviation_reason=body.deviation_reason, now=now.now())
+    return _dose_body(await _record_dose(rt, patient_id, who, command, body.deviation_reason))
+
+
+@router.post("/patients/{patient_id}/methotrexate-doses", status_code=201)
+async def record_methotrexate_dose(patient_id: str, body: MethotrexateDoseRequest,
+                                   who: CurrentPrincipal, rt: CurrentRuntime,
+                                   now: CurrentClock) -> dict[str, object]:
+    command = domain.RecordMethotrexateDose(
+        dose_id=str(uuid.uuid4()), week=body.week, dose_mg=body.dose_mg, given_at=body.given_at,
+        deviation_reason=body.deviation_reason, now=now.now())
+    return _dose_body(await _record_dose(rt, patient_id, who, command, body.deviation_reason))

@@ -1,10 +1,45 @@
 """The dosing service process: `uvicorn services.dosing.app:app`."""
 
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
 from services.dosing.api import router
-from services.dosing.handlers import on_arm_assigned
+from services.dosing.handlers import HANDLERS
+from services.dosing.sweep import run_sweeps
+from shared.clock import SystemClock
 from shared.events import ENROLLMENT, SAFETY
 from shared.service import ServiceSpec, create_app
+from shared.settings import Settings
 
-spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY],
-                   handlers={"ArmAssigned": on_arm_assigned})
-app = create_app(spec)
+spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], handlers=HANDLERS)
+
+
+def create_dosing_app(settings: Settings | None = None) -> FastAPI:
+    """The service app plus its missed-visit sweep, which runs beside the relay and consumer."""
+    settings = settings or Settings(service_name="dosing")
+    app = create_app(spec, settings)
+    app.state.clock = SystemClock()
+    service_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_lifespan(app):
+            stop = asyncio.Event()
+            sweeps = asyncio.create_task(run_sweeps(
+                app.state.runtime.store, app.state.clock, settings.dosing_sweep_interval_s, stop))
+            try:
+                yield
+            finally:
+                stop.set()
+                await sweeps
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+app = create_dosing_app()

@@ -102,6 +102,29 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "PatientSafetyFactRecorded": (parse_data("PatientSafetyFactRecorded", {
         "patient_id": "p-1", "site_id": "S1", "fact": "infusion", "arm": "msc_low",
         "at": AT.isoformat(), "source_event_id": "ev-1"}), "p-1"),
+    # randomization (issue 3); added with dosing, which consumes it
+    "ArmCrossedOver": (parse_data("ArmCrossedOver", {
+        "patient_id": "p-1", "site_id": "S1", "from_arm": "mtx", "to_arm": "msc_high",
+        "reason": "no PASI 50 at week 16", "crossed_over_at": AT.isoformat()}), "p-1"),
+    # dosing (issue 4)
+    "DosingScheduleReanchored": (parse_data("DosingScheduleReanchored", {
+        "patient_id": "p-1", "site_id": "S1", "arm": "mtx", "anchor_date": "2026-11-27",
+        "visits": [{"week": 1, "kind": "methotrexate", "due_date": "2026-12-04",
+                    "window_start": "2026-12-02", "window_end": "2026-12-06",
+                    "product": "methotrexate", "planned_dose_mg": 10.0}]}), "p-1"),
+    "ProtocolDeviationRecorded": (parse_data("ProtocolDeviationRecorded", {
+        "deviation_id": "dev-1", "patient_id": "p-1", "site_id": "S1", "arm": "msc_low",
+        "week": 1, "kind": "infusion", "dose_event_id": "inf-1",
+        "deviations": ["out_of_window"], "reason": "patient had flu",
+        "recorded_at": AT.isoformat()}), "p-1"),
+    "VisitMissed": (parse_data("VisitMissed", {
+        "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "week": 2, "kind": "infusion",
+        "due_date": "2026-12-10", "window_end": "2026-12-12",
+        "detected_at": AT.isoformat()}), "p-1"),
+    "VisitsCancelled": (parse_data("VisitsCancelled", {
+        "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "cause": "withdrawn",
+        "visits": [{"week": 3, "kind": "infusion", "due_date": "2026-12-17"}],
+        "cancelled_at": AT.isoformat()}), "p-1"),
 }
 
 EXPECTED_TOPIC = {

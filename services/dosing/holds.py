@@ -1,0 +1,83 @@
+"""Pure safety holds: which holds are in force, what a safety event changes, whom a hold stops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from shared.events import (
+    ArmSuspended,
+    DosingHeld,
+    DosingResumed,
+    EventData,
+    PatientDosingHeld,
+    SafetyHoldLifted,
+    TrialHalted,
+)
+
+HOLDS_STREAM = "holds"
+DoseKind = Literal["infusion", "methotrexate"]
+
+
+@dataclass(frozen=True)
+class Holds:
+    """Holds in force by hold id, and every hold id ever seen (a lifted hold never returns)."""
+
+    active: dict[str, DosingHeld] = field(default_factory=dict)
+    seen: frozenset[str] = frozenset()
+
+
+def evolve(state: Holds, event: EventData) -> Holds:
+    match event:
+        case DosingHeld():
+            return Holds({**state.active, event.hold_id: event}, state.seen | {event.hold_id})
+        case DosingResumed():
+            active = {k: v for k, v in state.active.items() if k != event.hold_id}
+            return replace(state, active=active)
+    return state
+
+
+def fold(events: Iterable[EventData]) -> Holds:
+    state = Holds()
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+SafetyEvent = PatientDosingHeld | ArmSuspended | TrialHalted | SafetyHoldLifted
+
+
+def decide(state: Holds, event: SafetyEvent) -> list[EventData]:
+    """A safety hold becomes a dosing hold; a lift resumes exactly the hold it names."""
+    match event:
+        case SafetyHoldLifted():
+            held = state.active.get(event.hold_id)
+            if held is None:
+                return []  # not in force (never seen, or lifted already): nothing to resume
+            return [DosingResumed(scope=held.scope, target=held.target, rule_id=held.rule_id,
+                                  hold_id=held.hold_id, product=held.product)]
+    if event.hold_id in state.seen:
+        return []
+    match event:
+        case PatientDosingHeld():
+            return [DosingHeld(scope="patient", target=event.patient_id, rule_id=event.rule_id,
+                               hold_id=event.hold_id, product=event.product)]
+        case ArmSuspended():
+            return [DosingHeld(scope="arm", target=event.arm, rule_id=event.rule_id,
+                               hold_id=event.hold_id)]
+        case TrialHalted():
+            return [DosingHeld(scope="trial", target=event.trial_id, rule_id=event.rule_id,
+                               hold_id=event.hold_id)]
+    return []
+
+
+def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> DosingHeld | None:
+    """The first hold in force that stops this dose, if any."""
+    for held in state.active.values():
+        if held.product not in ("any", kind):
+            continue
+        if (held.scope == "trial" or (held.scope == "arm" and held.target == arm)
+                or (held.scope == "patient" and held.target == patient_id)):
+            return held
+    return None

@@ -1,0 +1,67 @@
+"""Safety events become dosing holds; a DSMB lift resumes exactly the hold it names."""
+
+from __future__ import annotations
+
+from services.dosing import holds as holding
+from shared.events import (
+    ArmSuspended,
+    DosingHeld,
+    DosingResumed,
+    EventData,
+    PatientDosingHeld,
+    SafetyHoldLifted,
+    TrialHalted,
+)
+
+
+def lifted(hold_id: str, scope: str = "patient", target: str = "P1") -> SafetyHoldLifted:
+    return SafetyHoldLifted.model_validate({
+        "hold_id": hold_id, "scope": scope, "target": target, "rationale": "reviewed",
+        "decided_by": "dsmb-chair"})
+
+
+def run(*safety: holding.SafetyEvent) -> tuple[holding.Holds, list[EventData]]:
+    state, published = holding.Holds(), []
+    for event in safety:
+        new = holding.decide(state, event)
+        published += new
+        state = holding.fold([*published])
+    return state, published
+
+
+def test_each_safety_hold_becomes_a_dosing_hold_in_its_scope() -> None:
+    state, published = run(
+        PatientDosingHeld(hold_id="H1", patient_id="P1", rule_id="R7-mtx-liver",
+                          product="methotrexate"),
+        ArmSuspended(hold_id="H2", arm="msc_high", rule_id="R2-related-grade4"),
+        TrialHalted(hold_id="H3", trial_id="NCT03424629", rule_id="R1-death"))
+    assert published == [
+        DosingHeld(scope="patient", target="P1", rule_id="R7-mtx-liver", hold_id="H1",
+                   product="methotrexate"),
+        DosingHeld(scope="arm", target="msc_high", rule_id="R2-related-grade4", hold_id="H2"),
+        DosingHeld(scope="trial", target="NCT03424629", rule_id="R1-death", hold_id="H3"),
+    ]
+    assert set(state.active) == {"H1", "H2", "H3"}
+
+
+def test_a_lift_resumes_exactly_the_hold_it_names() -> None:
+    state, published = run(
+        PatientDosingHeld(hold_id="H1", patient_id="P1", rule_id="R4-infusion-reaction"),
+        PatientDosingHeld(hold_id="H2", patient_id="P1", rule_id="R7-mtx-liver",
+                          product="methotrexate"),
+        lifted("H1"))
+    assert published[-1] == DosingResumed(scope="patient", target="P1",
+                                          rule_id="R4-infusion-reaction", hold_id="H1")
+    assert set(state.active) == {"H2"}
+    assert holding.blocking(state, "P1", "mtx", "methotrexate") is not None
+    assert holding.blocking(state, "P1", "msc_low", "infusion") is None
+
+
+def test_unknown_lifts_and_repeated_holds_change_nothing() -> None:
+    state, published = run(lifted("H9"))
+    assert published == [] and state.active == {}
+    hold = PatientDosingHeld(hold_id="H1", patient_id="P1", rule_id="R4-infusion-reaction")
+    state, published = run(hold, hold, lifted("H1"), hold, lifted("H1"))
+    # Held once, resumed once: a lifted hold id never comes back, a second lift finds nothing.
+    assert [type(e) for e in published] == [DosingHeld, DosingResumed]
+    assert state.active == {}
