@@ -11,12 +11,13 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from services.dosing import domain
 from services.dosing import holds as holding
 from services.dosing.handlers import load_holds, load_record
+from shared.auth import Principal
 from shared.clock import Clock, SystemClock
 from shared.events import EventData
 from shared.permissions import Action, authorize_patient
 from shared.protocol import default_protocol
 from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
-from shared.store import ConcurrencyError, NewEvent
+from shared.store import ConcurrencyError, EventStore, NewEvent
 from shared.web import Problem
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
@@ -84,13 +85,14 @@ def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str
     }
 
 
-async def _record_dose(rt: CurrentRuntime, patient_id: str, who: CurrentPrincipal,
-                       command: domain.RecordInfusion | domain.RecordMethotrexateDose,
-                       reason: str | None) -> list[EventData]:
+async def record_dose(store: EventStore, patient_id: str, who: Principal,
+                      command: domain.RecordInfusion | domain.RecordMethotrexateDose,
+                      reason: str | None) -> list[EventData]:
     """Decide and append in one store transaction: the holds read here are the holds in force
-    when the dose commits, so a hold consumed before the dose is always enforced."""
+    when the dose commits, so a hold consumed before the dose is always enforced, and of two
+    posts for one visit the second reads the first one's dose (or loses the version race)."""
     try:
-        async with rt.store.transaction() as tx:
+        async with store.transaction() as tx:
             record, version = await load_record(tx, patient_id)
             authorize_patient(who, Action.DOSE, record.site_id)
             holds, _ = await load_holds(tx)
@@ -118,7 +120,7 @@ async def record_infusion(patient_id: str, body: InfusionRequest, who: CurrentPr
         infusion_id=str(uuid.uuid4()), week=body.week, given_at=body.given_at,
         weight_kg=body.weight_kg, cells_administered=body.cells_administered,
         lot_number=body.lot_number, deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await _record_dose(rt, patient_id, who, command, body.deviation_reason))
+    return _dose_body(await record_dose(rt.store, patient_id, who, command, body.deviation_reason))
 
 
 @router.post("/patients/{patient_id}/methotrexate-doses", status_code=201)
@@ -128,4 +130,4 @@ async def record_methotrexate_dose(patient_id: str, body: MethotrexateDoseReques
     command = domain.RecordMethotrexateDose(
         dose_id=str(uuid.uuid4()), week=body.week, dose_mg=body.dose_mg, given_at=body.given_at,
         deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await _record_dose(rt, patient_id, who, command, body.deviation_reason))
+    return _dose_body(await record_dose(rt.store, patient_id, who, command, body.deviation_reason))
