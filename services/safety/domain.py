@@ -42,10 +42,10 @@ def apply(state: SafetyState, emitted: list[Emitted]) -> SafetyState:
     return state
 
 
-def with_consequences(config: SafetyConfig, state: SafetyState, emitted: list[Emitted],
-                      now: datetime) -> list[Emitted]:
+def with_consequences(config: SafetyConfig, state: SafetyState,
+                      emitted: list[Emitted]) -> list[Emitted]:
     """The new events, then every rule firing they cause: evaluated once, where they are made."""
-    return emitted + rules.evaluate(config, apply(state, emitted), now)
+    return emitted + rules.evaluate(config, apply(state, emitted))
 
 
 def known_patient(state: SafetyState, patient_id: str) -> PatientFile:
@@ -96,11 +96,11 @@ def fact_event_id(source_event_id: str) -> str:
 
 
 def decide_fact(config: SafetyConfig, state: SafetyState, source_event_id: str,
-                event: EventData, now: datetime) -> list[Emitted]:
+                event: EventData) -> list[Emitted]:
     fact = fact_from(source_event_id, event)
     if fact is None:
         return []
-    return with_consequences(config, state, [(fact_event_id(source_event_id), fact)], now)
+    return with_consequences(config, state, [(fact_event_id(source_event_id), fact)])
 
 
 # --- adverse events and labs ------------------------------------------------------------------
@@ -140,7 +140,7 @@ def decide_report(config: SafetyConfig, state: SafetyState, cmd: ReportAdverseEv
         "onset_at": cmd.onset_at, "ctcae_grade": cmd.ctcae_grade, "serious": cmd.serious,
         "relatedness": cmd.relatedness, "expected": cmd.expected, "infusion_related": derived,
         "reported_at": now, "outcome": cmd.outcome})
-    return with_consequences(config, state, [(str(uuid.uuid4()), reported)], now)
+    return with_consequences(config, state, [(str(uuid.uuid4()), reported)])
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def decide_follow_up(config: SafetyConfig, state: SafetyState, cmd: FollowUp, fo
         "follow_up_id": follow_up_id, "adverse_event_id": ae.adverse_event_id,
         "patient_id": patient.patient_id, "site_id": patient.site_id, **changes,
         "reported_at": now})
-    return with_consequences(config, state, [(str(uuid.uuid4()), event)], now)
+    return with_consequences(config, state, [(str(uuid.uuid4()), event)])
 
 
 def decide_lab(config: SafetyConfig, state: SafetyState, patient_id: str, collected_at: datetime,
@@ -194,7 +194,7 @@ def decide_lab(config: SafetyConfig, state: SafetyState, patient_id: str, collec
         "lab_result_id": lab_result_id, "patient_id": patient.patient_id,
         "site_id": patient.site_id, "arm": patient.arm, "collected_at": collected_at,
         "results": results, "reported_at": now})
-    return with_consequences(config, state, [(str(uuid.uuid4()), event)], now)
+    return with_consequences(config, state, [(str(uuid.uuid4()), event)])
 
 
 # --- DSMB decisions ---------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class Item:
     patient_id: str
     arm: str | None
     evidence: tuple[str, ...]
+    at: datetime  # when the last piece of this evidence was reported
     ae: AdverseEventFile | None = None
     view: AdverseEventView | None = None
 
@@ -112,12 +113,12 @@ def items_for(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Item
             n = qualifying_prefix(config, rule.adverse_events, ae)
             if n is not None:
                 found.append(Item(ae.patient_id, ae.arm, tuple(v.event_id for v in ae.views[:n]),
-                                  ae, ae.views[n - 1]))
+                                  ae.views[n - 1].reported_at, ae, ae.views[n - 1]))
     for lab in state.labs:
         if rule.arms is not None and lab.arm not in rule.arms:
             continue
         if any(lab_matches(c, lab) for c in rule.labs):
-            found.append(Item(lab.patient_id, lab.arm, (lab.event_id,)))
+            found.append(Item(lab.patient_id, lab.arm, (lab.event_id,), lab.reported_at))
     return found
 
 
@@ -127,6 +128,7 @@ class ArmToxicity:
     toxicities: int
     probability: Fraction
     evidence: tuple[str, ...]
+    at: datetime | None
 
 
 def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
@@ -134,36 +136,45 @@ def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
     """k = patients of the arm with a toxicity, n = patients dosed in the arm (a patient with a
     treatment-related toxicity counts as dosed even before safety has seen the dose)."""
     toxic: dict[str, list[str]] = {}
+    times: list[datetime] = []
     for ae in state.adverse_events.values():
         if ae.arm != arm:
             continue
         n = qualifying_prefix(config, (bayes.toxicity,), ae)
         if n is not None:
             toxic.setdefault(ae.patient_id, []).extend(v.event_id for v in ae.views[:n])
+            times.append(ae.views[n - 1].reported_at)
     dosed = {p.patient_id for p in state.patients.values() if p.arm == arm and p.dosed}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)
     prob = posterior_above(k, n_patients, Fraction(str(bayes.rate)), bayes.prior_alpha,
                            bayes.prior_beta)
     evidence = tuple(sorted(e for ids in toxic.values() for e in ids))
-    return ArmToxicity(n_patients, k, prob, evidence)
+    return ArmToxicity(n_patients, k, prob, evidence, max(times, default=None))
 
 
 def _target(rule: Rule, item: Item, trial_id: str) -> str | None:
     return {"patient": item.patient_id, "arm": item.arm, "trial": trial_id}[rule.scope]
 
 
-def candidates(config: SafetyConfig, rule: Rule, state: SafetyState
-               ) -> list[tuple[str, tuple[str, ...], list[Item]]]:
-    """(target, evidence, items) for every firing the rule's trigger supports on this state."""
-    found: list[tuple[str, tuple[str, ...], list[Item]]] = []
+@dataclass(frozen=True)
+class Candidate:
+    target: str
+    evidence: tuple[str, ...]
+    items: tuple[Item, ...]
+    at: datetime | None  # the newest evidence's report time: the same wherever it is evaluated
+
+
+def candidates(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Candidate]:
+    """Every firing the rule's trigger supports on this state."""
+    found: list[Candidate] = []
     if rule.bayes is not None:
         for arm in ARMS:
             if rule.arms is not None and arm not in rule.arms:
                 continue
             tox = arm_toxicity(config, rule.bayes, state, arm)
             if tox.toxicities and tox.probability > Fraction(str(rule.bayes.probability)):
-                found.append((arm, tox.evidence, []))
+                found.append(Candidate(arm, tox.evidence, (), tox.at))
         return found
     groups: dict[str, list[Item]] = {}
     for item in items_for(config, rule, state):
@@ -172,10 +183,10 @@ def candidates(config: SafetyConfig, rule: Rule, state: SafetyState
             groups.setdefault(target, []).append(item)
     for target, items in groups.items():
         if rule.distinct_patients == 1:
-            found += [(target, item.evidence, [item]) for item in items]
+            found += [Candidate(target, item.evidence, (item,), item.at) for item in items]
         elif len({i.patient_id for i in items}) >= rule.distinct_patients:
             evidence = tuple(sorted(e for i in items for e in i.evidence))
-            found.append((target, evidence, items))
+            found.append(Candidate(target, evidence, tuple(items), max(i.at for i in items)))
     return found
 
 
@@ -201,12 +212,13 @@ def susar_due(config: SafetyConfig, rule: Rule, item: Item) -> SusarReportDue | 
                           due_at=v.reported_at + timedelta(days=days))
 
 
-def evaluate(config: SafetyConfig, state: SafetyState, now: datetime) -> list[Emitted]:
+def evaluate(config: SafetyConfig, state: SafetyState) -> list[Emitted]:
     """Every firing the state supports that has not fired yet, with its action events."""
     emitted: list[Emitted] = []
     seen = set(state.firing_keys)
     for rule in config.rules:
-        for target, evidence, items in candidates(config, rule, state):
+        for c in candidates(config, rule, state):
+            target, evidence = c.target, c.evidence
             key = firing_key(rule.id, evidence)
             if key in seen:
                 continue
@@ -214,10 +226,10 @@ def evaluate(config: SafetyConfig, state: SafetyState, now: datetime) -> list[Em
             hold_id = derived_id(key, "hold")
             emitted.append((derived_id(key, "triggered"), StoppingRuleTriggered(
                 rule_id=rule.id, rule_set_version=config.rule_set_version, scope=rule.scope,
-                target=target, evidence=tuple(sorted(evidence)), triggered_at=now)))
+                target=target, evidence=tuple(sorted(evidence)), triggered_at=c.at)))
             emitted.append((derived_id(key, "action"), _action(rule, target, hold_id)))
             if rule.susar_report:
-                for item in items:
+                for item in c.items:
                     due = susar_due(config, rule, item)
                     if due is not None:
                         emitted.append((derived_id(key, f"susar:{due.adverse_event_id}"), due))

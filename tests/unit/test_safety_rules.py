@@ -79,7 +79,7 @@ def given(*groups: list[Given] | Given) -> SafetyState:
 def then(state: SafetyState) -> list[tuple[str, str, str]]:
     """(event type, rule id, target) of everything the rules emit on this state."""
     out = []
-    for _, e in rules.evaluate(CONFIG, state, T0):
+    for _, e in rules.evaluate(CONFIG, state):
         data = e.model_dump()
         target = data.get("target") or data.get("arm") or data.get("trial_id") or data["patient_id"]
         out.append((e.event_type(), data["rule_id"], target))
@@ -128,7 +128,7 @@ def test_r2_a_follow_up_raising_the_grade_fires_once_and_a_later_one_does_not_fi
                                            patient_id="P1", site_id="S1", ctcae_grade=4,
                                            reported_at=T0 + timedelta(days=1)))
     state = given(patient("P1", "msc_high"), first, up)
-    emitted = rules.evaluate(CONFIG, state, T0)
+    emitted = rules.evaluate(CONFIG, state)
     r2 = [e for _, e in emitted if getattr(e, "rule_id", "") == "R2-related-grade4"
           and e.event_type() == "StoppingRuleTriggered"]
     assert len(r2) == 1 and set(r2[0].evidence) == {first[0], up[0]}  # type: ignore[attr-defined]
@@ -173,7 +173,7 @@ def test_r4_infusion_reaction_holds_the_patients_infusions(grade: int, infusion_
     state = given(patient("P1", "msc_low"),
                   ae("P1", "msc_low", grade, "not_related", infusion_related=infusion_related))
     assert (("PatientDosingHeld", "R4-infusion-reaction", "P1") in then(state)) is fires
-    held = [e for _, e in rules.evaluate(CONFIG, state, T0)
+    held = [e for _, e in rules.evaluate(CONFIG, state)
             if e.event_type() == "PatientDosingHeld"]
     assert all(e.product == "infusion" for e in held)  # type: ignore[attr-defined]
 
@@ -197,7 +197,7 @@ def test_r5_a_susar_pauses_enrolment_and_is_due_in_7_or_15_days(grade: int, outc
     state = given(patient("P1", "msc_high"),
                   ae("P1", "msc_high", grade, "probable", serious=True, expected=False,
                      outcome=outcome))
-    emitted = rules.evaluate(CONFIG, state, T0)
+    emitted = rules.evaluate(CONFIG, state)
     assert ("EnrollmentPaused", "R5-susar", TRIAL) in then(state)
     due = [e for _, e in emitted if isinstance(e, SusarReportDue)]
     assert len(due) == 1 and due[0].days == days
@@ -273,7 +273,7 @@ def test_r7_an_alt_increased_event_counts_and_other_arms_do_not() -> None:
 def test_r8_marrow_suppression_holds_methotrexate(values: dict[str, Any], fires: bool) -> None:
     state = given(patient("P1", "mtx"), lab("P1", "mtx", **values))
     assert (("PatientDosingHeld", "R8-mtx-marrow", "P1") in then(state)) is fires
-    held = [e for _, e in rules.evaluate(CONFIG, state, T0) if e.event_type() == "PatientDosingHeld"]
+    held = [e for _, e in rules.evaluate(CONFIG, state) if e.event_type() == "PatientDosingHeld"]
     assert all(e.product == "methotrexate" for e in held)  # type: ignore[attr-defined]
 
 
@@ -282,11 +282,13 @@ def test_r8_marrow_suppression_holds_methotrexate(values: dict[str, Any], fires:
 
 def test_the_same_evidence_never_fires_twice_and_ids_are_deterministic() -> None:
     state = given(patient("P1", "msc_high"), ae("P1", "msc_high", 4, "definite"))
-    first = rules.evaluate(CONFIG, state, T0)
-    again = rules.evaluate(CONFIG, state, T0 + timedelta(days=1))
+    first = rules.evaluate(CONFIG, state)
+    again = rules.evaluate(CONFIG, state)
     assert [i for i, _ in first] == [i for i, _ in again]  # a recomputation is the same event
+    # ...at the same time: the newest evidence's report time, not the evaluation's clock
+    assert first[0][1].triggered_at == T0 + timedelta(hours=1)  # type: ignore[attr-defined]
     after = domain.apply(state, first)
-    assert rules.evaluate(CONFIG, after, T0) == []
+    assert rules.evaluate(CONFIG, after) == []
     holds = [e.hold_id for _, e in first if hasattr(e, "hold_id")]
     assert len(holds) == len(set(holds)) >= 1
 
@@ -295,14 +297,14 @@ def test_after_a_lift_the_old_evidence_stays_quiet_and_new_evidence_holds_again(
     # ten patients dosed, so one or two toxicities stay below R6's bound and only R2 acts
     state = given(*[patient(f"P{i}", "msc_high") for i in range(1, 11)])
     state = domain.apply(state, [ae("P1", "msc_high", 4)])
-    state = domain.apply(state, rules.evaluate(CONFIG, state, T0))
+    state = domain.apply(state, rules.evaluate(CONFIG, state))
     (hold,) = state.holds_on("arm", "msc_high")
     lifted = domain.decide_lift(state, "arm", "msc_high", None, "reviewed, resume", "dsmb-1")
     assert [e.hold_id for _, e in lifted] == [hold.hold_id]  # type: ignore[attr-defined]
     state = domain.apply(state, lifted)
-    assert state.holds_on("arm", "msc_high") == [] and rules.evaluate(CONFIG, state, T0) == []
+    assert state.holds_on("arm", "msc_high") == [] and rules.evaluate(CONFIG, state) == []
     state = domain.apply(state, [ae("P1", "msc_high", 4)])
-    emitted = rules.evaluate(CONFIG, state, T0)
+    emitted = rules.evaluate(CONFIG, state)
     state = domain.apply(state, emitted)
     (new_hold,) = state.holds_on("arm", "msc_high")
     assert new_hold.hold_id != hold.hold_id
@@ -313,7 +315,7 @@ def test_a_lift_names_exactly_its_hold_and_refuses_when_none_is_in_force() -> No
 
     state = given(patient("P1", "msc_low"), patient("P2", "msc_low"),
                   ae("P1", "msc_low", 4), ae("P2", "msc_low", 4))
-    state = domain.apply(state, rules.evaluate(CONFIG, state, T0))
+    state = domain.apply(state, rules.evaluate(CONFIG, state))
     holds = state.holds_on("arm", "msc_low")
     assert sorted(h.rule_id for h in holds) == [  # R2 for each event, the cluster, the posterior
         "R2-related-grade4", "R2-related-grade4", "R3-related-grade3-cluster", "R6-bayes-toxicity"]
