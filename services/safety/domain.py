@@ -220,7 +220,10 @@ def decide_lift(state: SafetyState, scope: str, target: str, hold_id: str | None
 
 
 def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int) -> dict[str, object]:
-    holds = list(state.active_holds.values())
+    """The trial's safety status. Lists are in a canonical order (not arrival order), so the same
+    history gives the same status in any store, however the topic's partitions interleave."""
+    holds = sorted(state.active_holds.values(), key=lambda h: (h.scope, h.target, h.rule_id,
+                                                              h.hold_id))
     trial_holds = [h for h in holds if h.scope == "trial"]
     halted = any(h.kind == "TrialHalted" for h in trial_holds)
     randomized = sum(1 for p in state.patients.values() if p.arm is not None)
@@ -252,9 +255,13 @@ def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int) -> dic
                           for h in holds if h.scope == "patient"],
         "triggered_rules": [{"rule_id": f.rule_id, "rule_set_version": f.rule_set_version,
                              "scope": f.scope, "target": f.target, "at": f.at,
-                             "evidence": list(f.evidence)} for f in state.firings],
+                             "evidence": list(f.evidence)}
+                            for f in sorted(state.firings, key=lambda f: (
+                                str(f.at), f.rule_id, f.target, f.evidence))],
         "susar_reports_due": [{"adverse_event_id": s.adverse_event_id, "patient_id": s.patient_id,
-                               "days": s.days, "due_at": s.due_at} for s in state.susars],
+                               "days": s.days, "due_at": s.due_at}
+                              for s in sorted(state.susars, key=lambda s: (s.due_at,
+                                                                           s.adverse_event_id))],
     }
 
 
