@@ -94,5 +94,9 @@ def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"))
     sys.exit(asyncio.run(_verify()))
 
 
+from services.randomization.cli import allocation_list  # noqa: E402 (a service's own command)
+
+app.command("allocation-list")(allocation_list)
+
 if __name__ == "__main__":
     app()

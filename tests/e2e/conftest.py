@@ -34,13 +34,15 @@ def fresh_databases(pg_dsn: str | None, folder: Path, services: tuple[str, ...] 
 
 
 def start_system(broker: Broker, pg_dsn: str | None, folder: Path,
-                 services: tuple[str, ...] = (*SERVICES, "gateway")) -> tuple[System, list[str]]:
+                 services: tuple[str, ...] = (*SERVICES, "gateway"),
+                 env: dict[str, str] | None = None) -> tuple[System, list[str]]:
+    """`env` adds or overrides TRIAL_* variables of every process (a test's own protocol, ...)."""
     urls, created = fresh_databases(pg_dsn, folder, tuple(s for s in services if s != "gateway"))
     system = System(bootstrap=broker.bootstrap, database_urls=urls,
                     ports={s: infra.free_port() for s in (*SERVICES, "gateway")},
                     log_dir=folder / "logs",
                     env={"TRIAL_JWT_SECRET": SECRET, "TRIAL_RELAY_POLL_INTERVAL_S": "0.1",
-                         "TRIAL_KAFKA_REQUEST_TIMEOUT_MS": "5000"})
+                         "TRIAL_KAFKA_REQUEST_TIMEOUT_MS": "5000", **(env or {})})
     system.start(services)
     try:
         system.wait_ready()

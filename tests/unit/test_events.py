@@ -15,6 +15,7 @@ from shared.events import (
     CATALOGUE,
     TOPICS,
     AdverseEventReported,
+    AllocationSlotUsed,
     ArmAssigned,
     ArmSuspended,
     CloudEvent,
@@ -30,6 +31,8 @@ from shared.events import (
     PatientScreened,
     PatientWithdrawn,
     PlannedVisit,
+    RandomizationHoldApplied,
+    RandomizationHoldLifted,
     Reason,
     SafetyHoldLifted,
     StoppingRuleTriggered,
@@ -88,6 +91,15 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "SafetyHoldLifted": (SafetyHoldLifted(
         hold_id="h-4", scope="arm", target="msc_high", rationale="DSMB reviewed the cases",
         decided_by="dsmb-1"), "msc_high"),
+    # randomization (issue 3): the allocation and safety holds it keeps as events of its own
+    "AllocationSlotUsed": (AllocationSlotUsed(
+        randomization_number=1, stratum="S1:pasi_lt20", stratum_slot=1, patient_id="p-1",
+        site_id="S1", pasi_band="pasi_lt20", arm="mtx", method="permuted_blocks"), "S1:pasi_lt20"),
+    "RandomizationHoldApplied": (RandomizationHoldApplied(
+        hold_id="h-5", kind="enrollment_paused", scope="trial", target="NCT03424629",
+        rule_id="R-2"), "NCT03424629"),
+    "RandomizationHoldLifted": (RandomizationHoldLifted(
+        hold_id="h-4", scope="arm", target="msc_high"), "msc_high"),
     # safety (issue 5)
     "AdverseEventFollowedUp": (parse_data("AdverseEventFollowedUp", {
         "follow_up_id": "fu-1", "adverse_event_id": "ae-1", "patient_id": "p-1", "site_id": "S1",

@@ -1,162 +1,53 @@
-"""The randomization domain: age and dates, eligibility criteria, the patient's life cycle, strata."""
+"""The randomization domain: the patient's life cycle, randomization's refusals, holds, crossover."""
 
 from __future__ import annotations
 
-import calendar
-from dataclasses import replace
-from datetime import UTC, date, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
+from services.randomization.allocation import sequence
 from services.randomization.domain import (
+    Allocation,
+    Holds,
     Patient,
-    ScreeningFacts,
-    age_on,
+    decide_crossover,
     decide_enrol,
-    eligibility,
+    decide_randomize,
     evolve,
+    evolve_allocation,
     fold,
-    months_before,
+    fold_allocation,
+    fold_holds,
+    hold_from_safety,
     stratum_of,
 )
-from shared.events import ArmAssigned, EventData, PatientEnrolled, PatientScreened, PatientWithdrawn, Reason
-from shared.protocol import default_protocol
+from shared.events import (
+    AdverseEventReported,
+    ArmAssigned,
+    ArmCrossedOver,
+    ArmSuspended,
+    EnrollmentPaused,
+    EventData,
+    PatientDosingHeld,
+    PatientEnrolled,
+    PatientScreened,
+    PatientWithdrawn,
+    RandomizationHoldApplied,
+    RandomizationHoldLifted,
+    Reason,
+    SafetyHoldLifted,
+    TrialHalted,
+)
+from shared.protocol import ProtocolConfig, default_protocol
 from shared.web import Problem
 
-TODAY = date(2026, 11, 26)
 AT = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
+SECRET = b"unit-test-secret"
+PROTOCOL = default_protocol()
 
-# The contract's example screening (api-contract.md), with consent given.
-EXAMPLE = ScreeningFacts(
-    site_id="S1", screening_number="S1-0001", birth_date=date(1980, 5, 1), sex="female", weight_kg=70.0,
-    diagnosis_date=date(2020, 1, 15), psoriasis_type="plaque", pasi=14.2, bsa_percent=12.0, dlqi=11,
-    conventional_therapy_failed=True, drug_induced=False, ongoing_psoriasis_treatment=False,
-    prior_biologic_targets=(), active_infection=False, recurrent_infections=False,
-    malignancy_history=False, hiv=False, hbv=False, hcv=False, pregnant_or_lactating=False,
-    planning_pregnancy=False, can_attend_follow_up=True, consent_signed=True,
-)
-
-
-def criteria(**changes: Any) -> list[str]:
-    return [r.criterion for r in eligibility(replace(EXAMPLE, **changes), TODAY)]
-
-
-# --- dates ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("birth", "day", "age"), [
-    (date(2008, 11, 26), date(2026, 11, 25), 17),  # the day before the 18th birthday
-    (date(2008, 11, 26), date(2026, 11, 26), 18),  # on it
-    (date(2008, 11, 26), date(2026, 11, 27), 18),
-    (date(2008, 12, 1), date(2026, 11, 30), 17),   # month decides before day
-    (date(1966, 11, 26), date(2026, 11, 26), 60),
-    (date(1965, 11, 27), date(2026, 11, 26), 60),  # 61 tomorrow
-    (date(1965, 11, 26), date(2026, 11, 26), 61),
-    (date(2008, 2, 29), date(2026, 2, 28), 17),    # a leap-day birthday counts from 1 March
-    (date(2008, 2, 29), date(2026, 3, 1), 18),
-    (date(2008, 2, 29), date(2028, 2, 29), 20),
-])
-def test_age_on(birth: date, day: date, age: int) -> None:
-    assert age_on(birth, day) == age
-
-
-@pytest.mark.parametrize(("day", "months", "expected"), [
-    (date(2026, 11, 26), 6, date(2026, 5, 26)),
-    (date(2026, 8, 31), 6, date(2026, 2, 28)),   # clamped to the end of February
-    (date(2028, 8, 31), 6, date(2028, 2, 29)),   # a leap year
-    (date(2026, 8, 30), 6, date(2026, 2, 28)),
-    (date(2026, 12, 31), 6, date(2026, 6, 30)),  # a 30-day month
-    (date(2026, 3, 15), 6, date(2025, 9, 15)),   # across the year end
-    (date(2026, 6, 30), 6, date(2025, 12, 30)),
-    (date(2026, 1, 31), 12, date(2025, 1, 31)),
-    (date(2026, 3, 31), 25, date(2024, 2, 29)),
-    (date(2026, 5, 17), 0, date(2026, 5, 17)),
-])
-def test_months_before(day: date, months: int, expected: date) -> None:
-    assert months_before(day, months) == expected
-
-
-@given(st.dates(min_value=date(1900, 1, 1), max_value=date(2200, 12, 31)), st.integers(0, 240))
-def test_months_before_property(day: date, months: int) -> None:
-    result = months_before(day, months)
-    assert (day.year * 12 + day.month) - (result.year * 12 + result.month) == months
-    assert result.day == min(day.day, calendar.monthrange(result.year, result.month)[1])
-
-
-# --- eligibility ------------------------------------------------------------------------------
-
-
-def test_contract_example_is_eligible() -> None:
-    assert eligibility(EXAMPLE, TODAY) == []
-
-
-@pytest.mark.parametrize(("changes", "expected"), [
-    # age 18 to 60 inclusive, on the screening day
-    ({"birth_date": date(2008, 11, 27)}, ["INC-AGE"]),      # 17, 18 tomorrow
-    ({"birth_date": date(2008, 11, 26)}, []),               # 18 today
-    ({"birth_date": date(1966, 11, 26)}, []),               # 60 today
-    ({"birth_date": date(1965, 11, 27)}, []),               # 60, 61 tomorrow
-    ({"birth_date": date(1965, 11, 26)}, ["INC-AGE"]),      # 61 today
-    # severity: PASI >= 10, or BSA >= 10 and DLQI >= 10
-    ({"pasi": 9.9, "bsa_percent": 5.0, "dlqi": 5}, ["INC-SEVERITY"]),
-    ({"pasi": 10.0, "bsa_percent": 5.0, "dlqi": 5}, []),
-    ({"pasi": 5.0, "bsa_percent": 10.0, "dlqi": 10}, []),
-    ({"pasi": 5.0, "bsa_percent": 9.9, "dlqi": 10}, ["INC-SEVERITY"]),
-    ({"pasi": 5.0, "bsa_percent": 10.0, "dlqi": 9}, ["INC-SEVERITY"]),
-    ({"pasi": 9.9, "bsa_percent": 80.0, "dlqi": 9}, ["INC-SEVERITY"]),
-    # diagnosed at least 6 months before screening (2026-05-26 for 2026-11-26)
-    ({"diagnosis_date": date(2026, 5, 27)}, ["INC-DIAGNOSIS-6M"]),
-    ({"diagnosis_date": date(2026, 5, 26)}, []),
-    ({"diagnosis_date": TODAY}, ["INC-DIAGNOSIS-6M"]),
-    # the other inclusions
-    ({"conventional_therapy_failed": False}, ["INC-CONVENTIONAL-FAILED"]),
-    ({"consent_signed": False}, ["INC-CONSENT"]),
-    ({"can_attend_follow_up": False}, ["INC-FOLLOW-UP"]),
-    # exclusions
-    ({"psoriasis_type": "pustular"}, ["EXC-PSORIASIS-TYPE"]),
-    ({"psoriasis_type": "erythrodermic"}, ["EXC-PSORIASIS-TYPE"]),
-    ({"psoriasis_type": "guttate"}, ["EXC-PSORIASIS-TYPE"]),
-    ({"drug_induced": True}, ["EXC-DRUG-INDUCED"]),
-    ({"ongoing_psoriasis_treatment": True}, ["EXC-OTHER-TREATMENT"]),
-    ({"prior_biologic_targets": ("IL-17",)}, ["EXC-PRIOR-BIOLOGIC"]),
-    ({"prior_biologic_targets": ("TNF", "IL-23")}, ["EXC-PRIOR-BIOLOGIC"]),
-    ({"active_infection": True}, ["EXC-INFECTION"]),
-    ({"recurrent_infections": True}, ["EXC-INFECTION"]),
-    ({"malignancy_history": True}, ["EXC-MALIGNANCY"]),
-    ({"hiv": True}, ["EXC-HIV-HBV-HCV"]),
-    ({"hbv": True}, ["EXC-HIV-HBV-HCV"]),
-    ({"hcv": True}, ["EXC-HIV-HBV-HCV"]),
-    ({"pregnant_or_lactating": True}, ["EXC-PREGNANCY"]),
-    ({"planning_pregnancy": True}, ["EXC-PREGNANCY"]),
-], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else None)
-def test_each_criterion(changes: dict[str, Any], expected: list[str]) -> None:
-    assert criteria(**changes) == expected
-
-
-def test_every_failing_criterion_is_reported_with_a_message() -> None:
-    reasons = eligibility(replace(EXAMPLE, birth_date=date(2010, 1, 1), psoriasis_type="guttate", hiv=True,
-                                  prior_biologic_targets=("IL-17",)), TODAY)
-    assert [r.criterion for r in reasons] == ["INC-AGE", "EXC-PSORIASIS-TYPE", "EXC-PRIOR-BIOLOGIC",
-                                              "EXC-HIV-HBV-HCV"]
-    messages = {r.criterion: r.message for r in reasons}
-    assert "16" in messages["INC-AGE"]
-    assert "guttate" in messages["EXC-PSORIASIS-TYPE"]
-    assert "IL-17" in messages["EXC-PRIOR-BIOLOGIC"]
-
-
-def test_eligibility_depends_on_the_screening_day() -> None:
-    young = replace(EXAMPLE, birth_date=date(2008, 11, 27))
-    assert [r.criterion for r in eligibility(young, date(2026, 11, 26))] == ["INC-AGE"]
-    assert eligibility(young, date(2026, 11, 27)) == []
-
-
-# --- life cycle -------------------------------------------------------------------------------
-
-ENROLLED = PatientEnrolled(patient_id="p-1", site_id="S1", screening_id="scr-1", baseline_weight_kg=70.5,
-                           baseline_pasi=14.2, enrolled_at=AT)
+ENROLLED = PatientEnrolled(patient_id="p-1", site_id="S1", screening_id="scr-1",
+                           baseline_weight_kg=70.5, baseline_pasi=14.2, enrolled_at=AT)
 ASSIGNED = ArmAssigned(patient_id="p-1", site_id="S1", arm="msc_high", randomization_number=1,
                        stratum="S1:pasi_lt20", baseline_weight_kg=70.5, assigned_at=AT)
 WITHDRAWN = PatientWithdrawn(patient_id="p-1", site_id="S1", reason="moved away", withdrawn_at=AT)
@@ -164,27 +55,31 @@ WITHDRAWN = PatientWithdrawn(patient_id="p-1", site_id="S1", reason="moved away"
 
 def screening(eligible: bool = True) -> PatientScreened:
     reasons = () if eligible else (Reason(criterion="INC-AGE", message="age 17 is outside 18 to 60"),)
-    return PatientScreened(screening_id="scr-1", site_id="S1", screening_number="S1-0001", eligible=eligible,
-                           reasons=reasons, age_years=46, weight_kg=70.5, pasi=14.2, protocol_version="1.0.0",
-                           screened_at=AT)
+    return PatientScreened(screening_id="scr-1", site_id="S1", screening_number="S1-0001",
+                           eligible=eligible, reasons=reasons, age_years=46, weight_kg=70.5,
+                           pasi=14.2, protocol_version="1.0.0", screened_at=AT)
 
 
-def test_fold_of_nothing_is_a_new_patient() -> None:
-    assert fold([]) == Patient()
-    assert fold([]).status == "new"
+def refusal(call: object) -> tuple[int, str]:
+    assert callable(call)
+    with pytest.raises(Problem) as caught:
+        call()
+    return caught.value.status, caught.value.code
+
+
+# --- life cycle -------------------------------------------------------------------------------
 
 
 def test_fold_enrolled_randomized_withdrawn() -> None:
+    assert fold([]) == Patient()
     enrolled = fold([ENROLLED])
-    assert enrolled == Patient("p-1", "S1", "enrolled", 70.5, 14.2, None)
+    assert (enrolled.status, enrolled.baseline_pasi, enrolled.arm) == ("enrolled", 14.2, None)
     randomized = evolve(enrolled, ASSIGNED)
-    assert randomized.status == "randomized"
-    assert randomized.assignment == ASSIGNED
-    assert (randomized.patient_id, randomized.baseline_pasi) == ("p-1", 14.2)
+    assert (randomized.status, randomized.arm, randomized.assignment) == (
+        "randomized", "msc_high", ASSIGNED)
     withdrawn = fold([ENROLLED, ASSIGNED, WITHDRAWN])
-    assert withdrawn.status == "withdrawn"
-    assert withdrawn.assignment == ASSIGNED  # the arm stays on record
-    assert enrolled.status == "enrolled"  # states are values: evolving made new ones
+    assert withdrawn.status == "withdrawn" and withdrawn.assignment == ASSIGNED
+    assert enrolled.status == "enrolled"  # states are values
 
 
 def test_evolve_ignores_events_it_does_not_know() -> None:
@@ -193,43 +88,195 @@ def test_evolve_ignores_events_it_does_not_know() -> None:
     assert evolve(state, other) is state
 
 
-def test_decide_enrol_an_eligible_screening() -> None:
-    event = decide_enrol(screening(), Patient(), "p-1", AT)
-    assert event == PatientEnrolled(patient_id="p-1", site_id="S1", screening_id="scr-1",
-                                    baseline_weight_kg=70.5, baseline_pasi=14.2, enrolled_at=AT)
-
-
-def test_decide_enrol_refuses_a_failed_screening() -> None:
-    with pytest.raises(Problem) as caught:
-        decide_enrol(screening(eligible=False), Patient(), "p-1", AT)
-    assert (caught.value.status, caught.value.code) == (422, "not_eligible")
-    assert caught.value.body()["reasons"] == [
-        {"criterion": "INC-AGE", "message": "age 17 is outside 18 to 60"}]
-
-
-@pytest.mark.parametrize("history", [[ENROLLED], [ENROLLED, ASSIGNED], [ENROLLED, ASSIGNED, WITHDRAWN]])
-def test_decide_enrol_refuses_a_second_enrolment(history: list[EventData]) -> None:
-    with pytest.raises(Problem) as caught:
-        decide_enrol(screening(), fold(history), "p-1", AT)
-    assert (caught.value.status, caught.value.code) == (409, "already_enrolled")
-    assert caught.value.body()["patient_id"] == "p-1"
-
-
-def test_decide_enrol_without_a_screening() -> None:
-    with pytest.raises(Problem) as caught:
-        decide_enrol(None, Patient(), "p-1", AT)
-    assert (caught.value.status, caught.value.code) == (404, "screening_not_found")
+def test_decide_enrol() -> None:
+    assert decide_enrol(screening(), Patient(), "p-1", AT) == ENROLLED.model_copy(
+        update={"baseline_weight_kg": 70.5})
+    assert refusal(lambda: decide_enrol(screening(False), Patient(), "p-1", AT)) == (
+        422, "not_eligible")
+    assert refusal(lambda: decide_enrol(screening(), fold([ENROLLED]), "p-1", AT)) == (
+        409, "already_enrolled")
+    assert refusal(lambda: decide_enrol(None, Patient(), "p-1", AT)) == (
+        404, "screening_not_found")
 
 
 @pytest.mark.parametrize(("pasi", "stratum"), [
     (0.0, "S1:pasi_lt20"), (19.9, "S1:pasi_lt20"), (20.0, "S1:pasi_ge20"), (72.0, "S1:pasi_ge20"),
 ])
-def test_stratum_of_splits_at_pasi_20(pasi: float, stratum: str) -> None:
-    patient = Patient("p-1", "S1", "enrolled", 70.0, pasi)
-    assert stratum_of(patient, default_protocol()) == stratum
+def test_stratum_is_site_by_pasi_band(pasi: float, stratum: str) -> None:
+    assert stratum_of(Patient("p-1", "S1", "enrolled", 70.0, pasi), PROTOCOL) == stratum
+    assert stratum_of(Patient("p-1", "S2", "enrolled", 70.0, pasi), PROTOCOL) != stratum
 
 
-def test_strata_differ_by_site() -> None:
-    protocol = default_protocol()
-    assert stratum_of(Patient("p-1", "S1", "enrolled", 70.0, 12.0), protocol) != stratum_of(
-        Patient("p-2", "S2", "enrolled", 70.0, 12.0), protocol)
+# --- randomization ----------------------------------------------------------------------------
+
+
+def enrolled(n: int, site: str = "S1", pasi: float = 14.2) -> Patient:
+    return fold([ENROLLED.model_copy(update={"patient_id": f"p-{n}", "site_id": site,
+                                             "baseline_pasi": pasi})])
+
+
+def test_assignments_follow_the_stratum_sequence_with_gapless_numbers() -> None:
+    allocation = Allocation()
+    got: dict[str, list[str]] = {"S1:pasi_lt20": [], "S2:pasi_ge20": []}
+    for n in range(1, 25):
+        site, pasi = ("S1", 12.0) if n % 3 else ("S2", 30.0)
+        assigned, used = decide_randomize(enrolled(n, site, pasi), allocation, Holds(), PROTOCOL,
+                                          SECRET, AT)
+        assert assigned.randomization_number == used.randomization_number == n
+        assert (used.arm, used.stratum, used.patient_id) == (
+            assigned.arm, assigned.stratum, f"p-{n}")
+        got[assigned.stratum].append(assigned.arm)
+        assert used.stratum_slot == len(got[assigned.stratum])
+        allocation = evolve_allocation(allocation, used)
+    for stratum, arms in got.items():
+        expected = [s.arm for s in sequence(SECRET, PROTOCOL.randomization, stratum, len(arms))]
+        assert arms == expected
+
+
+def test_the_cap_closes_enrolment() -> None:
+    full = Allocation(assigned=PROTOCOL.enrollment_cap)
+    assert refusal(lambda: decide_randomize(enrolled(58), full, Holds(), PROTOCOL, SECRET, AT)) == (
+        409, "enrollment_closed")
+    almost = Allocation(assigned=PROTOCOL.enrollment_cap - 1)
+    assigned, _ = decide_randomize(enrolled(57), almost, Holds(), PROTOCOL, SECRET, AT)
+    assert assigned.randomization_number == 57
+
+
+def test_withdrawn_and_unknown_patients_are_refused() -> None:
+    gone = fold([ENROLLED, WITHDRAWN])
+    assert refusal(lambda: decide_randomize(gone, Allocation(), Holds(), PROTOCOL, SECRET, AT)) == (
+        409, "withdrawn")
+    assert refusal(lambda: decide_randomize(Patient(), Allocation(), Holds(), PROTOCOL, SECRET,
+                                            AT)) == (404, "patient_not_found")
+
+
+def hold(kind: str, target: str, hold_id: str = "h-1") -> RandomizationHoldApplied:
+    scope = "arm" if kind == "arm_suspended" else "trial"
+    return RandomizationHoldApplied.model_validate(
+        {"hold_id": hold_id, "kind": kind, "scope": scope, "target": target, "rule_id": "R-x"})
+
+
+@pytest.mark.parametrize(("kind", "code"), [("enrollment_paused", "enrollment_paused"),
+                                            ("trial_halted", "trial_halted")])
+def test_pauses_and_halts_refuse_until_lifted(kind: str, code: str) -> None:
+    held = fold_holds([hold(kind, "NCT03424629")])
+    assert refusal(lambda: decide_randomize(enrolled(1), Allocation(), held, PROTOCOL, SECRET,
+                                            AT)) == (409, code)
+    lifted = fold_holds([hold(kind, "NCT03424629"),
+                         RandomizationHoldLifted(hold_id="h-1", scope="trial", target="NCT03424629")])
+    assert decide_randomize(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)[0].arm
+
+
+def test_a_lift_lifts_exactly_the_hold_it_names() -> None:
+    holds = fold_holds([hold("enrollment_paused", "T", "h-1"), hold("enrollment_paused", "T", "h-2"),
+                        RandomizationHoldLifted(hold_id="h-1", scope="trial", target="T")])
+    assert holds.in_force("enrollment_paused") == hold("enrollment_paused", "T", "h-2")
+    early_lift = fold_holds([RandomizationHoldLifted(hold_id="h-3", scope="arm", target="mtx"),
+                             hold("arm_suspended", "mtx", "h-3")])
+    assert early_lift.in_force("arm_suspended") is None
+
+
+def test_a_suspended_arm_refuses_its_slot_without_using_it_up() -> None:
+    stratum = "S1:pasi_lt20"
+    first = sequence(SECRET, PROTOCOL.randomization, stratum, 1)[0].arm
+    suspended = fold_holds([hold("arm_suspended", first)])
+    assert refusal(lambda: decide_randomize(enrolled(1), Allocation(), suspended, PROTOCOL, SECRET,
+                                            AT)) == (409, "arm_suspended")
+    # Another stratum whose next slot is another arm is not held up.
+    other = next(s for s in ("S2", "S3", "S4", "S5", "S6")
+                 if sequence(SECRET, PROTOCOL.randomization, f"{s}:pasi_lt20", 1)[0].arm != first)
+    assigned, _ = decide_randomize(enrolled(2, other), Allocation(), suspended, PROTOCOL, SECRET, AT)
+    assert assigned.arm != first
+    # Lifted: the same slot (slot 1 of the stratum) goes to the next patient.
+    lifted = fold_holds([hold("arm_suspended", first),
+                         RandomizationHoldLifted(hold_id="h-1", scope="arm", target=first)])
+    assigned, used = decide_randomize(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)
+    assert (assigned.arm, used.stratum_slot) == (first, 1)
+
+
+def test_safety_events_become_randomization_holds() -> None:
+    assert hold_from_safety(EnrollmentPaused(hold_id="h", trial_id="T", rule_id="R5")) == \
+        RandomizationHoldApplied(hold_id="h", kind="enrollment_paused", scope="trial", target="T",
+                                 rule_id="R5")
+    assert hold_from_safety(TrialHalted(hold_id="h", trial_id="T", rule_id="R1")) == \
+        RandomizationHoldApplied(hold_id="h", kind="trial_halted", scope="trial", target="T",
+                                 rule_id="R1")
+    assert hold_from_safety(ArmSuspended(hold_id="h", arm="mtx", rule_id="R2")) == \
+        RandomizationHoldApplied(hold_id="h", kind="arm_suspended", scope="arm", target="mtx",
+                                 rule_id="R2")
+    assert hold_from_safety(SafetyHoldLifted(hold_id="h", scope="arm", target="mtx",
+                                             rationale="ok", decided_by="d")) == \
+        RandomizationHoldLifted(hold_id="h", scope="arm", target="mtx")
+    # A patient's dosing hold does not concern randomization.
+    assert hold_from_safety(PatientDosingHeld(hold_id="h", patient_id="p", rule_id="R4")) is None
+    assert hold_from_safety(SafetyHoldLifted(hold_id="h", scope="patient", target="p",
+                                             rationale="ok", decided_by="d")) is None
+    assert hold_from_safety(AdverseEventReported(
+        adverse_event_id="a", patient_id="p", site_id="S1", term="fever", onset_at=AT,
+        ctcae_grade=1, serious=False, relatedness="not_related", expected=True)) is None
+
+
+def test_minimization_is_chosen_in_configuration() -> None:
+    protocol = PROTOCOL.model_copy(update={"randomization": PROTOCOL.randomization.model_copy(
+        update={"method": "minimization"})})
+    allocation = Allocation()
+    for n in range(1, 31):
+        assigned, used = decide_randomize(enrolled(n, "S1" if n % 2 else "S2"), allocation, Holds(),
+                                          protocol, SECRET, AT)
+        assert used.method == "minimization" and assigned.randomization_number == n
+        allocation = evolve_allocation(allocation, used)
+    per_site = allocation.counts["site=S1"]
+    assert max(per_site.values()) - min(per_site.values()) <= 3
+    assert fold_allocation([]) == Allocation()
+
+
+# --- crossover --------------------------------------------------------------------------------
+
+MTX = fold([ENROLLED, ASSIGNED.model_copy(update={"arm": "mtx"})])
+
+
+def crossover_protocol(**rules: object) -> ProtocolConfig:
+    crossover = PROTOCOL.randomization.crossover.model_copy(update={"enabled": True, **rules})
+    return PROTOCOL.model_copy(update={"randomization": PROTOCOL.randomization.model_copy(
+        update={"crossover": crossover})})
+
+
+def test_crossover_is_disabled_unless_configured() -> None:
+    later = AT + timedelta(weeks=20)
+    assert refusal(lambda: decide_crossover(MTX, "msc_high", "no response", Holds(), PROTOCOL,
+                                            later)) == (409, "crossover_disabled")
+
+
+def test_an_mtx_non_responder_crosses_over_after_week_16() -> None:
+    protocol = crossover_protocol()
+    at16 = AT + timedelta(weeks=16)
+    event = decide_crossover(MTX, "msc_high", "no PASI 50 at week 16", Holds(), protocol, at16)
+    assert event == ArmCrossedOver(patient_id="p-1", site_id="S1", from_arm="mtx",
+                                   to_arm="msc_high", reason="no PASI 50 at week 16",
+                                   crossed_over_at=at16)
+    crossed = evolve(MTX, event)
+    assert crossed.arm == "msc_high" and crossed.assignment is not None
+    assert crossed.assignment.arm == "mtx"  # the randomized arm stays on record
+    assert refusal(lambda: decide_crossover(crossed, "msc_low", "again", Holds(), protocol,
+                                            at16)) == (409, "already_crossed_over")
+
+
+@pytest.mark.parametrize(("patient", "to_arm", "weeks", "expected"), [
+    (MTX, "msc_high", 15.9, (409, "crossover_too_early")),
+    (MTX, "mtx", 20, (422, "crossover_not_allowed")),
+    (fold([ENROLLED, ASSIGNED]), "msc_low", 20, (422, "crossover_not_allowed")),  # from msc_high
+    (fold([ENROLLED]), "msc_high", 20, (409, "not_randomized")),
+    (fold([ENROLLED, ASSIGNED.model_copy(update={"arm": "mtx"}), WITHDRAWN]), "msc_high", 20,
+     (409, "withdrawn")),
+])
+def test_crossover_conditions(patient: Patient, to_arm: str, weeks: float,
+                              expected: tuple[int, str]) -> None:
+    at = AT + timedelta(weeks=weeks)
+    assert refusal(lambda: decide_crossover(patient, to_arm, "why", Holds(),  # type: ignore[arg-type]
+                                            crossover_protocol(), at)) == expected
+
+
+def test_no_crossover_into_a_suspended_arm() -> None:
+    held = fold_holds([hold("arm_suspended", "msc_high")])
+    assert refusal(lambda: decide_crossover(MTX, "msc_high", "why", held, crossover_protocol(),
+                                            AT + timedelta(weeks=17))) == (409, "arm_suspended")
