@@ -11,7 +11,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 ENROLLMENT = "trial.enrollment"
 DOSING = "trial.dosing"
 SAFETY = "trial.safety"
-TOPICS = (ENROLLMENT, DOSING, SAFETY)
+ACCESS = "trial.access"  # refused write attempts, so monitors see probing (issue 6)
+TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS)
 
 Arm = Literal["msc_low", "msc_high", "mtx"]
 ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")
@@ -102,43 +103,6 @@ class ArmCrossedOver(EventData):
     to_arm: Arm
     reason: str
     crossed_over_at: datetime
-
-
-class AllocationSlotUsed(EventData):
-    """One slot of the trial's allocation went to a patient; it names no future slot."""
-
-    topic = ENROLLMENT
-    subject_field = "stratum"
-    randomization_number: int = Field(ge=1)
-    stratum: str
-    stratum_slot: int = Field(ge=1)  # the how-manieth assignment in this stratum
-    patient_id: str
-    site_id: str
-    pasi_band: str
-    arm: Arm
-    method: Literal["permuted_blocks", "minimization"]
-
-
-class RandomizationHoldApplied(EventData):
-    """A safety hold from trial.safety now stops new randomizations in its scope."""
-
-    topic = ENROLLMENT
-    subject_field = "target"
-    hold_id: str
-    kind: Literal["enrollment_paused", "trial_halted", "arm_suspended"]
-    scope: Literal["arm", "trial"]
-    target: str
-    rule_id: str
-
-
-class RandomizationHoldLifted(EventData):
-    """A DSMB decision lifted the safety hold `hold_id` for randomization."""
-
-    topic = ENROLLMENT
-    subject_field = "target"
-    hold_id: str
-    scope: Literal["patient", "arm", "trial"]
-    target: str
 
 
 # --- trial.dosing -----------------------------------------------------------------------------
@@ -411,6 +375,24 @@ class PatientSafetyFactRecorded(EventData):
     arm: Arm | None = None
     at: datetime
     source_event_id: str
+
+
+# --- trial.access -----------------------------------------------------------------------------
+
+
+class AccessDenied(EventData):
+    """A known principal's write was refused (403 or 404): who is in the envelope's actor."""
+
+    topic = ACCESS
+    subject_field = "access_id"
+    access_id: str
+    service: str  # which one refused: the gateway or the owning service
+    method: str
+    path: str
+    status: int
+    code: str
+    patient_id: str | None = None  # when the path names a patient
+    denied_at: datetime
 
 
 def _catalogue() -> dict[str, type[EventData]]:

@@ -5,21 +5,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.auth import AuthError, JWTVerifier, Principal
 from shared.consumer import ConsumerRunner, Handler
+from shared.events import AccessDenied
+from shared.idempotency import IdempotencyMiddleware
 from shared.kafka import broker_reachable, ensure_topics_forever
 from shared.migrate import upgrade
 from shared.relay import Relay
 from shared.settings import Settings
-from shared.store import EventStore, Metadata
-from shared.web import Problem, RequestIdMiddleware, current_request_id, install_problem_handlers
+from shared.store import EventStore, Metadata, NewEvent, utcnow
+from shared.web import (
+    Problem,
+    RequestIdMiddleware,
+    current_request_id,
+    install_problem_handlers,
+    problem_response,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +128,13 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         return await request.app.state.runtime.ready()
 
     app = FastAPI(title=f"NCT03424629 {spec.name} service", lifespan=lifespan)
+    # Added first, so it runs inside the request id middleware: replays carry the new id.
+    app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(RequestIdMiddleware)
     install_problem_handlers(app)
+    install_access_logging(app, spec.name)
     app.include_router(health_router(ready))
+    app.include_router(access_router())
     app.include_router(spec.router)
     return app
 
@@ -136,10 +152,12 @@ def principal(request: Request) -> Principal:
         raise Problem(401, "unauthorized", "A bearer token is required")
     verifier: JWTVerifier = request.app.state.runtime.verifier
     try:
-        return verifier.verify(token.strip())
+        who = verifier.verify(token.strip())
     except AuthError as exc:
         raise Problem(401, "unauthorized", "The bearer token is not valid", detail=str(exc)) \
             from exc
+    request.state.principal = who  # so a refusal later in the request can name who was refused
+    return who
 
 
 CurrentPrincipal = Annotated[Principal, Depends(principal)]
@@ -151,3 +169,59 @@ def metadata_for(who: Principal, reason: str | None = None) -> Metadata:
     return Metadata(actor=who.sub, role=who.role, site=who.site, request_id=request_id,
                     correlation_id=request_id, reason=reason)
 
+
+
+# --- access logging: refused writes of known principals become AccessDenied events ------------
+
+DENIED_STATUSES = frozenset({403, 404})
+_PATIENT_IN_PATH = re.compile(r"^/v1/patients/([^/]+)")
+
+
+async def record_access_denied(store: EventStore, who: Principal, service: str, method: str,
+                               path: str, status: int, code: str) -> None:
+    """Append AccessDenied to this service's store: relayed to `trial.access`, kept by audit."""
+    found = _PATIENT_IN_PATH.match(path)
+    denied = AccessDenied(access_id=str(uuid.uuid4()), service=service, method=method,
+                          path=path[:500], status=status, code=code[:100],
+                          patient_id=found.group(1)[:200] if found else None,
+                          denied_at=utcnow())
+    await store.append(f"access-{denied.access_id}", [NewEvent.of(denied, metadata_for(who))], 0)
+
+
+def install_access_logging(app: FastAPI, service: str) -> None:
+    """Every 403 or 404 answered to a POST of a verified principal is recorded (probing shows)."""
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        who = getattr(request.state, "principal", None)
+        if request.method == "POST" and exc.status in DENIED_STATUSES and isinstance(who, Principal):
+            try:
+                await record_access_denied(request.app.state.runtime.store, who, service,
+                                           request.method, request.url.path, exc.status, exc.code)
+            except Exception as error:  # the refusal stands even if its record fails
+                log.warning("could not record AccessDenied: %r", error)
+        return problem_response(exc, {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+
+
+class AccessDeniedReport(BaseModel):
+    """The gateway's note of a write it refused before forwarding (token of the refused caller)."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(pattern=r"^[A-Z]{3,7}$")
+    path: str = Field(pattern=r"^/v1/", max_length=500)
+    status: int = Field(ge=403, le=404)
+    code: str = Field(min_length=1, max_length=100)
+
+
+def access_router() -> APIRouter:
+    router = APIRouter(tags=["internal"], include_in_schema=False)
+
+    @router.post("/internal/access-denied", status_code=202)
+    async def access_denied(report: AccessDeniedReport, request: Request) -> JSONResponse:
+        # The caller's own token: a report can only ever be about the principal who sends it.
+        who = principal(request)
+        await record_access_denied(runtime(request).store, who, "gateway", report.method,
+                                   report.path, report.status, report.code)
+        return JSONResponse({"recorded": True}, status_code=202)
+
+    return router

@@ -10,7 +10,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("randomization", "dosing", "safety", "audit")
 DEV_JWT_SECRET = "dev-only-secret-change-me-in-production"
-DEV_RANDOMIZATION_SECRET = "dev-only-randomization-secret-change-me"
 
 
 class Settings(BaseSettings):
@@ -38,11 +37,6 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
 
-    # Seeds the concealed allocation sequence: only the randomization service may hold it.
-    randomization_secret: str = DEV_RANDOMIZATION_SECRET
-    # A protocol configuration folder other than the built-in v1 (randomization honours it).
-    protocol_dir: Path | None = None
-
     # Where `trial run` (make run) puts each process; the URLs below are how services find them.
     gateway_port: int = 8000
     randomization_port: int = 8001
@@ -54,6 +48,9 @@ class Settings(BaseSettings):
     safety_url: str = "http://127.0.0.1:8003"
     audit_url: str = "http://127.0.0.1:8004"
     upstream_timeout_s: float = Field(10.0, gt=0)
+    # The gateway's token bucket per principal: generous, so bursts of real work never trip it.
+    rate_limit_per_s: float = Field(50.0, gt=0)
+    rate_limit_burst: int = Field(200, ge=1)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).
     dosing_sweep_interval_s: float = Field(300.0, gt=0)
 

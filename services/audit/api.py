@@ -1,104 +1,84 @@
-"""HTTP API of the audit ledger: the monitors' and the DSMB's query and verification."""
+"""HTTP API of the audit ledger: the monitors' and the DSMB's query, history, verification, export."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
 
-from shared.auth import Principal
+from services.audit.export import export_stream
+from services.audit.query import Filters, entry, history_order, page_query
+from shared.permissions import Action, authorize
 from shared.schema import events
 from shared.service import CurrentPrincipal, CurrentRuntime
-from shared.store import as_utc
 from shared.web import Problem
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
-AUDIT_ROLES = {"monitor", "dsmb", "admin"}
-SCAN_BATCH = 500
+HISTORY_CAP = 10_000
 
 
-def _require_auditor(who: Principal) -> None:
-    if who.role not in AUDIT_ROLES:
-        raise Problem(403, "forbidden", f"Role {who.role} may not read the audit trail")
+def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
+            actor: str | None = None, since: datetime | None = None,
+            until: datetime | None = None) -> Filters:
+    """`since` inclusive, `until` exclusive, both on the event's own time (UTC)."""
+    return Filters(patient_id, type, source, actor, since, until)
 
 
-def _item(row: dict[str, object]) -> dict[str, object]:
-    meta = row["metadata"]
-    assert isinstance(meta, dict)
-    return {
-        "position": row["position"], "event_id": row["event_id"], "type": row["type"],
-        "source": meta.get("source"), "subject": meta.get("subject"), "time": meta.get("time"),
-        "actor": {"sub": meta.get("actor"), "role": meta.get("role"), "site": meta.get("site")},
-        "correlation_id": meta.get("correlation_id"), "reason": meta.get("reason"),
-        "recorded_at": row["recorded_at"], "data": row["data"], "hash": row["hash"],
-    }
+LedgerFilters = Annotated[Filters, Depends(filters)]
 
 
 @router.get("/events")
 async def list_events(
-    who: CurrentPrincipal, rt: CurrentRuntime,
-    patient_id: str | None = None, type: str | None = None, source: str | None = None,
-    actor: str | None = None, since: datetime | None = None, until: datetime | None = None,
+    who: CurrentPrincipal, rt: CurrentRuntime, chosen: LedgerFilters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,18}$")] = None,
 ) -> dict[str, object]:
-    """Ledger order; `next_cursor` continues after the last entry examined."""
-    _require_auditor(who)
-    after = int(cursor) if cursor else 0
-    items: list[dict[str, object]] = []
+    """Ledger order (arrival order); `next_cursor` continues after the last entry returned."""
+    authorize(who, Action.AUDIT)
     async with rt.store.read_engine.connect() as conn:
-        while True:
-            q = events.select().where(events.c.position > after).order_by(
-                events.c.position).limit(SCAN_BATCH)
-            if patient_id is not None:
-                q = q.where(events.c.stream_id == patient_id)
-            if type is not None:
-                q = q.where(events.c.type == type)
-            rows = [dict(r._mapping) for r in await conn.execute(q)]
-            for row in rows:
-                after = int(str(row["position"]))
-                if _matches(row, source, actor, since, until):
-                    items.append(_item(row))
-                    if len(items) == limit:
-                        more = await _has_more(rt, after, patient_id, type)
-                        return {"items": items, "next_cursor": str(after) if more else None}
-            if len(rows) < SCAN_BATCH:
-                return {"items": items, "next_cursor": None}
+        rows = [dict(r._mapping) for r in
+                await conn.execute(page_query(chosen, int(cursor or 0), limit + 1))]
+    more = len(rows) > limit
+    items = [entry(r) for r in rows[:limit]]
+    return {"items": items, "next_cursor": str(items[-1]["position"]) if more else None}
 
 
-async def _has_more(rt: CurrentRuntime, after: int, patient_id: str | None,
-                    type: str | None) -> bool:
-    q = sa.select(events.c.position).where(events.c.position > after).limit(1)
-    if patient_id is not None:
-        q = q.where(events.c.stream_id == patient_id)
-    if type is not None:
-        q = q.where(events.c.type == type)
+@router.get("/patients/{patient_id}/history")
+async def patient_history(patient_id: str, who: CurrentPrincipal,
+                          rt: CurrentRuntime) -> dict[str, object]:
+    """Everything about one patient across services, from screening on, causes before effects."""
+    authorize(who, Action.AUDIT)
     async with rt.store.read_engine.connect() as conn:
-        return (await conn.execute(q)).first() is not None
-
-
-def _matches(row: dict[str, object], source: str | None, actor: str | None,
-             since: datetime | None, until: datetime | None) -> bool:
-    meta = row["metadata"]
-    assert isinstance(meta, dict)
-    if source is not None and meta.get("source") != source:
-        return False
-    if actor is not None and meta.get("actor") != actor:
-        return False
-    if since is not None or until is not None:
-        when = as_utc(datetime.fromisoformat(str(meta.get("time"))))
-        if since is not None and when < as_utc(since):
-            return False
-        if until is not None and when >= as_utc(until):
-            return False
-    return True
+        enrolled = await conn.execute(sa.select(events.c.data).where(
+            events.c.stream_id == patient_id, events.c.type == "PatientEnrolled"))
+        screenings = [d["screening_id"] for (d,) in enrolled if d.get("screening_id")]
+        rows = await conn.execute(events.select().where(
+            events.c.stream_id.in_([patient_id, *screenings])).order_by(
+            events.c.position).limit(HISTORY_CAP))
+        items = [entry(dict(r._mapping)) for r in rows]
+    if not items:
+        raise Problem(404, "patient_not_found", "The ledger holds nothing about this patient")
+    return {"patient_id": patient_id, "order": "source time; a cause always before its effects",
+            "items": history_order(items)}
 
 
 @router.get("/verify")
 async def verify(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
-    _require_auditor(who)
+    authorize(who, Action.AUDIT)
     result = await rt.store.verify()
     return {"ok": result.ok, "events_checked": result.events_checked,
             "first_broken_position": result.first_broken_position}
+
+
+@router.get("/export")
+async def export(who: CurrentPrincipal, rt: CurrentRuntime, chosen: LedgerFilters,
+                 format: Literal["ndjson", "csv"] = "ndjson") -> StreamingResponse:
+    """The filtered ledger as NDJSON or CSV, streamed in ledger order."""
+    authorize(who, Action.AUDIT)
+    media = "application/x-ndjson" if format == "ndjson" else "text/csv; charset=utf-8"
+    return StreamingResponse(
+        export_stream(rt.store, chosen, format), media_type=media,
+        headers={"content-disposition": f'attachment; filename="audit-ledger.{format}"'})

@@ -1,16 +1,21 @@
-"""The gateway: the one public HTTP entry. Checks the token, then forwards to the owning service."""
+"""The gateway: the one public HTTP entry. Token, rate limit, permission, then the owning service."""
 
 from __future__ import annotations
 
 import contextlib
-import re
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from shared.auth import AuthError, JWTVerifier
+from services.gateway.docs import asyncapi, merged_openapi
+from services.gateway.ratelimit import RateLimiter, retry_after
+from services.gateway.routes import ROUTES, Route, match_route, route_for
+from shared.auth import AuthError, JWTVerifier, Principal
+from shared.permissions import allowed
 from shared.service import health_router
 from shared.settings import Settings
 from shared.web import (
@@ -18,37 +23,20 @@ from shared.web import (
     RequestIdMiddleware,
     current_request_id,
     install_problem_handlers,
+    problem_response,
 )
 
-# (methods, path pattern, owning service): the public contract's routes, nothing else.
-ROUTES: list[tuple[frozenset[str], re.Pattern[str], str]] = [
-    (frozenset({"POST"}), re.compile(r"^/v1/screenings$"), "randomization"),
-    (frozenset({"POST"}), re.compile(r"^/v1/patients$"), "randomization"),
-    (frozenset({"GET"}), re.compile(r"^/v1/patients/[^/]+$"), "randomization"),
-    (frozenset({"POST"}), re.compile(r"^/v1/patients/[^/]+/(randomization|withdrawal|crossover)$"),
-     "randomization"),
-    (frozenset({"GET"}), re.compile(r"^/v1/patients/[^/]+/schedule$"), "dosing"),
-    (frozenset({"POST"}), re.compile(r"^/v1/patients/[^/]+/(infusions|methotrexate-doses)$"),
-     "dosing"),
-    (frozenset({"POST"}), re.compile(r"^/v1/patients/[^/]+/(adverse-events|lab-results)$"),
-     "safety"),
-    (frozenset({"GET", "POST"}), re.compile(r"^/v1/safety/[a-z-]+$"), "safety"),
-    (frozenset({"GET"}), re.compile(r"^/v1/audit/[a-z-]+$"), "audit"),
-]
+__all__ = ["ROUTES", "app", "create_gateway", "route_for"]
+log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "idempotency-key")
-
-
-def route_for(method: str, path: str) -> str | None:
-    for methods, pattern, service in ROUTES:
-        if method in methods and pattern.match(path):
-            return service
-    return None
+RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-replayed")
 
 
 def create_gateway(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings(service_name="gateway")
     verifier = JWTVerifier(settings)
     upstreams = settings.service_urls()
+    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,39 +55,82 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(health_router(ready))
 
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                   include_in_schema=False)
-    async def forward(request: Request) -> Response:
-        service = route_for(request.method, request.url.path)
-        if service is None:
-            raise Problem(404, "not_found", "No such resource")
+    @app.get("/asyncapi.json", include_in_schema=False)
+    async def asyncapi_json() -> JSONResponse:
+        return JSONResponse(asyncapi())
+
+    documents: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        if "openapi" not in documents:  # built once, on first use, from the services' routers
+            own = FastAPI.openapi(app).get("paths", {})
+            documents["openapi"] = merged_openapi(own)
+        return documents["openapi"]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    def authenticate(request: Request) -> Principal:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Problem(401, "unauthorized", "A bearer token is required")
         try:
-            verifier.verify(token.strip())
+            return verifier.verify(token.strip())
         except AuthError as exc:
             raise Problem(401, "unauthorized", "The bearer token is not valid", str(exc)) from exc
-        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
-        headers["x-request-id"] = current_request_id() or ""
-        client: httpx.AsyncClient = request.app.state.client
-        try:
-            upstream = await client.request(
-                request.method, upstreams[service] + request.url.path,
-                params=request.query_params, content=await request.body(), headers=headers)
-        except httpx.TimeoutException as exc:
-            raise Problem(504, "upstream_timeout", f"The {service} service did not answer in time"
-                          ) from exc
-        except httpx.ConnectError as exc:
-            raise Problem(503, "service_unavailable", f"The {service} service is unavailable"
-                          ) from exc
-        except httpx.HTTPError as exc:
-            raise Problem(502, "bad_gateway", f"The {service} service failed") from exc
-        passed = {k: v for k, v in upstream.headers.items()
-                  if k.lower() in ("content-type", "retry-after", "location")}
-        return Response(upstream.content, status_code=upstream.status_code, headers=passed)
+
+    async def refuse(request: Request, route: Route, who: Principal) -> Problem:
+        problem = Problem(403, "forbidden",
+                          f"Role {who.role} may not {route.action.value.replace('_', ' ')}")
+        if request.method == "POST":  # a refused write: the owning service records AccessDenied
+            report = {"method": request.method, "path": request.url.path, "status": 403,
+                      "code": problem.code}
+            try:
+                await request.app.state.client.post(
+                    upstreams[route.service] + "/internal/access-denied", json=report,
+                    headers={"authorization": request.headers["authorization"],
+                             "x-request-id": current_request_id() or ""})
+            except httpx.HTTPError as exc:  # the refusal stands; the log keeps the trace
+                log.warning("could not report AccessDenied to %s: %r", route.service, exc)
+        return problem
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                   include_in_schema=False)
+    async def forward(request: Request) -> Response:
+        route = match_route(request.method, request.url.path)
+        if route is None:
+            raise Problem(404, "not_found", "No such resource")
+        who = authenticate(request)
+        wait = limiter.take(who.sub)
+        if wait > 0:
+            problem = Problem(429, "rate_limited", "Too many requests",
+                              f"At most {settings.rate_limit_per_s:g} requests per second "
+                              f"(bursts of {settings.rate_limit_burst}) per caller")
+            return problem_response(problem, {"Retry-After": retry_after(wait)})
+        if not allowed(who, route.action):  # site checks need the record: the service does them
+            raise await refuse(request, route, who)
+        return await _forward(request, route.service, upstreams[route.service])
 
     return app
+
+
+async def _forward(request: Request, service: str, base_url: str) -> Response:
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
+    headers["x-request-id"] = current_request_id() or ""
+    client: httpx.AsyncClient = request.app.state.client
+    try:
+        upstream = await client.request(
+            request.method, base_url + request.url.path,
+            params=request.query_params, content=await request.body(), headers=headers)
+    except httpx.TimeoutException as exc:
+        raise Problem(504, "upstream_timeout", f"The {service} service did not answer in time"
+                      ) from exc
+    except httpx.ConnectError as exc:
+        raise Problem(503, "service_unavailable", f"The {service} service is unavailable"
+                      ) from exc
+    except httpx.HTTPError as exc:
+        raise Problem(502, "bad_gateway", f"The {service} service failed") from exc
+    passed = {k: v for k, v in upstream.headers.items() if k.lower() in RETURNED_HEADERS}
+    return Response(upstream.content, status_code=upstream.status_code, headers=passed)
 
 
 app = create_gateway()

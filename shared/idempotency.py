@@ -1,0 +1,214 @@
+"""`Idempotency-Key` on every POST of a service: the first answer is kept beside the writes and replayed."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.auth import AuthError, JWTVerifier, Principal
+from shared.store import EventStore, as_utc, utcnow
+from shared.web import Problem, problem_response
+
+log = logging.getLogger(__name__)
+
+KEY_HEADER = b"idempotency-key"
+REPLAYED_HEADER = b"idempotent-replayed"
+KEY_TTL = timedelta(hours=24)
+# Printable ASCII without spaces: UUIDs, ULIDs and the like; nothing that could smuggle headers.
+_SAFE_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_KEPT_HEADERS = frozenset({b"content-type", b"location", b"retry-after"})
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    sa.MetaData(),
+    sa.Column("principal", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=True),
+    sa.Column("headers", sa.JSON, nullable=True),
+    sa.Column("body", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+def request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
+    """What makes two requests "the same": method, path, query string and the exact body bytes."""
+    digest = hashlib.sha256()
+    for part in (method.encode(), path.encode(), query, body):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    request_hash: str
+    status: int | None  # None: the first request is still running
+    headers: list[list[str]]
+    body: bytes
+
+
+class IdempotencyRecords:
+    """The service's table of keys. Every call is one short transaction under the store's lock,
+    so the check-then-insert of two concurrent duplicates cannot both win."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+
+    async def claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
+        """None: the caller owns the key now and must run the request. Else what is stored."""
+        t = idempotency_keys
+        where = sa.and_(t.c.principal == principal, t.c.key == key)
+        async with self.store.transaction() as tx:
+            row = (await tx.conn.execute(sa.select(t).where(where))).first()
+            if row is not None and as_utc(row.created_at) < utcnow() - KEY_TTL:
+                await tx.conn.execute(t.delete().where(where))
+                row = None
+            if row is None:
+                await tx.conn.execute(t.insert().values(
+                    principal=principal, key=key, request_hash=digest, created_at=utcnow()))
+                return None
+        return StoredAnswer(row.request_hash, row.status, list(row.headers or []),
+                            bytes(row.body or b""))
+
+    async def complete(self, principal: str, key: str, status: int,
+                       headers: list[list[str]], body: bytes) -> None:
+        t = idempotency_keys
+        async with self.store.transaction() as tx:
+            await tx.conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
+                                  .values(status=status, headers=headers, body=body,
+                                          completed_at=utcnow()))
+
+    async def release(self, principal: str, key: str) -> None:
+        """The request failed on our side (5xx, crash): let a retry run it again."""
+        t = idempotency_keys
+        async with self.store.transaction() as tx:
+            await tx.conn.execute(t.delete().where(t.c.principal == principal, t.c.key == key))
+
+
+def _principal(headers: dict[bytes, bytes], verifier: JWTVerifier) -> Principal | None:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        return verifier.verify(token.strip())
+    except AuthError:
+        return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+class IdempotencyMiddleware:
+    """For a POST with `Idempotency-Key` from a verified principal: run it once, replay after.
+
+    Keys are per principal (one caller cannot see another's answers). The same key with another
+    request gets 422 `idempotency_key_reused`; a duplicate arriving while the first still runs
+    gets 409 `idempotency_key_in_progress`, so the two never both execute. Answers below 500 are
+    kept (a refusal is an answer too); a 5xx releases the key so that a retry can run.
+    Requests without a valid token pass through untouched, and the endpoint answers 401.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        raw_key = headers.get(KEY_HEADER)
+        runtime = getattr(scope["app"].state, "runtime", None)
+        who = _principal(headers, runtime.verifier) if runtime and raw_key is not None else None
+        if raw_key is None or runtime is None or who is None:
+            await self.app(scope, receive, send)
+            return
+        key = raw_key.decode("latin-1")
+        if not _SAFE_KEY.fullmatch(key):
+            await problem_response(Problem(
+                400, "invalid_idempotency_key", "Idempotency-Key is not valid",
+                "1 to 255 printable ASCII characters, no spaces"))(scope, receive, send)
+            return
+        body = await _read_body(receive)
+        digest = request_hash("POST", scope["path"], scope.get("query_string", b""), body)
+        records = IdempotencyRecords(runtime.store)
+        stored = await records.claim(who.sub, key, digest)
+        if stored is not None:
+            await self._answer_again(stored, digest, scope, receive, send)
+            return
+        await self._run_first(records, who.sub, key, body, scope, receive, send)
+
+    async def _answer_again(self, stored: StoredAnswer, digest: str, scope: Scope,
+                            receive: Receive, send: Send) -> None:
+        if stored.request_hash != digest:
+            problem = Problem(422, "idempotency_key_reused", "Idempotency-Key was used for "
+                              "another request", "Use a new key for a different request")
+            await problem_response(problem)(scope, receive, send)
+        elif stored.status is None:
+            problem = Problem(409, "idempotency_key_in_progress",
+                              "The first request with this Idempotency-Key is still running")
+            await problem_response(problem, {"Retry-After": "1"})(scope, receive, send)
+        else:
+            headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored.headers]
+            headers.append((REPLAYED_HEADER, b"true"))
+            await send({"type": "http.response.start", "status": stored.status,
+                        "headers": headers})
+            await send({"type": "http.response.body", "body": stored.body})
+
+    async def _run_first(self, records: IdempotencyRecords, principal: str, key: str,
+                         body: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        delivered = False
+
+        async def replay_body() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        answer: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+                answer["headers"] = [[k.decode("latin-1"), v.decode("latin-1")]
+                                     for k, v in message.get("headers", [])
+                                     if k.lower() in _KEPT_HEADERS]
+            elif message["type"] == "http.response.body":
+                answer["body"].append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, replay_body, capture)
+        except BaseException:
+            await _quietly_release(records, principal, key)
+            raise
+        if answer["status"] >= 500:
+            await _quietly_release(records, principal, key)
+        else:
+            await records.complete(principal, key, answer["status"], answer["headers"],
+                                   b"".join(answer["body"]))
+
+
+async def _quietly_release(records: IdempotencyRecords, principal: str, key: str) -> None:
+    try:
+        await records.release(principal, key)
+    except Exception as exc:  # the answer is already failing; a stuck key only says "in progress"
+        log.warning("could not release idempotency key: %r", exc)
