@@ -105,6 +105,43 @@ class ArmCrossedOver(EventData):
     crossed_over_at: datetime
 
 
+class AllocationSlotUsed(EventData):
+    """One slot of the trial's allocation went to a patient; it names no future slot."""
+
+    topic = ENROLLMENT
+    subject_field = "stratum"
+    randomization_number: int = Field(ge=1)
+    stratum: str
+    stratum_slot: int = Field(ge=1)  # the how-manieth assignment in this stratum
+    patient_id: str
+    site_id: str
+    pasi_band: str
+    arm: Arm
+    method: Literal["permuted_blocks", "minimization"]
+
+
+class RandomizationHoldApplied(EventData):
+    """A safety hold from trial.safety now stops new randomizations in its scope."""
+
+    topic = ENROLLMENT
+    subject_field = "target"
+    hold_id: str
+    kind: Literal["enrollment_paused", "trial_halted", "arm_suspended"]
+    scope: Literal["arm", "trial"]
+    target: str
+    rule_id: str
+
+
+class RandomizationHoldLifted(EventData):
+    """A DSMB decision lifted the safety hold `hold_id` for randomization."""
+
+    topic = ENROLLMENT
+    subject_field = "target"
+    hold_id: str
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+
+
 # --- trial.dosing -----------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("randomization", "dosing", "safety", "audit")
 DEV_JWT_SECRET = "dev-only-secret-change-me-in-production"
+DEV_RANDOMIZATION_SECRET = "dev-only-randomization-secret-change-me"
 
 
 class Settings(BaseSettings):
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+
+    # Seeds the concealed allocation sequence: only the randomization service may hold it.
+    randomization_secret: str = DEV_RANDOMIZATION_SECRET
+    # A protocol configuration folder other than the built-in v1 (randomization honours it).
+    protocol_dir: Path | None = None
 
     # Where `trial run` (make run) puts each process; the URLs below are how services find them.
     gateway_port: int = 8000

@@ -16,6 +16,7 @@ from shared.events import (
     TOPICS,
     AccessDenied,
     AdverseEventReported,
+    AllocationSlotUsed,
     ArmAssigned,
     ArmSuspended,
     CloudEvent,
@@ -31,6 +32,8 @@ from shared.events import (
     PatientScreened,
     PatientWithdrawn,
     PlannedVisit,
+    RandomizationHoldApplied,
+    RandomizationHoldLifted,
     Reason,
     SafetyHoldLifted,
     StoppingRuleTriggered,
@@ -93,6 +96,15 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "AccessDenied": (AccessDenied(
         access_id="acc-1", service="gateway", method="POST", path="/v1/patients/p-1/infusions",
         status=403, code="forbidden", patient_id="p-1", denied_at=AT), "acc-1"),
+    # randomization (issue 3): the allocation and safety holds it keeps as events of its own
+    "AllocationSlotUsed": (AllocationSlotUsed(
+        randomization_number=1, stratum="S1:pasi_lt20", stratum_slot=1, patient_id="p-1",
+        site_id="S1", pasi_band="pasi_lt20", arm="mtx", method="permuted_blocks"), "S1:pasi_lt20"),
+    "RandomizationHoldApplied": (RandomizationHoldApplied(
+        hold_id="h-5", kind="enrollment_paused", scope="trial", target="NCT03424629",
+        rule_id="R-2"), "NCT03424629"),
+    "RandomizationHoldLifted": (RandomizationHoldLifted(
+        hold_id="h-4", scope="arm", target="msc_high"), "msc_high"),
     # safety (issue 5)
     "AdverseEventFollowedUp": (parse_data("AdverseEventFollowedUp", {
         "follow_up_id": "fu-1", "adverse_event_id": "ae-1", "patient_id": "p-1", "site_id": "S1",
