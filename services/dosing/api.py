@@ -10,12 +10,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.dosing import domain
 from services.dosing import holds as holding
+from services.dosing.config import protocol
 from services.dosing.handlers import load_holds, load_record
 from shared.auth import Principal
 from shared.clock import Clock, SystemClock
 from shared.events import EventData
 from shared.permissions import Action, authorize_patient
-from shared.protocol import default_protocol
 from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
 from shared.store import ConcurrencyError, EventStore, NewEvent
 from shared.web import Problem
@@ -96,7 +96,7 @@ async def record_dose(store: EventStore, patient_id: str, who: Principal,
             record, version = await load_record(tx, patient_id)
             authorize_patient(who, Action.DOSE, record.site_id)
             holds, _ = await load_holds(tx)
-            new = domain.decide_dose(record, holds, command, default_protocol())
+            new = domain.decide_dose(record, holds, command, protocol())
             meta = metadata_for(who, reason=reason)
             await tx.append(domain.schedule_stream(patient_id),
                             [NewEvent.of(e, meta) for e in new], version)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from services.dosing.api import router
+from services.dosing.config import protocol
 from services.dosing.handlers import HANDLERS
 from services.dosing.sweep import run_sweeps
 from shared.clock import SystemClock
@@ -22,6 +23,7 @@ spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], 
 def create_dosing_app(settings: Settings | None = None) -> FastAPI:
     """The service app plus its missed-visit sweep, which runs beside the relay and consumer."""
     settings = settings or Settings(service_name="dosing")
+    protocol()  # a protocol configuration that does not validate stops start-up, not a visit
     app = create_app(spec, settings)
     app.state.clock = SystemClock()
     service_lifespan = app.router.lifespan_context

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from services.dosing import domain
 from services.dosing import holds as holding
+from services.dosing.config import protocol
 from shared.consumer import Delivery
 from shared.events import ArmAssigned, ArmCrossedOver, EventData, PatientWithdrawn
-from shared.protocol import default_protocol
 from shared.store import Metadata, NewEvent, Transaction
 
 schedule_stream = domain.schedule_stream  # kept importable from here for older callers
@@ -44,7 +44,7 @@ async def on_arm_assigned(tx: Transaction, delivery: Delivery) -> None:
     stream = domain.schedule_stream(assigned.patient_id)
     if await tx.stream_version(stream) > 0:
         return  # a calendar exists; only a crossover adds another
-    await _append(tx, stream, 0, [domain.calendar_for(assigned, default_protocol())],
+    await _append(tx, stream, 0, [domain.calendar_for(assigned, protocol())],
                   caused_by(delivery))
 
 
@@ -61,7 +61,7 @@ async def on_arm_crossed_over(tx: Transaction, delivery: Delivery) -> None:
     assert isinstance(crossed, ArmCrossedOver)
     record, version = await load_record(tx, crossed.patient_id)
     await _append(tx, domain.schedule_stream(crossed.patient_id), version,
-                  domain.decide_crossover(record, crossed, default_protocol()),
+                  domain.decide_crossover(record, crossed, protocol()),
                   caused_by(delivery))
 
 
