@@ -330,6 +330,7 @@ async def test_nothing_before_assignment_predicts_the_next_arm(trial: Trial) -> 
     subjects = {a["screening_id"], a["patient_id"], b["screening_id"], b["patient_id"]}
     events = await enrollment_events(trial, lambda es: sum(
         e.subject in subjects for e in es) >= 4)
+    events.sort(key=lambda e: e.sequence)  # two subjects, two partitions: order by position
     before = {site_id: [e.model_dump(mode="json") for e in events
                         if e.subject in (s["screening_id"], s["patient_id"])]
               for site_id, s in seen.items()}
