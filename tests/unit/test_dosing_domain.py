@@ -5,6 +5,9 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from hypothesis import given as given_examples
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from services.dosing import domain
 from services.dosing import holds as holding
@@ -290,3 +293,22 @@ def test_crossover_cancels_the_old_arms_doses_and_plans_the_new_arm() -> None:
     assessments = [s for s in record.slots() if s.visit.kind == "assessment"]
     assert len(assessments) == 8 and all(s.status == "planned" for s in assessments)
     assert domain.decide_crossover(record, crossed, PROTOCOL) == []  # already on the new arm
+
+
+@settings(max_examples=60, deadline=None)
+@given_examples(given_weeks=st.sets(st.sampled_from([0, 1, 2, 3, 5, 7])),
+       sweep_days=st.lists(st.integers(min_value=0, max_value=80), min_size=1, max_size=8))
+def test_sweeps_in_any_order_miss_each_visit_not_given_once(given_weeks: set[int],
+                                                            sweep_days: list[int]) -> None:
+    history: list[EventData] = [created("msc_low")]
+    for week in sorted(given_weeks):  # each given on time, on its due day
+        due = RANDOMIZED.date() + timedelta(days=7 * week)
+        history = then(history, infusion(week, due, now=at(due, 23)))
+    for day in sweep_days:
+        history += domain.decide_missed(domain.fold(history), RANDOMIZED + timedelta(days=day))
+    missed = [e.week for e in history if isinstance(e, VisitMissed)]
+    assert len(missed) == len(set(missed)) and not set(missed) & given_weeks
+    last = RANDOMIZED.date() + timedelta(days=max(sweep_days))
+    closed = {s.visit.week for s in domain.fold(history[:1]).slots()
+              if s.visit.kind == "infusion" and s.visit.window_end < last}
+    assert set(missed) == closed - given_weeks
