@@ -1,0 +1,133 @@
+"""Randomization's service layer on the real database and broker: replicas share one gapless
+allocation, a refused randomization writes nothing, and safety holds are consumed once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from datetime import date
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from services.randomization import commands, domain
+from services.randomization.allocation import sequence
+from services.randomization.handlers import HANDLERS
+from shared.auth import Principal
+from shared.consumer import ConsumerRunner
+from shared.events import (
+    CloudEvent,
+    EnrollmentPaused,
+    EventData,
+    PatientDosingHeld,
+    SafetyHoldLifted,
+    dlq_topic,
+)
+from shared.kafka import ensure_topics
+from shared.protocol import default_protocol
+from shared.settings import Settings
+from shared.store import EventStore, Metadata, utcnow
+from shared.web import Problem
+from tests.support import eventually
+
+SECRET = b"integration-secret"
+PROTOCOL = default_protocol()
+COORDINATOR = Principal("coordinator-1", "site_coordinator", "S1")
+META = Metadata(actor="coordinator-1", role="site_coordinator", site="S1")
+
+
+def facts(pasi: float) -> domain.ScreeningFacts:
+    return domain.ScreeningFacts(
+        site_id="S1", screening_number=f"S1-{uuid.uuid4().hex[:6]}", birth_date=date(1980, 5, 1),
+        sex="female", weight_kg=70.0, diagnosis_date=date(2020, 1, 15), psoriasis_type="plaque",
+        pasi=pasi, bsa_percent=12.0, dlqi=11, conventional_therapy_failed=True,
+        drug_induced=False, ongoing_psoriasis_treatment=False, prior_biologic_targets=(),
+        active_infection=False, recurrent_infections=False, malignancy_history=False, hiv=False,
+        hbv=False, hcv=False, pregnant_or_lactating=False, planning_pregnancy=False,
+        can_attend_follow_up=True, consent_signed=True)
+
+
+async def enrolled(store: EventStore, pasi: float = 14.2) -> str:
+    screened = await commands.screen(store, facts(pasi), COORDINATOR, PROTOCOL, META)
+    patient = await commands.enrol(store, screened.screening_id, COORDINATOR, META)
+    assert patient.patient_id is not None
+    return patient.patient_id
+
+
+async def test_two_replicas_randomizing_at_once_share_one_gapless_balanced_sequence(
+        store: EventStore, database_url: str) -> None:
+    replica = EventStore(database_url)  # a second process's store on the same database
+    try:
+        patients = [await enrolled(store, 14.2 if n % 2 else 30.0) for n in range(24)]
+        results = await asyncio.gather(*(
+            commands.randomize((store, replica)[n % 2], p, COORDINATOR, PROTOCOL, SECRET, META)
+            for n, p in enumerate(patients)))
+    finally:
+        await replica.close()
+    assert all(r.created for r in results)
+    numbers = sorted(r.assignment.randomization_number for r in results)
+    assert numbers == list(range(1, 25))
+    allocation = await store.read_stream(commands.ALLOCATION_STREAM)
+    assert [e.data["randomization_number"] for e in allocation] == numbers
+    by_stratum: dict[str, list[str]] = {}
+    for event in allocation:
+        by_stratum.setdefault(event.data["stratum"], []).append(event.data["arm"])
+        assert event.data["stratum_slot"] == len(by_stratum[event.data["stratum"]])
+    for stratum, arms in by_stratum.items():
+        assert arms == [s.arm for s in sequence(SECRET, PROTOCOL.randomization, stratum,
+                                                len(arms))]
+    assert Counter(r.assignment.patient_id for r in results) == Counter(patients)
+    assert (await store.verify()).ok
+
+
+async def test_a_refused_randomization_writes_nothing(store: EventStore) -> None:
+    patient_id = await enrolled(store)
+    await commands.withdraw(store, patient_id, "moved away", COORDINATOR, META)
+    head = await store.head()
+    with pytest.raises(Problem) as refused:
+        await commands.randomize(store, patient_id, COORDINATOR, PROTOCOL, SECRET, META)
+    assert (refused.value.status, refused.value.code) == (409, "withdrawn")
+    other_site = Principal("coordinator-2", "site_coordinator", "S2")
+    with pytest.raises(Problem) as hidden:
+        await commands.randomize(store, patient_id, other_site, PROTOCOL, SECRET, META)
+    assert (hidden.value.status, hidden.value.code) == (404, "patient_not_found")
+    assert await store.head() == head
+
+
+def cloud(data: EventData) -> CloudEvent:
+    return CloudEvent(id=str(uuid.uuid4()), source="/services/safety", type=data.event_type(),
+                      subject=data.subject(), time=utcnow(), data=data.model_dump(mode="json"),
+                      sequence=1, correlationid="corr-1")
+
+
+async def test_safety_holds_are_consumed_once_and_patient_holds_ignored(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.safety.{uuid.uuid4().hex[:8]}"  # the session broker's trial.safety is shared
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    pause = cloud(EnrollmentPaused(hold_id="h-1", trial_id="NCT03424629", rule_id="R5-susar"))
+    lift = cloud(SafetyHoldLifted(hold_id="h-1", scope="trial", target="NCT03424629",
+                                  rationale="reviewed", decided_by="dsmb-1"))
+    dosing_hold = cloud(PatientDosingHeld(hold_id="h-2", patient_id="PT-1", rule_id="R4"))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for event in (pause, pause, dosing_hold, lift):  # the pause arrives twice
+            await producer.send_and_wait(topic, event.to_bytes(), key=b"NCT03424629")
+    finally:
+        await producer.stop()
+    runner = ConsumerRunner(store, settings, [topic], HANDLERS,
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(lambda: runner.records_seen >= 4, timeout=120, what="four records")
+    finally:
+        stop.set()
+        await task
+    holds = await store.read_stream(commands.HOLDS_STREAM)
+    assert [e.type for e in holds] == ["RandomizationHoldApplied", "RandomizationHoldLifted"]
+    assert holds[0].metadata["causation_id"] == pause.id
+    assert holds[0].metadata["correlation_id"] == "corr-1"
+    assert runner.duplicates == 1 and runner.dead_lettered == 0
+    assert domain.fold_holds([e.payload() for e in holds]).in_force("enrollment_paused") is None
