@@ -41,5 +41,5 @@ async def record(tx: Transaction, delivery: Delivery) -> None:
     if (await tx.conn.execute(sa.select(events.c.position).where(events.c.event_id == e.id))
             ).first() is not None:
         return
-    # Position is arrival order; see docs/decisions.md D6 and D12.
+    # Position is arrival order (docs/decisions.md, D6 and "Audit: the ledger files by patient").
     await tx.append(ledger_stream(e.subject, e.data), [entry], None)

@@ -43,14 +43,18 @@ async def test_screen_enrol_randomize_schedule_and_audit(system: System) -> None
         async def ledger() -> list[dict[str, object]] | None:
             resp = await monitor.get("/v1/audit/events", params={"patient_id": patient_id})
             items = resp.json()["items"]
-            return items if len(items) >= 3 else None
+            return items if len(items) >= 4 else None
 
         items = await eventually(ledger, what="the ledger to hold the patient's events")
         by_type = {i["type"]: i for i in items}
-        assert len(items) == 3 and set(by_type) == {"PatientEnrolled", "ArmAssigned",
-                                                     "DosingScheduleCreated"}
-        # Across topics the ledger keeps arrival order; within one source's topic, its order.
-        randomization = [i["type"] for i in items if i["source"] == "/services/randomization"]
+        # The ledger files every event naming the patient under it, whatever its subject
+        # (AllocationSlotUsed is keyed by its stratum).
+        assert len(items) == 4 and set(by_type) == {"PatientEnrolled", "AllocationSlotUsed",
+                                                     "ArmAssigned", "DosingScheduleCreated"}
+        # Across topics and keys the ledger keeps arrival order; within one source's topic and
+        # key (one partition), the source's order.
+        randomization = [i["type"] for i in items if i["source"] == "/services/randomization"
+                         and i["subject"] == patient_id]
         assert randomization == ["PatientEnrolled", "ArmAssigned"]
         assert by_type["PatientEnrolled"]["actor"]["role"] == "site_coordinator"
         assert by_type["DosingScheduleCreated"]["source"] == "/services/dosing"

@@ -1,0 +1,176 @@
+"""The audit ledger on the real database and broker: each event once through resends and
+redeliveries, filed under its patient, and a row altered behind the triggers' back named."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from services.audit.app import spec as audit_spec
+from services.audit.handlers import record
+from shared.auth import issue_dev_token
+from shared.consumer import ANY_TYPE, ConsumerRunner, Delivery
+from shared.db import is_sqlite
+from shared.events import (
+    TOPICS,
+    AccessDenied,
+    DosingHeld,
+    EventData,
+    PatientEnrolled,
+    PatientWithdrawn,
+    StoppingRuleTriggered,
+)
+from shared.migrate import upgrade
+from shared.relay import Relay
+from shared.schema import append_only_ddl, processed_events
+from shared.service import Runtime, create_app
+from shared.settings import Settings
+from shared.store import EventStore, Metadata, NewEvent, utcnow
+from tests.conftest import Broker
+from tests.support import eventually
+
+
+def _facts(patient: str) -> list[EventData]:
+    now = utcnow()
+    return [
+        PatientEnrolled(patient_id=patient, site_id="S1", screening_id=f"scr-{patient}",
+                        baseline_weight_kg=70.0, baseline_pasi=14.0, enrolled_at=now),
+        StoppingRuleTriggered(rule_id="R1", rule_set_version="1", scope="arm", target="msc_high",
+                              evidence=("e-1",)),
+        DosingHeld(scope="patient", target=patient, rule_id="R1", hold_id="h-1"),
+        AccessDenied(access_id=str(uuid.uuid4()), service="dosing", method="POST",
+                     path=f"/v1/patients/{patient}/infusions", status=403, code="forbidden",
+                     patient_id=patient, denied_at=now),
+        PatientWithdrawn(patient_id=patient, site_id="S1", reason="moved away", withdrawn_at=now),
+    ]
+
+
+@pytest.fixture
+async def stores(make_database_url: Callable[[str], str]) -> AsyncIterator[tuple[EventStore,
+                                                                                   EventStore]]:
+    urls = make_database_url("source"), make_database_url("ledger")
+    for url in urls:
+        await upgrade(url)
+    source, ledger = EventStore(urls[0]), EventStore(urls[1])
+    yield source, ledger
+    await source.close()
+    await ledger.close()
+
+
+async def _run_until(runner: ConsumerRunner, condition: Callable[[], object], what: str) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(condition, 120, what)
+    finally:
+        stop.set()
+        await task
+
+
+async def _processed(ledger: EventStore, group: str) -> set[str]:
+    async with ledger.read_engine.connect() as conn:
+        rows = await conn.execute(sa.select(processed_events.c.event_id).where(
+            processed_events.c.consumer == group))
+        return {r[0] for r in rows}
+
+
+async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
+        own_broker: Broker, stores: tuple[EventStore, EventStore]) -> None:
+    source, ledger = stores
+    settings = Settings(service_name="randomization", kafka_bootstrap_servers=own_broker.bootstrap,
+                        kafka_request_timeout_ms=5000, relay_poll_interval_s=0.1)
+    patients = [f"PT-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    meta = Metadata(actor="inv-1", role="investigator", site="S1", correlation_id="req-1")
+    for patient in patients:
+        for fact in _facts(patient):
+            await source.append(f"s-{uuid.uuid4()}", [NewEvent.of(fact, meta)], 0)
+    ours = {e.event_id for e in await source.read_all()}
+    assert len(ours) == 15
+    # The relay publishes everything; a second relay (a crash before its checkpoint) resends it.
+    for name in ("kafka", "kafka-resend"):
+        relay = Relay(source, settings, name=name)
+        while await relay.publish_pending():
+            pass
+        await relay._drop_producer()
+
+    group = f"audit-{uuid.uuid4().hex[:6]}"
+    first = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=group)
+    first.commit_offsets = False  # dies before committing offsets: everything comes again
+
+    async def in_ledger() -> bool:
+        return ours <= {e.event_id for e in await ledger.read_all(limit=10_000)}
+
+    await _run_until(first, in_ledger, "the first delivery")
+    again = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=group)
+    await _run_until(again, lambda: again.duplicates >= 30, "the redelivery of both copies")
+    # A new group has no processed ids at all: the ledger's own event-id check still holds.
+    fresh = f"audit-fresh-{uuid.uuid4().hex[:6]}"
+    other = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=fresh)
+
+    async def all_seen_by_the_new_group() -> bool:
+        return ours <= await _processed(ledger, fresh)
+
+    await _run_until(other, all_seen_by_the_new_group, "the new group to see everything")
+
+    entries = await ledger.read_all(limit=10_000)
+    assert Counter(e.event_id for e in entries if e.event_id in ours) == {i: 1 for i in ours}
+    assert other.dead_lettered == again.dead_lettered == first.dead_lettered == 0
+    assert (await ledger.verify()).ok
+    for patient in patients:  # filed under the patient whatever the subject
+        filed = await ledger.read_stream(patient)
+        assert sorted(e.type for e in filed) == ["AccessDenied", "DosingHeld", "PatientEnrolled",
+                                                 "PatientWithdrawn"]
+        # Arrival order: across topics anything goes, within one topic the source's order.
+        assert [e.type for e in filed if e.metadata["topic"] == "trial.enrollment"] == [
+            "PatientEnrolled", "PatientWithdrawn"]
+        assert all(e.metadata["actor"] == "inv-1" and e.metadata["correlation_id"] == "req-1"
+                   and e.metadata["source"] == "/services/randomization" for e in filed)
+        assert filed[-1].metadata["time"].endswith("+00:00")
+    assert len(await ledger.read_stream("msc_high")) == 3  # the arm-wide rule, three times
+
+
+async def _tamper(store: EventStore, statement: str) -> None:
+    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
+    async with store.engine.begin() as conn:
+        if is_sqlite(store.url):
+            await conn.execute(sa.text("DROP TRIGGER events_no_update"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
+        else:
+            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))
+
+
+async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_position(
+        stores: tuple[EventStore, EventStore]) -> None:
+    source, ledger = stores
+    patient = f"PT-{uuid.uuid4().hex[:8]}"
+    for fact in _facts(patient) * 2:
+        recorded = (await source.append(f"s-{uuid.uuid4()}", [NewEvent.of(fact)], 0))[0]
+        cloud = recorded.to_cloudevent("/services/test")
+        async with ledger.transaction() as tx:
+            await record(tx, Delivery(cloud, cloud.typed_data(), "trial.test"))
+    settings = Settings(service_name="audit", database_url=ledger.url, relay_enabled=False,
+                        consumers_enabled=False, jwt_secret="audit-" + "s" * 40)
+    app = create_app(audit_spec, settings)
+    app.state.runtime = Runtime(audit_spec, settings)  # no lifespan: nothing runs in background
+    headers = {"Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'dsmb')}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit",
+                                 headers=headers) as client:
+        assert (await client.get("/v1/audit/verify")).json() == {
+            "ok": True, "events_checked": 10, "first_broken_position": None}
+        await _tamper(ledger, "UPDATE events SET metadata = '{\"actor\": \"nobody\"}' "
+                              "WHERE position = 6")
+        assert (await client.get("/v1/audit/verify")).json() == {
+            "ok": False, "events_checked": 5, "first_broken_position": 6}
+        r = await client.get("/v1/audit/verify", headers={
+            "Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'pharmacist', 'S1')}"})
+        assert (r.status_code, r.json()["code"]) == (403, "forbidden")
+    await app.state.runtime.store.close()
