@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from services.dosing.api import router
 from services.dosing.config import protocol
 from services.dosing.handlers import HANDLERS
-from services.dosing.sweep import run_sweeps
+from services.dosing.sweep import Sweeper
 from shared.clock import SystemClock
 from shared.events import ENROLLMENT, SAFETY
 from shared.service import ServiceSpec, create_app
@@ -32,8 +32,9 @@ def create_dosing_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with service_lifespan(app):
             stop = asyncio.Event()
-            sweeps = asyncio.create_task(run_sweeps(
-                app.state.runtime.store, app.state.clock, settings.dosing_sweep_interval_s, stop))
+            app.state.sweeper = Sweeper(app.state.runtime.store, app.state.clock,
+                                        settings.dosing_sweep_interval_s)
+            sweeps = asyncio.create_task(app.state.sweeper.run(stop))
             try:
                 yield
             finally:

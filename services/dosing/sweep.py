@@ -44,15 +44,25 @@ async def sweep_missed_visits(store: EventStore, clock: Clock) -> int:
     return found
 
 
-async def run_sweeps(store: EventStore, clock: Clock, interval_s: float,
-                     stop: asyncio.Event) -> None:
-    """The app's background task: sweep, then wait `interval_s` (or until asked to stop)."""
-    while not stop.is_set():
-        try:
-            await sweep_missed_visits(store, clock)
-        except Exception as exc:  # the database may be away; the next pass catches up
-            log.warning("missed-visit sweep failed: %r", exc)
-        try:
-            await asyncio.wait_for(stop.wait(), interval_s)
-        except TimeoutError:
-            pass
+class Sweeper:
+    """The app's background sweep: a pass, then `interval_s` of waiting (or until asked to stop).
+
+    It reads the clock on every pass, so a test that moves a `FixedClock` moves the sweep too.
+    """
+
+    def __init__(self, store: EventStore, clock: Clock, interval_s: float) -> None:
+        self.store, self.clock, self.interval_s = store, clock, interval_s
+        self.passes = 0
+        self.found = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.found += await sweep_missed_visits(self.store, self.clock)
+            except Exception as exc:  # the database may be away; the next pass catches up
+                log.warning("missed-visit sweep failed: %r", exc)
+            self.passes += 1
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except TimeoutError:
+                pass

@@ -1,0 +1,81 @@
+"""The dosing app in-process on the real database and broker, its clock moved by the test: the
+background sweep records and publishes each missed visit once; the API reads the same clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from aiokafka import ConsumerRecord
+
+from services.dosing import domain
+from services.dosing.app import create_dosing_app
+from services.dosing.sweep import Sweeper
+from shared.auth import issue_dev_token
+from shared.clock import FixedClock
+from shared.events import DOSING, CloudEvent
+from shared.settings import Settings
+from shared.store import EventStore
+from tests.integration.test_dosing_store import assign
+from tests.support import eventually, read_topic
+
+
+async def missed(store: EventStore, patient: str) -> list[int]:
+    stream = await store.read_stream(domain.schedule_stream(patient))
+    return [e.data["week"] for e in stream if e.type == "VisitMissed"]
+
+
+async def test_the_apps_sweep_follows_its_clock_and_publishes_each_missed_visit_once(
+        settings: Settings) -> None:
+    clock = FixedClock(datetime(2026, 11, 27, 12, tzinfo=UTC))  # randomized the day before
+    app = create_dosing_app(settings.model_copy(update={
+        "dosing_sweep_interval_s": 0.05, "consumers_enabled": False}))
+    app.state.clock = clock
+    async with app.router.lifespan_context(app):
+        store: EventStore = app.state.runtime.store
+        sweeper: Sweeper = app.state.sweeper
+        patient = await assign(store, "msc_low")
+
+        async def passes_after(n: int) -> None:
+            start = sweeper.passes
+            await eventually(lambda: sweeper.passes >= start + n, what=f"{n} more sweeps")
+
+        await passes_after(3)
+        assert await missed(store, patient) == []  # every window is still open
+        clock.advance(timedelta(days=9))  # 6 December: weeks 0 and 1 have closed
+        async def two_missed() -> bool:
+            return len(await missed(store, patient)) == 2
+
+        await eventually(two_missed, what="the two missed visits")
+        await passes_after(5)
+        assert sorted(await missed(store, patient)) == [0, 1]
+
+        token = issue_dev_token(settings.jwt_secret, "site_coordinator", "S1")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://dosing",
+                                     headers={"Authorization": f"Bearer {token}"}) as api:
+            calendar = (await api.get(f"/v1/patients/{patient}/schedule")).json()
+            statuses = {v["week"]: v["status"] for v in calendar["visits"]
+                        if v["kind"] == "infusion"}
+            assert statuses == {0: "missed", 1: "missed", 2: "planned", 3: "planned",
+                                5: "planned", 7: "planned"}
+            body = {"week": 2, "weight_kg": 70.0, "cells_administered": 70_000_000,
+                    "lot_number": "L-1", "given_at": "2026-12-10T10:00:00+00:00"}
+            r = await api.post(f"/v1/patients/{patient}/infusions", json=body)
+            assert (r.status_code, r.json()["code"]) == (422, "given_in_future")  # by the clock
+            clock.advance(timedelta(days=4))
+            r = await api.post(f"/v1/patients/{patient}/infusions", json=body)
+            assert r.status_code == 201, r.text
+
+        source = f"/services/{settings.service_name}"
+
+        def published(records: list[ConsumerRecord]) -> list[CloudEvent]:
+            events = [CloudEvent.from_bytes(r.value) for r in records]
+            return [e for e in events if e.source == source and e.type == "VisitMissed"
+                    and e.subject == patient]
+
+        records = await read_topic(settings.kafka_bootstrap_servers, DOSING,
+                                   until=lambda rs: len(published(rs)) >= 2, timeout=120)
+        assert sorted(e.data["week"] for e in published(records)) == [0, 1]
+        assert len({e.id for e in published(records)}) == 2
+
