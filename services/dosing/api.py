@@ -73,9 +73,7 @@ def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str
             status = "held"
         visits.append({**slot.visit.model_dump(mode="json", exclude_none=True), "arm": slot.arm,
                        "status": status})
-    in_force = [h for h in holds.active.values() if any(
-        holding.blocking(holding.Holds({h.hold_id: h}), record.patient_id, record.current.arm, k)
-        for k in ("infusion", "methotrexate"))]
+    in_force = holding.applying_to(holds, record.patient_id, record.current.arm)
     return {
         "patient_id": record.patient_id, "site_id": record.site_id, "arm": record.current.arm,
         "anchor_date": str(record.current.anchor_date),

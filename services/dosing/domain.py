@@ -208,8 +208,7 @@ def decide_missed(state: DosingRecord, now: datetime) -> list[EventData]:
                         week=s.visit.week, kind=s.visit.kind, due_date=s.visit.due_date,
                         window_end=s.visit.window_end, detected_at=now)
             for s in state.slots()
-            if s.is_open and s.is_dose and s.visit.window_end < today
-            and s.visit.kind in ("infusion", "methotrexate")]
+            if s.is_open and s.is_dose and s.visit.window_end < today]
 
 
 # --- recording a dose -------------------------------------------------------------------------

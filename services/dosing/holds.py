@@ -72,12 +72,14 @@ def decide(state: Holds, event: SafetyEvent) -> list[EventData]:
     return []
 
 
+def applying_to(state: Holds, patient_id: str, arm: str) -> list[DosingHeld]:
+    """The holds in force over this patient: its own, its arm's, the trial's."""
+    return [h for h in state.active.values()
+            if h.scope == "trial" or (h.scope == "arm" and h.target == arm)
+            or (h.scope == "patient" and h.target == patient_id)]
+
+
 def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> DosingHeld | None:
     """The first hold in force that stops this dose, if any."""
-    for held in state.active.values():
-        if held.product not in ("any", kind):
-            continue
-        if (held.scope == "trial" or (held.scope == "arm" and held.target == arm)
-                or (held.scope == "patient" and held.target == patient_id)):
-            return held
-    return None
+    return next((h for h in applying_to(state, patient_id, arm) if h.product in ("any", kind)),
+                None)
