@@ -135,6 +135,11 @@ async def test_a_related_grade_4_in_msc_high_suspends_the_arm_until_the_dsmb_res
             "relatedness": "probable", "expected": True, "infusion_related": False})
         assert r.status_code == 201, r.text
         assert "R2-related-grade4" in r.json()["triggered_rules"]
+        ae_id = r.json()["adverse_event_id"]
+        # a follow-up through the gateway appends; the same evidence fires nothing again
+        up = await site.post(f"/v1/patients/{high}/adverse-events/{ae_id}/follow-ups",
+                             json={"outcome": "recovering"})
+        assert up.status_code == 201 and up.json()["triggered_rules"] == [], up.text
         status = (await monitor.get("/v1/safety/status")).json()
         assert status["arms"]["msc_high"]["status"] == "suspended"
         assert {a: status["arms"][a]["status"] for a in ("msc_low", "mtx")} == {
