@@ -76,7 +76,10 @@ def own_trial_factory(pg_dsn: str | None, tmp_path_factory: pytest.TempPathFacto
         system, created = start_system(
             broker, pg_dsn, folder, services=("randomization", "gateway"),
             env={"TRIAL_RANDOMIZATION_SECRET": secret, "TRIAL_PROTOCOL_DIR": str(protocol_dir),
-                 "TRIAL_UPSTREAM_TIMEOUT_S": "120"})
+                 "TRIAL_UPSTREAM_TIMEOUT_S": "120",
+                 # Hundreds of requests in seconds from one test caller: not what the gateway's
+                 # rate limit is tested by here.
+                 "TRIAL_RATE_LIMIT_PER_S": "100000", "TRIAL_RATE_LIMIT_BURST": "100000"})
         trial = Trial(system, broker, secret, protocol_dir)
         started.append((trial, created))
         return trial
