@@ -22,9 +22,9 @@ HISTORY_CAP = 10_000
 
 def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
             actor: str | None = None, since: datetime | None = None,
-            until: datetime | None = None) -> Filters:
+            until: datetime | None = None, correlation_id: str | None = None) -> Filters:
     """`since` inclusive, `until` exclusive, both on the event's own time (UTC)."""
-    return Filters(patient_id, type, source, actor, since, until)
+    return Filters(patient_id, type, source, actor, since, until, correlation_id)
 
 
 LedgerFilters = Annotated[Filters, Depends(filters)]

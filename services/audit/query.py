@@ -20,6 +20,7 @@ class Filters:
     actor: str | None = None
     since: datetime | None = None  # inclusive, event time
     until: datetime | None = None  # exclusive, event time
+    correlation_id: str | None = None  # everything one request caused, across services
 
     def where(self) -> list[sa.ColumnElement[bool]]:
         meta = events.c.metadata
@@ -32,6 +33,8 @@ class Filters:
             clauses.append(meta["source"].as_string() == self.source)
         if self.actor is not None:
             clauses.append(meta["actor"].as_string() == self.actor)
+        if self.correlation_id is not None:
+            clauses.append(meta["correlation_id"].as_string() == self.correlation_id)
         if self.since is not None:
             clauses.append(meta["time"].as_string() >= ledger_time(_aware(self.since)))
         if self.until is not None:

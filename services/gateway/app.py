@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
@@ -118,9 +119,10 @@ async def _forward(request: Request, service: str, base_url: str) -> Response:
     headers["x-request-id"] = current_request_id() or ""
     client: httpx.AsyncClient = request.app.state.client
     try:
-        upstream = await client.request(
+        outgoing = client.build_request(
             request.method, base_url + request.url.path,
             params=request.query_params, content=await request.body(), headers=headers)
+        upstream = await client.send(outgoing, stream=True)
     except httpx.TimeoutException as exc:
         raise Problem(504, "upstream_timeout", f"The {service} service did not answer in time"
                       ) from exc
@@ -129,8 +131,19 @@ async def _forward(request: Request, service: str, base_url: str) -> Response:
                       ) from exc
     except httpx.HTTPError as exc:
         raise Problem(502, "bad_gateway", f"The {service} service failed") from exc
-    passed = {k: v for k, v in upstream.headers.items() if k.lower() in RETURNED_HEADERS}
-    return Response(upstream.content, status_code=upstream.status_code, headers=passed)
+    passed = {k: v for k, v in upstream.headers.items()
+              if k.lower() in (*RETURNED_HEADERS, "content-disposition")}
+    # Passed on as it arrives: an audit export is never held whole in the gateway's memory.
+    return StreamingResponse(_relay_body(upstream, service), status_code=upstream.status_code,
+                             headers=passed, background=BackgroundTask(upstream.aclose))
+
+
+async def _relay_body(upstream: httpx.Response, service: str) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_bytes():
+            yield chunk
+    except httpx.HTTPError as exc:  # the status line is out: all we can do is cut the body short
+        log.warning("%s's answer broke off: %r", service, exc)
 
 
 app = create_gateway()

@@ -176,7 +176,10 @@ async def test_a_monitor_sees_a_patients_whole_history_in_order_with_actors(syst
                 break
         positions = [i["position"] for i in pages]
         assert positions == sorted(positions)
-        assert {i["event_id"] for i in pages} == ids - {by_type["PatientScreened"]["event_id"]}
+        # Services may still be reacting (safety's facts, dosing's cancelled visits): later
+        # entries only ever come after, so what the history held is all in the pages.
+        assert {i["event_id"] for i in pages} >= ids - {by_type["PatientScreened"]["event_id"]}
+        assert by_type["PatientScreened"]["event_id"] not in {i["event_id"] for i in pages}
 
         # Filters compose: one actor's refused writes, within the flow's time range.
         first, last = items[0]["time"], max(i["time"] for i in items)
@@ -188,16 +191,19 @@ async def test_a_monitor_sees_a_patients_whole_history_in_order_with_actors(syst
         r = await monitor.get("/v1/audit/events", params={"patient_id": patient, "until": first})
         assert r.json()["items"] == []
         r = await monitor.get("/v1/audit/events", params={"patient_id": patient, "since": last})
-        assert {i["time"] for i in r.json()["items"]} == {last}
+        later = r.json()["items"]
+        assert all(i["time"] >= last for i in later) and last in {i["time"] for i in later}
 
         # The export: the same entries, as NDJSON and as CSV, streamed.
         r = await monitor.get("/v1/audit/export", params={"patient_id": patient})
         assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
         exported = [json.loads(line) for line in r.text.splitlines()]
-        assert exported == pages
+        seen_until = pages[-1]["position"]  # the ledger is append-only: this prefix is fixed
+        assert [e for e in exported if e["position"] <= seen_until] == pages
         r = await monitor.get("/v1/audit/export", params={"patient_id": patient, "format": "csv"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-        rows = list(csv.DictReader(io.StringIO(r.text)))
+        rows = [row for row in csv.DictReader(io.StringIO(r.text))
+                if int(row["position"]) <= seen_until]
         assert [row["event_id"] for row in rows] == [i["event_id"] for i in pages]
         assert {row["actor_sub"] for row in rows} >= {f"inv-{tag}", f"pharm-{tag}"}
         withdrawn = next(row for row in rows if row["type"] == "PatientWithdrawn")
