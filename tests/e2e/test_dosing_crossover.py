@@ -13,7 +13,7 @@ import pytest
 from deploy import infra
 from shared.launcher import System
 from shared.protocol import DEFAULT_PATH, load_protocol
-from tests.conftest import Broker
+from tests.conftest import REAL, Broker
 from tests.e2e.conftest import client, start_system
 from tests.e2e.test_dosing_patients import give, randomized_patient, schedule_of
 
@@ -29,14 +29,19 @@ def crossover_protocol(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def crossover_system(broker: Broker, pg_dsn: str | None,
+def crossover_system(pg_dsn: str | None,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """On a broker of its own: on the session's, the session system's services would share
+    their consumer groups ("dosing", ...) with these and take some of their records."""
     folder = tmp_path_factory.mktemp("crossover")
+    broker = Broker("kafka" if REAL else "tansu", infra.free_port(), folder / "broker")
+    broker.start()
     system, created = start_system(
         broker, pg_dsn, folder, services=("randomization", "dosing", "gateway"),
         env={"TRIAL_PROTOCOL_DIR": str(crossover_protocol(folder / "protocol"))})
     yield system
     system.stop()
+    broker.stop()
     for name in created:
         assert pg_dsn is not None
         infra.drop_database(pg_dsn, name)
