@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +55,39 @@ class ScreeningResponse(BaseModel):
     reasons: list[dict[str, str]]
 
 
+class EnrolResponse(BaseModel):
+    patient_id: str
+    site_id: str
+    status: Literal["enrolled"]
+
+
+class AssignmentResponse(BaseModel):
+    patient_id: str
+    arm: Arm
+    randomization_number: int
+    stratum: str
+    assigned_at: datetime
+
+
+class CrossoverView(BaseModel):
+    from_arm: Arm
+    to_arm: Arm
+    crossed_over_at: datetime
+
+
+class PatientResponse(BaseModel):
+    """`arm` is the current arm; `assigned_arm` and `crossovers` appear after a crossover."""
+
+    patient_id: str
+    site_id: str
+    status: Literal["enrolled", "randomized", "withdrawn"]
+    arm: Arm | None
+    randomization_number: int | None
+    stratum: str | None
+    assigned_arm: Arm | None = None
+    crossovers: list[CrossoverView] | None = None
+
+
 class EnrolRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     screening_id: Annotated[str, Field(min_length=1, max_length=64)]
@@ -87,7 +120,7 @@ def _impossible_dates(body: ScreeningRequest) -> list[dict[str, str]]:
     return [{"field": f, "message": m, "type": "value_error"} for f, m in errors]
 
 
-def patient_view(state: domain.Patient) -> dict[str, object]:
+def patient_view(state: domain.Patient) -> PatientResponse:
     # Before assignment nothing about the allocation is served: no stratum, slot or arm.
     a = state.assignment
     view: dict[str, object] = {
@@ -98,13 +131,14 @@ def patient_view(state: domain.Patient) -> dict[str, object]:
         view["assigned_arm"] = a.arm if a else None
         view["crossovers"] = [{"from_arm": c.from_arm, "to_arm": c.to_arm,
                                "crossed_over_at": c.crossed_over_at} for c in state.crossovers]
-    return view
+    # Validated, so fields left out (no crossover) stay out of the response.
+    return PatientResponse.model_validate(view)
 
 
-def assignment_body(a: ArmAssigned) -> dict[str, object]:
-    return {"patient_id": a.patient_id, "arm": a.arm,
-            "randomization_number": a.randomization_number, "stratum": a.stratum,
-            "assigned_at": a.assigned_at}
+def assignment_body(a: ArmAssigned) -> AssignmentResponse:
+    return AssignmentResponse(patient_id=a.patient_id, arm=a.arm,
+                              randomization_number=a.randomization_number, stratum=a.stratum,
+                              assigned_at=a.assigned_at)
 
 
 @router.post("/screenings", status_code=201, response_model=ScreeningResponse)
@@ -122,15 +156,18 @@ async def screen(body: ScreeningRequest, who: CurrentPrincipal,
                              reasons=[r.model_dump() for r in event.reasons])
 
 
-@router.post("/patients", status_code=201)
-async def enrol(body: EnrolRequest, who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, Any]:
+@router.post("/patients", status_code=201, response_model=EnrolResponse)
+async def enrol(body: EnrolRequest, who: CurrentPrincipal, rt: CurrentRuntime) -> EnrolResponse:
     patient = await commands.enrol(rt.store, body.screening_id, who, metadata_for(who))
-    return {"patient_id": patient.patient_id, "site_id": patient.site_id, "status": "enrolled"}
+    return EnrolResponse(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
+                         status="enrolled")
 
 
-@router.post("/patients/{patient_id}/randomization", status_code=201)
+@router.post("/patients/{patient_id}/randomization", status_code=201,
+             response_model=AssignmentResponse,
+             responses={200: {"model": AssignmentResponse, "description": "randomized before"}})
 async def randomize(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime,
-                    response: Response) -> dict[str, object]:
+                    response: Response) -> AssignmentResponse:
     result = await commands.randomize(rt.store, patient_id, who, config.protocol(rt.settings),
                                       config.secret(rt.settings), metadata_for(who))
     if not result.created:
@@ -138,24 +175,27 @@ async def randomize(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime,
     return assignment_body(result.assignment)
 
 
-@router.get("/patients/{patient_id}")
+@router.get("/patients/{patient_id}", response_model=PatientResponse,
+            response_model_exclude_unset=True)
 async def get_patient(patient_id: str, who: CurrentPrincipal,
-                      rt: CurrentRuntime) -> dict[str, object]:
+                      rt: CurrentRuntime) -> PatientResponse:
     patient, _ = await commands.load_patient(rt.store, patient_id)
     return patient_view(commands.visible_patient(patient, who, Action.READ_PATIENT))
 
 
-@router.post("/patients/{patient_id}/withdrawal")
+@router.post("/patients/{patient_id}/withdrawal", response_model=PatientResponse,
+             response_model_exclude_unset=True)
 async def withdraw(patient_id: str, body: WithdrawalRequest, who: CurrentPrincipal,
-                   rt: CurrentRuntime) -> dict[str, object]:
+                   rt: CurrentRuntime) -> PatientResponse:
     patient = await commands.withdraw(rt.store, patient_id, body.reason, who,
                                       metadata_for(who, reason=body.reason))
     return patient_view(patient)
 
 
-@router.post("/patients/{patient_id}/crossover")
+@router.post("/patients/{patient_id}/crossover", response_model=PatientResponse,
+             response_model_exclude_unset=True)
 async def cross_over(patient_id: str, body: CrossoverRequest, who: CurrentPrincipal,
-                     rt: CurrentRuntime) -> dict[str, object]:
+                     rt: CurrentRuntime) -> PatientResponse:
     patient = await commands.cross_over(rt.store, patient_id, body.to_arm, body.reason, who,
                                         config.protocol(rt.settings),
                                         metadata_for(who, reason=body.reason))
