@@ -45,6 +45,21 @@ def _about(event: RecordedEvent, patient: str, screening_id: str) -> bool:
     return event.data.get("patient_id") == patient or event.data.get("screening_id") == screening_id
 
 
+async def _safety_knows(system: System, patient: str) -> None:
+    """Safety learns of a patient from trial.enrollment; until then a report about it is a 404
+    (and an AccessDenied). Wait, without writing, until safety's record of it is in the ledger."""
+    monitor = _as(system, "monitor", None, "mon-wait")
+    try:
+        async def known() -> bool:
+            resp = await monitor.get("/v1/audit/events", params={
+                "patient_id": patient, "type": "PatientSafetyFactRecorded"})
+            return any(i["data"]["fact"] == "enrolled" for i in resp.json()["items"])
+
+        await eventually(known, timeout=120, what="safety to learn of the patient")
+    finally:
+        await monitor.aclose()
+
+
 async def _flow(system: System, tag: str) -> dict[str, Any]:
     """One patient through every service; returns what the assertions need."""
     coordinator = _as(system, "site_coordinator", "S1", f"coord-{tag}")
@@ -65,6 +80,7 @@ async def _flow(system: System, tag: str) -> dict[str, Any]:
         await schedule_of(coordinator, patient)
         r = await pharmacist.post(dose_path(patient, arm), json=dose_body(arm))
         assert r.status_code == 201, r.text
+        await _safety_knows(system, patient)
         r = await investigator.post(f"/v1/patients/{patient}/adverse-events", json=ADVERSE_EVENT)
         assert r.status_code == 201, r.text
         r = await investigator.post(f"/v1/patients/{patient}/lab-results", json=LAB)
