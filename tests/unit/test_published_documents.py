@@ -39,3 +39,6 @@ def test_docker_compose_runs_every_service_against_postgres_and_kafka() -> None:
     init_sql = (REPO / "deploy" / "postgres-init.sql").read_text()
     assert all(f"trial_{name}" in init_sql for name in SERVICES)
     assert services["kafka"]["image"].startswith("apache/kafka:4.")
+    # Never the development secret: compose refuses to start without a real one.
+    assert services["randomization"]["environment"]["TRIAL_RANDOMIZATION_SECRET"].startswith(
+        "${TRIAL_RANDOMIZATION_SECRET:?")
