@@ -9,6 +9,7 @@ from typing import Literal
 
 from services.dosing import calendar
 from services.dosing import holds as holding
+from shared import decider
 from shared.events import (
     Arm,
     ArmAssigned,
@@ -142,10 +143,7 @@ def _cancel(state: DosingRecord, event: VisitsCancelled) -> DosingRecord:
 
 
 def fold(events: Iterable[EventData]) -> DosingRecord:
-    state = DosingRecord()
-    for event in events:
-        state = evolve(state, event)
-    return state
+    return decider.fold(evolve, DosingRecord(), events)
 
 
 # --- calendars from enrolment events ---------------------------------------------------------

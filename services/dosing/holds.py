@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from shared import decider
 from shared.events import (
     ArmSuspended,
     DosingHeld,
@@ -39,10 +40,7 @@ def evolve(state: Holds, event: EventData) -> Holds:
 
 
 def fold(events: Iterable[EventData]) -> Holds:
-    state = Holds()
-    for event in events:
-        state = evolve(state, event)
-    return state
+    return decider.fold(evolve, Holds(), events)
 
 
 SafetyEvent = PatientDosingHeld | ArmSuspended | TrialHalted | SafetyHoldLifted

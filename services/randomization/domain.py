@@ -13,6 +13,7 @@ from services.randomization.eligibility import (  # re-exported: the domain's vo
     eligibility,
     months_before,
 )
+from shared import decider
 from shared.events import (
     AllocationSlotUsed,
     Arm,
@@ -66,10 +67,7 @@ def evolve(state: Patient, event: EventData) -> Patient:
 
 
 def fold(events: list[EventData]) -> Patient:
-    state = Patient()
-    for event in events:
-        state = evolve(state, event)
-    return state
+    return decider.fold(evolve, Patient(), events)
 
 
 def decide_enrol(screening: PatientScreened | None, patient: Patient, patient_id: str,
@@ -137,10 +135,7 @@ def evolve_allocation(state: Allocation, event: EventData) -> Allocation:
 
 
 def fold_allocation(events: list[EventData]) -> Allocation:
-    state = Allocation()
-    for event in events:
-        state = evolve_allocation(state, event)
-    return state
+    return decider.fold(evolve_allocation, Allocation(), events)
 
 
 # --- safety holds (stream `safety-holds`) ------------------------------------------------------
@@ -170,10 +165,7 @@ def evolve_holds(state: Holds, event: EventData) -> Holds:
 
 
 def fold_holds(events: list[EventData]) -> Holds:
-    state = Holds()
-    for event in events:
-        state = evolve_holds(state, event)
-    return state
+    return decider.fold(evolve_holds, Holds(), events)
 
 
 def refuse_if_held(holds: Holds, arm: Arm | None = None) -> None:
