@@ -516,23 +516,35 @@ def _kafka_paths(state_dir: Path, port: int) -> tuple[Path, Path, Path]:
     return base, state_dir / f"kafka-{port}.pid", state_dir / f"kafka-{port}.log"
 
 
-def _controller_port(config: Path, port: int) -> int:
+def _can_bind(port: int) -> bool:
+    """True if nothing holds the port, neither a listener nor an outgoing connection's end."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _configured_controller_port(config: Path) -> int | None:
+    match = re.search(r"CONTROLLER://[^:,\s]+:(\d+)", config.read_text()) if config.exists() else None
+    return int(match.group(1)) if match else None
+
+
+def _controller_port(config: Path, port: int, avoid: frozenset[int] = frozenset()) -> int:
     """Reuse the controller port from an existing config, else PORT+1, else any free port."""
-    wanted: list[int] = []
-    if config.exists():
-        match = re.search(r"CONTROLLER://[^:,\s]+:(\d+)", config.read_text())
-        if match:
-            wanted.append(int(match.group(1)))
+    configured = _configured_controller_port(config)
+    wanted = [configured] if configured is not None else []
     wanted.append(port + 1)
     for candidate in wanted:
-        if candidate < 65536 and not _port_open(candidate):
+        if candidate < 65536 and candidate not in avoid and _can_bind(candidate):
             return candidate
     return free_port()
 
 
-def _write_kafka_config(base: Path, port: int) -> Path:
+def _write_kafka_config(base: Path, port: int, avoid: frozenset[int] = frozenset()) -> Path:
     config = base / "server.properties"
-    controller = _controller_port(config, port)
+    controller = _controller_port(config, port, avoid)
     data = base / "data"
     settings = {
         "process.roles": "broker,controller",
@@ -625,24 +637,34 @@ def start_kafka(port: int = 19092, state_dir: Path | None = None) -> str:
             if kafka_ready(bootstrap):
                 return bootstrap  # a healthy broker someone else started; use it as is
             raise InfraError(f"port {port} is in use by something that is not a Kafka broker")
-        if pid is None:
-            _version, libs = kafka_libs()
-            _write_kafka_config(base, port)
-            _format_kafka_storage(base, libs, config)
-            cmd = _java_cmd(base, libs, "kafka.Kafka", str(config), server=True)
-            pid = _spawn(cmd, log_file, cwd=base)
-            pid_file.write_text(f"{pid}\n")
-        try:
-            _wait_for(
-                lambda: kafka_ready(bootstrap),
-                timeout=KAFKA_START_TIMEOUT,
-                what="kafka",
-                pid=pid,
-                log_file=log_file,
-            )
-        except InfraError:
-            _stop_pid_file(pid_file, str(config), 10.0)
-            raise
+        avoid: frozenset[int] = frozenset()
+        for attempt in range(3):
+            started_here = pid is None
+            if pid is None:
+                _version, libs = kafka_libs()
+                _write_kafka_config(base, port, avoid)
+                _format_kafka_storage(base, libs, config)
+                cmd = _java_cmd(base, libs, "kafka.Kafka", str(config), server=True)
+                pid = _spawn(cmd, log_file, cwd=base)
+                pid_file.write_text(f"{pid}\n")
+            try:
+                _wait_for(
+                    lambda: kafka_ready(bootstrap),
+                    timeout=KAFKA_START_TIMEOUT,
+                    what="kafka",
+                    pid=pid,
+                    log_file=log_file,
+                )
+                break
+            except InfraError as exc:
+                _stop_pid_file(pid_file, str(config), 10.0)
+                # Another process took the controller port between our choosing and Kafka's
+                # binding it (ephemeral ports are everybody's): choose another and start again.
+                if not started_here or attempt == 2 or "Address already in use" not in str(exc):
+                    raise
+                avoid = avoid | {_configured_controller_port(config) or port + 1}
+                log_file.write_text("")
+                pid = None
     return bootstrap
 
 

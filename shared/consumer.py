@@ -74,6 +74,9 @@ class ConsumerRunner:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 metadata_max_age_ms=5000,
+                # How long a fetch may wait for data: a broker that waits it out (the embedded
+                # one) adds it to every hop, so keep it short; Kafka answers as data arrives.
+                fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
                 request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 40_000),
             )
             try:

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(500, ge=1)
     relay_poll_interval_s: float = Field(0.5, gt=0)
     consumers_enabled: bool = True
+    kafka_fetch_max_wait_ms: int = Field(100, ge=10, le=5000)
 
     jwt_secret: str = DEV_JWT_SECRET
     jwt_jwks_url: str | None = None
