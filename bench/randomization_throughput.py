@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
-from deploy import infra
+from bench.databases import bench_database
 from services.randomization import commands
 from shared.auth import Principal
 from shared.migrate import upgrade
@@ -71,18 +68,8 @@ def main() -> None:
     parser.add_argument("--method", choices=["permuted_blocks", "minimization"],
                         default="permuted_blocks")
     args = parser.parse_args()
-    if args.backend == "real":
-        dsn = infra.start_postgres()
-        name = f"bench_{uuid.uuid4().hex[:8]}"
-        infra.create_database(dsn, name)
-        url = f"postgresql+asyncpg://trial:trial@127.0.0.1:55432/{name}"
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
-    try:
+    with bench_database(args.backend) as url:
         stats = asyncio.run(run(url, args.patients, args.concurrency, args.method))
-    finally:
-        if args.backend == "real":
-            infra.drop_database(dsn, name)
     print(f"backend={args.backend} method={args.method} concurrency={args.concurrency} " +
           " ".join(f"{k}={v:.1f}" for k, v in stats.items()))
 

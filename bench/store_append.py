@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
-from deploy import infra
+from bench.databases import bench_database
 from shared.migrate import upgrade
 from shared.store import EventStore, NewEvent
 
@@ -62,18 +59,8 @@ def main() -> None:
     parser.add_argument("--processes", action="store_true",
                         help="one engine per writer (like replicas) instead of one service's store")
     args = parser.parse_args()
-    if args.backend == "real":
-        dsn = infra.start_postgres()
-        name = f"bench_{uuid.uuid4().hex[:8]}"
-        infra.create_database(dsn, name)
-        url = f"postgresql+asyncpg://trial:trial@127.0.0.1:55432/{name}"
-    else:
-        url = f"sqlite+aiosqlite:///{Path(tempfile.mkdtemp()) / 'bench.db'}"
-    try:
+    with bench_database(args.backend) as url:
         stats = asyncio.run(run(url, args.writers, args.per_writer, not args.processes))
-    finally:
-        if args.backend == "real":
-            infra.drop_database(dsn, name)
     mode = "engine-per-writer" if args.processes else "one-store"
     print(f"backend={args.backend} mode={mode} writers={args.writers} " +
           " ".join(f"{k}={v:.1f}" for k, v in stats.items()))

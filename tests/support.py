@@ -8,7 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from shared.db import is_sqlite
+from shared.schema import append_only_ddl
+from shared.store import EventStore
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 60.0,
@@ -56,3 +61,16 @@ async def read_topic(bootstrap: str, topic: str,
     finally:
         await consumer.stop()
     return records
+
+
+async def tamper(store: EventStore, statement: str) -> None:
+    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
+    async with store.engine.begin() as conn:
+        if is_sqlite(store.url):
+            await conn.execute(sa.text("DROP TRIGGER events_no_update"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
+        else:
+            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
+            await conn.execute(sa.text(statement))
+            await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))

@@ -16,7 +16,6 @@ from services.audit.app import spec as audit_spec
 from services.audit.handlers import record
 from shared.auth import issue_dev_token
 from shared.consumer import ANY_TYPE, ConsumerRunner, Delivery
-from shared.db import is_sqlite
 from shared.events import (
     TOPICS,
     AccessDenied,
@@ -28,12 +27,12 @@ from shared.events import (
 )
 from shared.migrate import upgrade
 from shared.relay import Relay
-from shared.schema import append_only_ddl, processed_events
+from shared.schema import processed_events
 from shared.service import Runtime, create_app
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, NewEvent, utcnow
 from tests.conftest import Broker
-from tests.support import eventually
+from tests.support import eventually, tamper
 
 
 def _facts(patient: str) -> list[EventData]:
@@ -135,17 +134,6 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
     assert len(await ledger.read_stream("msc_high")) == 3  # the arm-wide rule, three times
 
 
-async def _tamper(store: EventStore, statement: str) -> None:
-    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
-    async with store.engine.begin() as conn:
-        if is_sqlite(store.url):
-            await conn.execute(sa.text("DROP TRIGGER events_no_update"))
-            await conn.execute(sa.text(statement))
-            await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
-        else:
-            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
-            await conn.execute(sa.text(statement))
-            await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))
 
 
 async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_position(
@@ -166,7 +154,7 @@ async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_
                                  headers=headers) as client:
         assert (await client.get("/v1/audit/verify")).json() == {
             "ok": True, "events_checked": 10, "first_broken_position": None}
-        await _tamper(ledger, "UPDATE events SET metadata = '{\"actor\": \"nobody\"}' "
+        await tamper(ledger, "UPDATE events SET metadata = '{\"actor\": \"nobody\"}' "
                               "WHERE position = 6")
         assert (await client.get("/v1/audit/verify")).json() == {
             "ok": False, "events_checked": 5, "first_broken_position": 6}

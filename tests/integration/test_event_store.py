@@ -9,9 +9,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from shared.db import is_sqlite
-from shared.schema import append_only_ddl
 from shared.store import ConcurrencyError, EventStore, NewEvent
+from tests.support import tamper
 
 WRITERS = 10
 
@@ -120,17 +119,6 @@ async def test_the_database_refuses_update_and_delete(store: EventStore) -> None
     assert (await store.verify()).ok
 
 
-async def _tamper(store: EventStore, statement: str) -> None:
-    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
-    async with store.engine.begin() as conn:
-        if is_sqlite(store.url):
-            await conn.execute(sa.text("DROP TRIGGER events_no_update"))
-            await conn.execute(sa.text(statement))
-            await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
-        else:
-            await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
-            await conn.execute(sa.text(statement))
-            await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))
 
 
 @pytest.mark.parametrize("statement", [
@@ -142,7 +130,7 @@ async def test_verifier_names_the_first_altered_position(store: EventStore, stat
     for i in range(12):
         await store.append(f"s{i % 3}", [ev(i)], None)
     assert (await store.verify()) .ok
-    await _tamper(store, statement)
+    await tamper(store, statement)
     result = await store.verify()
     assert not result.ok
     assert result.first_broken_position == 7
