@@ -50,7 +50,11 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
         typer.echo(f"Gateway:          {system.url()}  (docs: {system.url()}/docs)")
         typer.echo(f"Kafka bootstrap:  {bootstrap}")
         typer.echo(f"Logs:             {system.log_dir}/   Ctrl-C stops everything.")
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # sigwait needs the signals blocked, or Python's own SIGINT handler (and SIGTERM's
+        # default) would act instead; the children were started before, so they keep theirs.
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        signal.sigwait(stop_signals)
     finally:
         system.stop()
         infra.stop_tansu(kafka_port)

@@ -1,4 +1,4 @@
-"""`make run` on this checkout brings the system up and says where it is."""
+"""`make run` on this checkout brings the system up, says where it is, and stops cleanly."""
 
 from __future__ import annotations
 
@@ -10,42 +10,54 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from deploy import infra
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_make_run_starts_everything_and_prints_the_gateway_and_kafka(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("command", "stop"), [
+    (["make", "--no-print-directory", "run"], "ctrl-c"),        # a person at a terminal
+    ([str(REPO / ".venv" / "bin" / "trial"), "run"], "sigterm"),  # a supervisor, to it alone
+])
+def test_run_starts_everything_prints_the_gateway_and_kafka_and_stops_everything(
+        tmp_path: Path, command: list[str], stop: str) -> None:
     gateway, kafka = infra.free_port(), infra.free_port()
     ports = {f"TRIAL_{s.upper()}_PORT": str(infra.free_port())
              for s in ("randomization", "dosing", "safety", "audit")}
     env = {**os.environ, "TRIAL_GATEWAY_PORT": str(gateway), "TRIAL_RUN_KAFKA_PORT": str(kafka),
            "TRIAL_DATA_DIR": str(tmp_path / "data"), **ports}
-    proc = subprocess.Popen(["make", "--no-print-directory", "run"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 180
         while not any(line.startswith("Kafka bootstrap:") for line in lines):
             line = proc.stdout.readline()
-            assert line or proc.poll() is None, "make run exited:\n" + "".join(lines)
+            assert line or proc.poll() is None, "run exited:\n" + "".join(lines)
             lines.append(line)
-            assert time.monotonic() < deadline, "make run said nothing in time:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "run said nothing in time:\n" + "".join(lines)
         out = "".join(lines)
         assert re.search(rf"Gateway:\s+http://127\.0\.0\.1:{gateway}\b", out), out
         assert re.search(rf"Kafka bootstrap:\s+127\.0\.0\.1:{kafka}\b", out), out
         assert httpx.get(f"http://127.0.0.1:{gateway}/readyz", timeout=10).status_code == 200
         assert infra.kafka_ready(f"127.0.0.1:{kafka}")
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(60)
-    assert not infra.kafka_ready(f"127.0.0.1:{kafka}"), "make run left its broker running"
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert not infra.kafka_ready(f"127.0.0.1:{kafka}"), "run left its broker running"
     assert all(
         not _listening(int(p)) for p in (gateway, *map(int, ports.values()))
-    ), "make run left a service running"
+    ), "run left a service running"
 
 
 def _listening(port: int) -> bool:
