@@ -612,11 +612,23 @@ def _java_cmd(base: Path, libs: Path, main: str, *args: str, server: bool = Fals
     ]  # fmt: skip
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64, as Kafka's own Uuid.randomUuid makes it.
+
+    Like Kafka, never one that starts with "-": the storage tool's argument parser would take it
+    for an option (one CI run in 64 failed on exactly that before this was fixed).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _format_kafka_storage(base: Path, libs: Path, config: Path) -> None:
     if (base / "data" / "meta.properties").exists():
         return  # formatted before: keep the data (restarts must not lose topics)
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    cmd = _java_cmd(base, libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config))
+    cmd = _java_cmd(base, libs, "kafka.tools.StorageTool", "format",
+                    f"--cluster-id={new_cluster_id()}", "--config", str(config))  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise InfraError(f"kafka storage format failed:\n{result.stdout}\n{result.stderr}")
