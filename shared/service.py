@@ -31,6 +31,7 @@ from shared.web import (
     current_request_id,
     install_problem_handlers,
     problem_response,
+    reject_unknown_query,
 )
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     async def ready(request: Request) -> dict[str, bool]:
         return await request.app.state.runtime.ready()
 
-    app = FastAPI(title=f"NCT03424629 {spec.name} service", lifespan=lifespan)
+    app = FastAPI(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
+                  dependencies=[Depends(reject_unknown_query)])
     # Added first, so it runs inside the request id middleware: replays carry the new id.
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(RequestIdMiddleware)

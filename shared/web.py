@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
+import types
+import typing
 import uuid
 from contextvars import ContextVar
-from typing import Any
+from datetime import date, datetime
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -79,6 +83,72 @@ def install_problem_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(exc.status_code, "error")
         return problem_response(Problem(exc.status_code, code, str(exc.detail)))
 
+
+
+# --- dates and times on the wire: ISO 8601 text only ---------------------------------------------
+# Pydantic would also take a number as seconds since 1970: `since=2026` would read as
+# 1970-01-01T00:33:46Z and an audit query would silently answer for the wrong half-century.
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _iso_only(pattern: re.Pattern[str], what: str) -> BeforeValidator:
+    def check(value: object) -> object:
+        if isinstance(value, str) and pattern.match(value):
+            return value
+        if isinstance(value, date) and not isinstance(value, str):
+            return value  # already parsed (Python callers)
+        raise ValueError(f"must be an ISO 8601 {what}")
+
+    return BeforeValidator(check)
+
+
+IsoDate = Annotated[date, _iso_only(_ISO_DATE, "date (YYYY-MM-DD)")]
+IsoDateTime = Annotated[datetime, _iso_only(_ISO_DATETIME, "date-time")]
+IsoAwareDateTime = Annotated[AwareDatetime, _iso_only(_ISO_DATETIME, "date-time with a time zone")]
+
+
+def _repeatable(annotation: Any) -> bool:
+    """A list-typed query parameter (`?x=1&x=2`); `X | None` is looked through."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set, frozenset):
+        return True
+    return origin in (typing.Union, types.UnionType) and any(
+        _repeatable(a) for a in typing.get_args(annotation))
+
+
+def _declared_query(route: object) -> dict[str, bool]:
+    """The route's query parameters (its dependencies' too): name -> may it repeat."""
+    names: dict[str, bool] = {}
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is not None:
+            names.update((p.alias, _repeatable(p.field_info.annotation)) for p in dependant.query_params)
+            pending.extend(dependant.dependencies)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """Unknown query parameters are refused, as unknown body fields are (`extra="forbid"`), and so
+    is a single-valued parameter given twice (which of the two would count is anybody's guess).
+
+    A filter misspelt as `?patinet_id=` must not silently answer with the unfiltered audit log.
+    """
+    route = request.scope.get("route")
+    if route is None:
+        return
+    declared = _declared_query(route)
+    errors = []
+    for name in sorted(set(request.query_params)):
+        if name not in declared:
+            errors.append({"field": f"query.{name}", "message": "Unknown query parameter",
+                           "type": "extra_forbidden"})
+        elif not declared[name] and len(request.query_params.getlist(name)) > 1:
+            errors.append({"field": f"query.{name}", "message": "Given more than once",
+                           "type": "repeated_parameter"})
+    if errors:
+        raise Problem(422, "validation_error", "Request is not valid", errors=errors[:20])
 
 
 def internal_error(request_id: str | None) -> JSONResponse:

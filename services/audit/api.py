@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 import sqlalchemy as sa
@@ -14,15 +13,15 @@ from services.audit.query import Filters, entry, history_order, page_query
 from shared.permissions import Action, authorize
 from shared.schema import events
 from shared.service import CurrentPrincipal, CurrentRuntime
-from shared.web import Problem
+from shared.web import IsoDateTime, Problem
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 HISTORY_CAP = 10_000
 
 
 def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
-            actor: str | None = None, since: datetime | None = None,
-            until: datetime | None = None, correlation_id: str | None = None) -> Filters:
+            actor: str | None = None, since: IsoDateTime | None = None,
+            until: IsoDateTime | None = None, correlation_id: str | None = None) -> Filters:
     """`since` inclusive, `until` exclusive, both on the event's own time (UTC)."""
     return Filters(patient_id, type, source, actor, since, until, correlation_id)
 

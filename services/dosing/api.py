@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.dosing import domain
 from services.dosing import holds as holding
@@ -18,7 +18,7 @@ from shared.events import EventData
 from shared.permissions import Action, authorize_patient
 from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
 from shared.store import ConcurrencyError, EventStore, NewEvent
-from shared.web import Problem
+from shared.web import IsoAwareDateTime, Problem
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
 Reason = Annotated[str, Field(min_length=3, max_length=2000)]
@@ -36,7 +36,7 @@ CurrentClock = Annotated[Clock, Depends(clock)]
 class InfusionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     week: Annotated[int, Field(ge=0, le=1000)]
-    given_at: AwareDatetime
+    given_at: IsoAwareDateTime
     weight_kg: Annotated[float, Field(gt=20, lt=300)]
     cells_administered: Annotated[int, Field(gt=0, le=10**12)]
     lot_number: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._/-]+$")]
@@ -47,7 +47,7 @@ class MethotrexateDoseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     week: Annotated[int, Field(ge=0, le=1000)]
     dose_mg: Annotated[float, Field(allow_inf_nan=False)]  # the range is a domain guard
-    given_at: AwareDatetime
+    given_at: IsoAwareDateTime
     deviation_reason: Reason | None = None
 
 

@@ -114,15 +114,26 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _upstream_url(request: Request, base_url: str) -> httpx.URL:
+    """The caller's path and query string exactly as sent (still percent-encoded), under the
+    service's base URL. Decoding and re-encoding would break on odd bytes in an id, and a parsed
+    query would fold `?a=1&a=2` into one value, hiding from the service what it must refuse."""
+    base = httpx.URL(base_url)
+    path: bytes = request.scope.get("raw_path") or request.url.path.encode()
+    query: bytes = request.scope.get("query_string") or b""
+    return base.copy_with(raw_path=base.raw_path.rstrip(b"/") + path + (b"?" + query if query else b""))
+
+
 async def _forward(request: Request, service: str, base_url: str) -> Response:
     headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_HEADERS}
     headers["x-request-id"] = current_request_id() or ""
     client: httpx.AsyncClient = request.app.state.client
     try:
-        outgoing = client.build_request(
-            request.method, base_url + request.url.path,
-            params=request.query_params, content=await request.body(), headers=headers)
+        outgoing = client.build_request(request.method, _upstream_url(request, base_url),
+                                        content=await request.body(), headers=headers)
         upstream = await client.send(outgoing, stream=True)
+    except httpx.InvalidURL as exc:
+        raise Problem(400, "invalid_url", "The request URL cannot be forwarded", str(exc)) from exc
     except httpx.TimeoutException as exc:
         raise Problem(504, "upstream_timeout", f"The {service} service did not answer in time"
                       ) from exc

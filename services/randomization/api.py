@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Response
@@ -13,7 +13,7 @@ from shared.events import Arm, ArmAssigned
 from shared.permissions import Action
 from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
 from shared.store import utcnow
-from shared.web import Problem
+from shared.web import IsoDate, IsoDateTime, Problem
 
 router = APIRouter(prefix="/v1", tags=["randomization"])
 # A consent timestamp may run a little ahead of this server's clock, not more.
@@ -24,10 +24,10 @@ class ScreeningRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     site_id: Annotated[str, Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$")]
     screening_number: Annotated[str, Field(min_length=1, max_length=40)]
-    birth_date: date
+    birth_date: IsoDate
     sex: Literal["female", "male", "other"]
     weight_kg: Annotated[float, Field(gt=20, lt=300)]
-    diagnosis_date: date
+    diagnosis_date: IsoDate
     psoriasis_type: Literal["plaque", "pustular", "erythrodermic", "guttate"]
     pasi: Annotated[float, Field(ge=0, le=72)]
     bsa_percent: Annotated[float, Field(ge=0, le=100)]
@@ -46,7 +46,7 @@ class ScreeningRequest(BaseModel):
     pregnant_or_lactating: bool
     planning_pregnancy: bool
     can_attend_follow_up: bool
-    consent_signed_at: datetime | None
+    consent_signed_at: IsoDateTime | None
 
 
 class ScreeningResponse(BaseModel):

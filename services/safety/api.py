@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.safety import domain
 from services.safety.handlers import ENGINE_ACTOR
@@ -19,6 +19,7 @@ from shared.permissions import Action, authorize, authorize_patient, sees_site
 from shared.protocol import default_protocol
 from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
 from shared.store import Metadata, utcnow
+from shared.web import IsoAwareDateTime
 
 router = APIRouter(prefix="/v1", tags=["safety"])
 Relatedness = Literal["not_related", "unlikely", "possible", "probable", "definite"]
@@ -28,7 +29,7 @@ Term = Annotated[str, Field(min_length=2, max_length=200)]
 class AdverseEventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     term: Term
-    onset_at: AwareDatetime
+    onset_at: IsoAwareDateTime
     ctcae_grade: Annotated[int, Field(ge=1, le=5, strict=True)]
     serious: Annotated[bool, Field(strict=True)]
     relatedness: Relatedness
@@ -44,7 +45,7 @@ class FollowUpRequest(BaseModel):
     relatedness: Relatedness | None = None
     expected: Annotated[bool | None, Field(strict=True)] = None
     outcome: AdverseEventOutcome | None = None
-    resolved_at: AwareDatetime | None = None
+    resolved_at: IsoAwareDateTime | None = None
 
 
 class LabValue(BaseModel):
@@ -57,7 +58,7 @@ class LabValue(BaseModel):
 
 class LabResultRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    collected_at: AwareDatetime
+    collected_at: IsoAwareDateTime
     results: Annotated[list[LabValue], Field(min_length=1, max_length=20)]
 
 
