@@ -10,10 +10,11 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import AuthError, JWTVerifier, Principal
-from shared.store import EventStore, as_utc, utcnow
+from shared.store import BeforeCommit, EventStore, as_utc, before_commit, utcnow
 from shared.web import Problem, problem_response
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ idempotency_keys = sa.Table(
     sa.Column("body", sa.LargeBinary, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+    # Set in the transaction that commits the first request's events: never released after that.
+    sa.Column("written_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 
@@ -51,17 +54,19 @@ def request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
 @dataclass(frozen=True)
 class StoredAnswer:
     request_hash: str
-    status: int | None  # None: the first request is still running
+    status: int | None  # None: the first request is still running (or died)
     headers: list[list[str]]
     body: bytes
+    written: bool = False  # the first request's events committed
 
 
 class IdempotencyRecords:
     """The service's table of keys. Every call is one short transaction under the store's lock,
     so the check-then-insert of two concurrent duplicates cannot both win."""
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(self, store: EventStore, lease: timedelta = timedelta(minutes=5)) -> None:
         self.store = store
+        self.lease = lease
 
     async def claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
         """None: the caller owns the key now and must run the request. Else what is stored."""
@@ -76,8 +81,24 @@ class IdempotencyRecords:
                 await tx.conn.execute(t.insert().values(
                     principal=principal, key=key, request_hash=digest, created_at=utcnow()))
                 return None
+            if (row.status is None and row.written_at is None and row.request_hash == digest
+                    and as_utc(row.created_at) < utcnow() - self.lease):
+                # The first attempt wrote nothing and never answered: its process died. Running
+                # the request again cannot repeat a write, so this retry takes the key over.
+                await tx.conn.execute(t.update().where(where).values(created_at=utcnow()))
+                return None
         return StoredAnswer(row.request_hash, row.status, list(row.headers or []),
-                            bytes(row.body or b""))
+                            bytes(row.body or b""), row.written_at is not None)
+
+    def mark_written(self, principal: str, key: str) -> BeforeCommit:
+        """Run inside the transaction that commits the request's events (`before_commit`)."""
+        t = idempotency_keys
+
+        async def mark(conn: AsyncConnection) -> None:
+            await conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
+                               .values(written_at=utcnow()))
+
+        return mark
 
     async def complete(self, principal: str, key: str, status: int,
                        headers: list[list[str]], body: bytes) -> None:
@@ -88,10 +109,12 @@ class IdempotencyRecords:
                                           completed_at=utcnow()))
 
     async def release(self, principal: str, key: str) -> None:
-        """The request failed on our side (5xx, crash): let a retry run it again."""
+        """The request failed on our side (5xx, crash) before writing: let a retry run it again.
+        A key whose request wrote is kept: a retry must not write a second time."""
         t = idempotency_keys
         async with self.store.transaction() as tx:
-            await tx.conn.execute(t.delete().where(t.c.principal == principal, t.c.key == key))
+            await tx.conn.execute(t.delete().where(t.c.principal == principal, t.c.key == key,
+                                                   t.c.written_at.is_(None)))
 
 
 def _principal(headers: dict[bytes, bytes], verifier: JWTVerifier) -> Principal | None:
@@ -122,7 +145,11 @@ class IdempotencyMiddleware:
     Keys are per principal (one caller cannot see another's answers). The same key with another
     request gets 422 `idempotency_key_reused`; a duplicate arriving while the first still runs
     gets 409 `idempotency_key_in_progress`, so the two never both execute. Answers below 500 are
-    kept (a refusal is an answer too); a 5xx releases the key so that a retry can run.
+    kept (a refusal is an answer too); a 5xx releases the key so that a retry can run, unless the
+    request wrote: the transaction that commits its events also marks the key written, and such a
+    key is never released. If the process dies before the answer is stored, a retry gets 409
+    `idempotency_key_outcome_unknown` when the request wrote, and runs it again once the lease
+    (`TRIAL_IDEMPOTENCY_LEASE_S`) has passed when it did not (D25).
     Requests without a valid token pass through untouched, and the endpoint answers 401.
     """
 
@@ -148,7 +175,8 @@ class IdempotencyMiddleware:
             return
         body = await _read_body(receive)
         digest = request_hash("POST", scope["path"], scope.get("query_string", b""), body)
-        records = IdempotencyRecords(runtime.store)
+        records = IdempotencyRecords(runtime.store,
+                                     timedelta(seconds=runtime.settings.idempotency_lease_s))
         stored = await records.claim(who.sub, key, digest)
         if stored is not None:
             await self._answer_again(stored, digest, scope, receive, send)
@@ -160,6 +188,12 @@ class IdempotencyMiddleware:
         if stored.request_hash != digest:
             problem = Problem(422, "idempotency_key_reused", "Idempotency-Key was used for "
                               "another request", "Use a new key for a different request")
+            await problem_response(problem)(scope, receive, send)
+        elif stored.status is None and stored.written:
+            problem = Problem(409, "idempotency_key_outcome_unknown",
+                              "The first request with this Idempotency-Key was written, but its "
+                              "answer was lost", "Read the resource to see what it recorded; do "
+                              "not send the request again under a new key")
             await problem_response(problem)(scope, receive, send)
         elif stored.status is None:
             problem = Problem(409, "idempotency_key_in_progress",
@@ -195,11 +229,14 @@ class IdempotencyMiddleware:
                 answer["body"].append(message.get("body", b""))
             await send(message)
 
+        hooks = before_commit.set((*before_commit.get(), records.mark_written(principal, key)))
         try:
             await self.app(scope, replay_body, capture)
         except BaseException:
             await _quietly_release(records, principal, key)
             raise
+        finally:
+            before_commit.reset(hooks)
         if answer["status"] >= 500:
             await _quietly_release(records, principal, key)
         else:

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # The gateway's token bucket per principal: generous, so bursts of real work never trip it.
     rate_limit_per_s: float = Field(50.0, gt=0)
     rate_limit_burst: int = Field(200, ge=1)
+    # A first request with an Idempotency-Key that wrote nothing and has not answered after this
+    # long is taken for dead (its process crashed): a retry with the key runs it again (D25).
+    # Far longer than any request may run.
+    idempotency_lease_s: float = Field(300.0, gt=0)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).
     dosing_sweep_interval_s: float = Field(300.0, gt=0)
 

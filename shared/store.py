@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -240,6 +241,12 @@ class Transaction:
                 name=name, position=position, updated_at=utcnow()))
 
 
+# Work that must commit together with whatever the current request appends, in the same
+# transaction: set for one request (the idempotency key's "written" mark, D25), empty elsewhere.
+BeforeCommit = Callable[[AsyncConnection], Awaitable[None]]
+before_commit: ContextVar[tuple[BeforeCommit, ...]] = ContextVar("before_commit", default=())
+
+
 class EventStore:
     """A service's event store. Every write goes through `transaction()`, which holds one lock.
 
@@ -273,6 +280,9 @@ class EventStore:
                                    {"k": _APPEND_LOCK_KEY})
             tx = Transaction(conn)
             yield tx
+            if tx.appended:
+                for hook in before_commit.get():
+                    await hook(conn)
         if tx.appended:
             self._committed.set()
 
