@@ -26,6 +26,7 @@ from shared.relay import Relay
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, NewEvent, utcnow
 from shared.web import (
+    BodyLimitMiddleware,
     Problem,
     RequestIdMiddleware,
     current_request_id,
@@ -132,6 +133,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
                   dependencies=[Depends(reject_unknown_query)])
     # Added first, so it runs inside the request id middleware: replays carry the new id.
     app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_problem_handlers(app)
     install_access_logging(app, spec.name)

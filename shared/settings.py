@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # The gateway's token bucket per principal: generous, so bursts of real work never trip it.
     rate_limit_per_s: float = Field(50.0, gt=0)
     rate_limit_burst: int = Field(200, ge=1)
+    # Largest request body any service or the gateway reads (a screening is about 1 kB).
+    max_body_bytes: int = Field(1_048_576, ge=1024)
     # A first request with an Idempotency-Key that wrote nothing and has not answered after this
     # long is taken for dead (its process crashed): a retry with the key runs it again (D25).
     # Far longer than any request may run.

@@ -195,5 +195,62 @@ class RequestIdMiddleware:
             request_id_var.reset(token)
 
 
+class BodyLimitMiddleware:
+    """Refuses a request body over `max_bytes` with 413 before anything reads it whole.
+
+    A declared Content-Length over the limit is refused before a byte is read. A body without
+    one (chunked) is counted as it arrives: past the limit this middleware answers 413 itself,
+    tells the app the client has gone, and drops whatever the app still tries to send. Nothing
+    is written, since no handler ever sees the body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> JSONResponse:
+        return problem_response(Problem(413, "payload_too_large", "Request body is too large",
+                                        f"At most {self.max_bytes} bytes"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large()(scope, receive, send)
+            return
+        received, refused, app_started = 0, False, False
+
+        async def counted() -> Message:
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if not app_started:
+                        await self._too_large()(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal app_started
+            if refused:
+                return  # our 413 went out instead
+            app_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+            # The app failed on the body it never got whole (a "client disconnected" error):
+            # the caller already has its 413.
+
+
 def current_request_id() -> str | None:
     return request_id_var.get()

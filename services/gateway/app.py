@@ -20,6 +20,7 @@ from shared.permissions import allowed
 from shared.service import health_router
 from shared.settings import Settings
 from shared.web import (
+    BodyLimitMiddleware,
     Problem,
     RequestIdMiddleware,
     current_request_id,
@@ -52,6 +53,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         return {}
 
     app = FastAPI(title="NCT03424629 trial API", lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_problem_handlers(app)
     app.include_router(health_router(ready))
