@@ -12,7 +12,11 @@ ENROLLMENT = "trial.enrollment"
 DOSING = "trial.dosing"
 SAFETY = "trial.safety"
 ACCESS = "trial.access"  # refused write attempts, so monitors see probing (issue 6)
-TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS)
+# The audit ledger's chain heads, published outside its database as witnesses (D27).
+AUDIT_ANCHORS = "trial.audit.anchors"
+TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, AUDIT_ANCHORS)
+# What the audit ledger records: everything but its own anchors (which witness the ledger itself).
+LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS)
 
 Arm = Literal["msc_low", "msc_high", "mtx"]
 ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")
@@ -430,6 +434,26 @@ class AccessDenied(EventData):
     code: str
     patient_id: str | None = None  # when the path names a patient
     denied_at: datetime
+
+
+# --- trial.audit.anchors ----------------------------------------------------------------------
+
+
+class AuditChainAnchored(EventData):
+    """The audit ledger's chain, verified up to `position`, ends in `hash`.
+
+    Kept on the broker, outside the ledger's database: someone who rewrites a ledger entry and
+    recomputes every hash after it still cannot change the anchors already published, so
+    `GET /v1/audit/verify` catches the rewrite. `ledger` is the hash at position 1, which names
+    one ledger among others on the same broker.
+    """
+
+    topic = AUDIT_ANCHORS
+    subject_field = "ledger"
+    ledger: str
+    position: int = Field(ge=1)
+    hash: str
+    anchored_at: datetime
 
 
 def _catalogue() -> dict[str, type[EventData]]:

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from shared.events import TOPICS, dlq_topic
+from shared.events import AUDIT_ANCHORS, TOPICS, dlq_topic
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,13 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
     )
 
 
+def _new_topic(name: str, partitions: int) -> NewTopic:
+    if name == AUDIT_ANCHORS:
+        # The ledger's witnesses (D27): one ordered partition, kept for as long as the ledger.
+        return NewTopic(name, 1, 1, topic_configs={"retention.ms": "-1"})
+    return NewTopic(name, partitions, 1)
+
+
 async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
     """Create the trial's topics if missing, so consumers never subscribe to nothing."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
@@ -43,7 +50,7 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None)
         missing = [t for t in (topics or all_topics()) if t not in existing]
         for name in missing:
             try:
-                await admin.create_topics([NewTopic(name, settings.kafka_topic_partitions, 1)])
+                await admin.create_topics([_new_topic(name, settings.kafka_topic_partitions)])
             except TopicAlreadyExistsError:
                 pass
     finally:

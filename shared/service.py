@@ -7,9 +7,9 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -141,6 +141,28 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.include_router(access_router())
     app.include_router(spec.router)
     return app
+
+
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+def run_beside(app: FastAPI, start: Callable[[FastAPI], Loop]) -> None:
+    """Run a service's own loop (a sweep, an anchorer) for the app's whole life: `start(app)` is
+    called once the runtime is up and returns the loop; the loop is stopped before the runtime."""
+    service_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_lifespan(app):
+            stop = asyncio.Event()
+            task = asyncio.create_task(start(app)(stop))
+            try:
+                yield
+            finally:
+                stop.set()
+                await task
+
+    app.router.lifespan_context = lifespan
 
 
 def runtime(request: Request) -> Runtime:

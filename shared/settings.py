@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     # long is taken for dead (its process crashed): a retry with the key runs it again (D25).
     # Far longer than any request may run.
     idempotency_lease_s: float = Field(300.0, gt=0)
+    # How often the audit ledger may publish its verified chain head to trial.audit.anchors (D27).
+    audit_anchor_interval_s: float = Field(60.0, gt=0)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).
     dosing_sweep_interval_s: float = Field(300.0, gt=0)
 

@@ -152,6 +152,8 @@ class VerifyResult:
     ok: bool
     events_checked: int
     first_broken_position: int | None
+    first_hash: str | None = None  # position 1's hash: names this chain (D27)
+    last_hash: str | None = None   # the hash at `events_checked`, when the chain verified
 
 
 class StreamReader(Protocol):
@@ -322,17 +324,19 @@ class EventStore:
 
     async def verify(self, batch: int = 1000) -> VerifyResult:
         """Walk the chain from the start; name the first position whose row or link is wrong."""
-        prev_hash, expected_position, checked = GENESIS_HASH, 1, 0
+        prev_hash, expected_position, checked, first = GENESIS_HASH, 1, 0, None
         async with self.read_engine.connect() as conn:
             while True:
                 q = events.select().where(events.c.position >= expected_position).order_by(
                     events.c.position).limit(batch)
                 rows = [dict(r._mapping) for r in await conn.execute(q)]
                 if not rows:
-                    return VerifyResult(True, checked, None)
+                    return VerifyResult(True, checked, None, first,
+                                        prev_hash if checked else None)
                 for row in rows:
                     if (row["position"] != expected_position or row["prev_hash"] != prev_hash
                             or event_hash(prev_hash, row) != row["hash"]):
-                        return VerifyResult(False, checked, expected_position)
+                        return VerifyResult(False, checked, expected_position, first)
                     prev_hash, expected_position, checked = row["hash"], expected_position + 1, \
                         checked + 1
+                    first = first or row["hash"]

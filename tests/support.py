@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db import is_sqlite
-from shared.schema import append_only_ddl
-from shared.store import EventStore
+from shared.schema import append_only_ddl, events
+from shared.store import GENESIS_HASH, EventStore, event_hash
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 60.0,
@@ -63,14 +65,37 @@ async def read_topic(bootstrap: str, topic: str,
     return records
 
 
-async def tamper(store: EventStore, statement: str) -> None:
-    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
+@asynccontextmanager
+async def triggers_off(store: EventStore) -> AsyncIterator[AsyncConnection]:
+    """A transaction in which the events table takes updates, as an attacker with DDL rights has."""
     async with store.engine.begin() as conn:
         if is_sqlite(store.url):
             await conn.execute(sa.text("DROP TRIGGER events_no_update"))
-            await conn.execute(sa.text(statement))
+            yield conn
             await conn.execute(sa.text(append_only_ddl("sqlite", "events")[0]))
         else:
             await conn.execute(sa.text("ALTER TABLE events DISABLE TRIGGER events_append_only"))
-            await conn.execute(sa.text(statement))
+            yield conn
             await conn.execute(sa.text("ALTER TABLE events ENABLE TRIGGER events_append_only"))
+
+
+async def tamper(store: EventStore, statement: str) -> None:
+    """Change a row behind the triggers' back, as an attacker with DDL rights could."""
+    async with triggers_off(store) as conn:
+        await conn.execute(sa.text(statement))
+
+
+async def rewrite_history(store: EventStore, position: int, data: dict[str, Any]) -> None:
+    """Give the event at `position` new data and recompute every hash from there on: the chain
+    alone then verifies again. Only hashes kept elsewhere (anchors) can show it."""
+    async with triggers_off(store) as conn:
+        rows = [dict(r._mapping) for r in await conn.execute(
+            events.select().where(events.c.position >= position - 1).order_by(events.c.position))]
+        prev = rows.pop(0)["hash"] if position > 1 else GENESIS_HASH
+        for row in rows:
+            if row["position"] == position:
+                row["data"] = data
+            row["prev_hash"] = prev
+            row["hash"] = prev = event_hash(prev, row)
+            await conn.execute(events.update().where(events.c.position == row["position"]).values(
+                data=row["data"], prev_hash=row["prev_hash"], hash=row["hash"]))

@@ -1,11 +1,32 @@
 """The audit ledger process: `uvicorn services.audit.app:app`."""
 
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.audit.anchors import Anchorer
 from services.audit.api import router
 from services.audit.handlers import record
 from shared.consumer import ANY_TYPE
-from shared.events import TOPICS
-from shared.service import ServiceSpec, create_app
+from shared.events import LEDGER_TOPICS
+from shared.service import Loop, ServiceSpec, create_app, run_beside
+from shared.settings import Settings
 
-spec = ServiceSpec(name="audit", router=router, consumes=list(TOPICS),
+spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS),
                    handlers={ANY_TYPE: record}, publishes=False)
-app = create_app(spec)
+
+
+def create_audit_app(settings: Settings | None = None) -> FastAPI:
+    """The ledger plus its anchorer, which publishes the verified chain head (D27)."""
+    settings = settings or Settings(service_name="audit")
+    app = create_app(spec, settings)
+
+    def start_anchorer(app: FastAPI) -> Loop:
+        app.state.anchorer = Anchorer(app.state.runtime.store, settings)
+        return app.state.anchorer.run
+
+    run_beside(app, start_anchorer)
+    return app
+
+
+app = create_audit_app()

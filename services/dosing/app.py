@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-
 from fastapi import FastAPI
 
 from services.dosing.api import router
@@ -14,7 +10,7 @@ from services.dosing.handlers import HANDLERS
 from services.dosing.sweep import Sweeper
 from shared.clock import SystemClock
 from shared.events import ENROLLMENT, SAFETY
-from shared.service import ServiceSpec, create_app
+from shared.service import Loop, ServiceSpec, create_app, run_beside
 from shared.settings import Settings
 
 spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], handlers=HANDLERS)
@@ -26,22 +22,13 @@ def create_dosing_app(settings: Settings | None = None) -> FastAPI:
     protocol()  # a protocol configuration that does not validate stops start-up, not a visit
     app = create_app(spec, settings)
     app.state.clock = SystemClock()
-    service_lifespan = app.router.lifespan_context
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with service_lifespan(app):
-            stop = asyncio.Event()
-            app.state.sweeper = Sweeper(app.state.runtime.store, app.state.clock,
-                                        settings.dosing_sweep_interval_s)
-            sweeps = asyncio.create_task(app.state.sweeper.run(stop))
-            try:
-                yield
-            finally:
-                stop.set()
-                await sweeps
+    def start_sweeper(app: FastAPI) -> Loop:
+        app.state.sweeper = Sweeper(app.state.runtime.store, app.state.clock,
+                                    settings.dosing_sweep_interval_s)
+        return app.state.sweeper.run
 
-    app.router.lifespan_context = lifespan
+    run_beside(app, start_sweeper)
     return app
 
 

@@ -42,7 +42,8 @@ def start_system(broker: Broker, pg_dsn: str | None, folder: Path,
                     ports={s: infra.free_port() for s in (*SERVICES, "gateway")},
                     log_dir=folder / "logs",
                     env={"TRIAL_JWT_SECRET": SECRET, "TRIAL_RELAY_POLL_INTERVAL_S": "0.1",
-                         "TRIAL_KAFKA_REQUEST_TIMEOUT_MS": "5000", **(env or {})})
+                         "TRIAL_KAFKA_REQUEST_TIMEOUT_MS": "5000",
+                         "TRIAL_AUDIT_ANCHOR_INTERVAL_S": "1", **(env or {})})
     system.start(services)
     try:
         system.wait_ready()

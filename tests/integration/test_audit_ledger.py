@@ -17,7 +17,7 @@ from services.audit.handlers import record
 from shared.auth import issue_dev_token
 from shared.consumer import ANY_TYPE, ConsumerRunner, Delivery
 from shared.events import (
-    TOPICS,
+    LEDGER_TOPICS,
     AccessDenied,
     DosingHeld,
     EventData,
@@ -99,18 +99,18 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
         await relay._drop_producer()
 
     group = f"audit-{uuid.uuid4().hex[:6]}"
-    first = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=group)
+    first = ConsumerRunner(ledger, settings, list(LEDGER_TOPICS), {ANY_TYPE: record}, group_id=group)
     first.commit_offsets = False  # dies before committing offsets: everything comes again
 
     async def in_ledger() -> bool:
         return ours <= {e.event_id for e in await ledger.read_all(limit=10_000)}
 
     await _run_until(first, in_ledger, "the first delivery")
-    again = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=group)
+    again = ConsumerRunner(ledger, settings, list(LEDGER_TOPICS), {ANY_TYPE: record}, group_id=group)
     await _run_until(again, lambda: again.duplicates >= 30, "the redelivery of both copies")
     # A new group has no processed ids at all: the ledger's own event-id check still holds.
     fresh = f"audit-fresh-{uuid.uuid4().hex[:6]}"
-    other = ConsumerRunner(ledger, settings, list(TOPICS), {ANY_TYPE: record}, group_id=fresh)
+    other = ConsumerRunner(ledger, settings, list(LEDGER_TOPICS), {ANY_TYPE: record}, group_id=fresh)
 
     async def all_seen_by_the_new_group() -> bool:
         return ours <= await _processed(ledger, fresh)
@@ -137,7 +137,7 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
 
 
 async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_position(
-        stores: tuple[EventStore, EventStore]) -> None:
+        stores: tuple[EventStore, EventStore], broker: Broker) -> None:
     source, ledger = stores
     patient = f"PT-{uuid.uuid4().hex[:8]}"
     for fact in _facts(patient) * 2:
@@ -146,18 +146,24 @@ async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_
         async with ledger.transaction() as tx:
             await record(tx, Delivery(cloud, cloud.typed_data(), "trial.test"))
     settings = Settings(service_name="audit", database_url=ledger.url, relay_enabled=False,
-                        consumers_enabled=False, jwt_secret="audit-" + "s" * 40)
+                        consumers_enabled=False, jwt_secret="audit-" + "s" * 40,
+                        kafka_bootstrap_servers=broker.bootstrap)
     app = create_app(audit_spec, settings)
     app.state.runtime = Runtime(audit_spec, settings)  # no lifespan: nothing runs in background
     headers = {"Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'dsmb')}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit",
                                  headers=headers) as client:
+        head = (await ledger.read_all(after=9))[0].hash
         assert (await client.get("/v1/audit/verify")).json() == {
-            "ok": True, "events_checked": 10, "first_broken_position": None}
+            "ok": True, "events_checked": 10, "first_broken_position": None,
+            "head_position": 10, "head_hash": head,
+            "anchors_checked": 0, "first_anchor_mismatch": None}  # no anchorer runs here
         await tamper(ledger, "UPDATE events SET metadata = '{\"actor\": \"nobody\"}' "
                               "WHERE position = 6")
         assert (await client.get("/v1/audit/verify")).json() == {
-            "ok": False, "events_checked": 5, "first_broken_position": 6}
+            "ok": False, "events_checked": 5, "first_broken_position": 6,
+            "head_position": None, "head_hash": None,
+            "anchors_checked": 0, "first_anchor_mismatch": None}
         r = await client.get("/v1/audit/verify", headers={
             "Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'pharmacist', 'S1')}"})
         assert (r.status_code, r.json()["code"]) == (403, "forbidden")

@@ -142,6 +142,10 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
         "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "cause": "withdrawn",
         "visits": [{"week": 3, "kind": "infusion", "due_date": "2026-12-17"}],
         "cancelled_at": AT.isoformat()}), "p-1"),
+    # audit: the ledger's chain heads, witnessed on the broker (D27)
+    "AuditChainAnchored": (parse_data("AuditChainAnchored", {
+        "ledger": "a" * 64, "position": 42, "hash": "b" * 64,
+        "anchored_at": AT.isoformat()}), "a" * 64),
 }
 
 EXPECTED_TOPIC = {

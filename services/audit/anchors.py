@@ -1,0 +1,159 @@
+"""The ledger's witnesses outside its own database: verified chain heads on the broker (D27).
+
+A hash chain shows a changed row, unless whoever changed it also recomputed every hash after it,
+which anybody able to disable the triggers can do. So the ledger regularly publishes the head of
+its verified chain to `trial.audit.anchors`, where its database's users cannot reach, and
+`GET /v1/audit/verify` checks the ledger against every anchor published for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from pydantic import ValidationError
+
+from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
+from shared.kafka import make_producer
+from shared.schema import events
+from shared.settings import Settings
+from shared.store import EventStore, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class Anchorer:
+    """Publishes the verified chain head whenever it has moved, at most once per interval."""
+
+    def __init__(self, store: EventStore, settings: Settings,
+                 producer_factory: Callable[[Settings], AIOKafkaProducer] = make_producer) -> None:
+        self.store = store
+        self.settings = settings
+        self._factory = producer_factory
+        self._producer: AIOKafkaProducer | None = None
+        self.anchored_position = 0
+        self.broken_at: int | None = None  # a chain that does not verify is never vouched for
+
+    async def anchor_once(self) -> AuditChainAnchored | None:
+        if await self.store.head() <= self.anchored_position:
+            return None
+        result = await self.store.verify()
+        if not result.ok:
+            if self.broken_at != result.first_broken_position:
+                log.error("audit ledger chain broken at position %s: not anchoring",
+                          result.first_broken_position)
+            self.broken_at = result.first_broken_position
+            return None
+        self.broken_at = None
+        assert result.first_hash is not None and result.last_hash is not None
+        anchor = AuditChainAnchored(ledger=result.first_hash, position=result.events_checked,
+                                    hash=result.last_hash, anchored_at=utcnow())
+        cloud = CloudEvent(id=str(uuid.uuid4()), source=self.settings.service_name,
+                           type="AuditChainAnchored", subject=anchor.subject(),
+                           time=anchor.anchored_at, data=anchor.model_dump(mode="json"),
+                           sequence=anchor.position)
+        producer = await self._ensure_producer()
+        await producer.send_and_wait(AUDIT_ANCHORS, cloud.to_bytes(), key=anchor.ledger.encode(),
+                                     headers=[("content-type", b"application/cloudevents+json"),
+                                              ("ce_type", b"AuditChainAnchored")])
+        self.anchored_position = anchor.position
+        return anchor
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.anchor_once()
+            except Exception as exc:  # broker away: the next round tries again
+                log.warning("could not anchor the audit chain: %r", exc)
+                await self._close_producer()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.audit_anchor_interval_s)
+        await self._close_producer()
+
+    async def _ensure_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = self._factory(self.settings)
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def _close_producer(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
+                       ) -> list[AuditChainAnchored]:
+    """Every anchor published for `ledger`, read from the beginning of the topic to its end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    await consumer.start()
+    try:
+        if AUDIT_ANCHORS not in await consumer.topics():  # also loads the topic's metadata
+            return []
+        partitions = [TopicPartition(AUDIT_ANCHORS, p)
+                      for p in sorted(consumer.partitions_for_topic(AUDIT_ANCHORS) or ())]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        found: list[AuditChainAnchored] = []
+
+        async def read_to_end() -> None:
+            async def behind() -> bool:
+                return any([await consumer.position(tp) < ends[tp] for tp in partitions])
+
+            while await behind():
+                batches = await consumer.getmany(*partitions, timeout_ms=500)
+                for record in (r for batch in batches.values() for r in batch):
+                    try:
+                        anchor = AuditChainAnchored.model_validate(
+                            CloudEvent.from_bytes(record.value or b"").data)
+                    except (ValidationError, ValueError):
+                        log.warning("skipping an unreadable anchor at offset %s", record.offset)
+                        continue
+                    if anchor.ledger == ledger:
+                        found.append(anchor)
+
+        await asyncio.wait_for(read_to_end(), timeout)
+        return found
+    finally:
+        await consumer.stop()
+
+
+@dataclass(frozen=True)
+class AnchorCheck:
+    checked: int
+    first_mismatch: int | None  # the lowest anchored position the ledger no longer matches
+
+
+async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) -> AnchorCheck:
+    """Each anchor's position must still hold its hash; a missing row is a mismatch too."""
+    positions = sorted({a.position for a in anchors})
+    held: dict[int, str] = {}
+    async with store.read_engine.connect() as conn:
+        for i in range(0, len(positions), 500):
+            chunk = positions[i:i + 500]
+            rows = await conn.execute(sa.select(events.c.position, events.c.hash)
+                                      .where(events.c.position.in_(chunk)))
+            held.update({int(p): str(h) for p, h in rows})
+    mismatches = [a.position for a in anchors if held.get(a.position) != a.hash]
+    return AnchorCheck(len(anchors), min(mismatches) if mismatches else None)
+
+
+async def ledger_id(store: EventStore) -> str | None:
+    """The hash at position 1: the name this ledger's anchors carry."""
+    async with store.read_engine.connect() as conn:
+        found = await conn.execute(sa.select(events.c.hash).where(events.c.position == 1))
+        return found.scalar_one_or_none()

@@ -1,0 +1,94 @@
+"""Anchors on the real broker: a ledger rewritten with every hash recomputed still fails
+verification, and a broken chain is never vouched for (D27)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from services.audit.anchors import Anchorer, read_anchors
+from services.audit.app import create_audit_app
+from shared.auth import issue_dev_token
+from shared.events import AccessDenied
+from shared.migrate import upgrade
+from shared.settings import Settings
+from shared.store import EventStore, NewEvent, utcnow
+from tests.support import eventually, rewrite_history, tamper
+
+
+def _entry() -> NewEvent:
+    return NewEvent.of(AccessDenied(access_id=str(uuid.uuid4()), service="test", method="POST",
+                                    path="/v1/patients/PT-1/infusions", status=403,
+                                    code="forbidden", patient_id="PT-1", denied_at=utcnow()))
+
+
+@pytest.fixture
+async def ledger(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    await upgrade(settings.database_url)
+    app = create_audit_app(settings.model_copy(update={
+        "consumers_enabled": False, "audit_anchor_interval_s": 0.1}))
+    token = issue_dev_token(settings.jwt_secret, "monitor", None, "mona")
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://a",
+                                     headers={"Authorization": f"Bearer {token}"}) as client:
+            yield app, client
+
+
+async def _append(store: EventStore, n: int) -> int:
+    for _ in range(n):
+        await store.append(f"access-{uuid.uuid4()}", [_entry()], 0)
+    return await store.head()
+
+
+async def _anchored(anchorer: Anchorer, position: int) -> None:
+    await eventually(lambda: anchorer.anchored_position >= position, 60,
+                     f"an anchor at position {position}")
+
+
+async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
+        ledger: tuple[FastAPI, httpx.AsyncClient], settings: Settings) -> None:
+    app, client = ledger
+    store: EventStore = app.state.runtime.store
+    anchorer: Anchorer = app.state.anchorer
+    await _anchored(anchorer, await _append(store, 3))
+    head = await _append(store, 3)
+    await _anchored(anchorer, head)
+
+    clean: dict[str, Any] = (await client.get("/v1/audit/verify")).json()
+    assert clean["ok"] is True and clean["first_anchor_mismatch"] is None
+    assert clean["anchors_checked"] >= 2 and clean["head_position"] == head
+    first = (await store.verify()).first_hash
+    assert first is not None
+    published = await read_anchors(settings, first)
+    assert {a.position for a in published} >= {3, head}
+    assert {a.hash for a in published if a.position == head} == {clean["head_hash"]}
+
+    # Somebody with the database's keys changes entry 2 and recomputes the chain after it.
+    victim = (await store.read_all(after=1, limit=1))[0]
+    await rewrite_history(store, 2, {**victim.data, "code": "ok"})
+    assert (await store.verify()).ok  # the chain alone is fooled...
+
+    caught = (await client.get("/v1/audit/verify")).json()
+    assert caught["ok"] is False  # ...the anchors are not
+    assert caught["first_broken_position"] is None
+    assert caught["first_anchor_mismatch"] == 3  # the first anchor at or after the rewrite
+
+
+async def test_a_broken_chain_is_never_anchored(
+        ledger: tuple[FastAPI, httpx.AsyncClient]) -> None:
+    app, client = ledger
+    store: EventStore = app.state.runtime.store
+    anchorer: Anchorer = app.state.anchorer
+    await _anchored(anchorer, await _append(store, 2))
+    await tamper(store, "UPDATE events SET type = 'Nothing' WHERE position = 2")
+    head = await _append(store, 2)
+    await eventually(lambda: anchorer.broken_at == 2, 60, "the anchorer to see the break")
+    assert anchorer.anchored_position == 2 < head
+    body = (await client.get("/v1/audit/verify")).json()
+    assert body["ok"] is False and body["first_broken_position"] == 2
+    assert body["head_position"] is None and body["first_anchor_mismatch"] is None
