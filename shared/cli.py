@@ -81,19 +81,38 @@ def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")
 
 
 @app.command()
-def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")) -> None:
-    """Walk a store's hash chain; exit 1 and name the first broken position if it is broken."""
+def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"),
+           anchors: str | None = typer.Option(
+               None, help="Kafka bootstrap: also check an audit ledger against the anchors "
+                          "published for it on trial.audit.anchors")) -> None:
+    """Walk a store's hash chain; exit 1 and name the first broken position if it is broken.
+
+    With --anchors, exit 1 too if any anchored position no longer holds its hash: the sign of a
+    rewrite whose author recomputed the chain after it.
+    """
+    from services.audit.anchors import check_anchors, read_anchors
+    from shared.settings import Settings
     from shared.store import EventStore
 
     async def _verify() -> int:
         store = EventStore(database_url)
         try:
             result = await store.verify()
+            line = (f"ok={result.ok} events_checked={result.events_checked} "
+                    f"first_broken_position={result.first_broken_position}")
+            ok = result.ok
+            if anchors is not None:
+                found = await check_anchors(store, [] if result.first_hash is None else
+                                            await read_anchors(Settings(
+                                                kafka_bootstrap_servers=anchors),
+                                                result.first_hash))
+                line += (f" anchors_checked={found.checked} "
+                         f"first_anchor_mismatch={found.first_mismatch}")
+                ok = ok and found.first_mismatch is None
         finally:
             await store.close()
-        typer.echo(f"ok={result.ok} events_checked={result.events_checked} "
-                   f"first_broken_position={result.first_broken_position}")
-        return 0 if result.ok else 1
+        typer.echo(line)
+        return 0 if ok else 1
 
     sys.exit(asyncio.run(_verify()))
 

@@ -3,6 +3,8 @@ verification, and a broken chain is never vouched for (D27)."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,6 +47,16 @@ async def _append(store: EventStore, n: int) -> int:
     return await store.head()
 
 
+async def _trial_verify(database_url: str, bootstrap: str) -> tuple[int, str]:
+    """The operators' `trial verify --anchors`, run as they would run it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.cli", "verify", database_url, "--anchors", bootstrap,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip().splitlines()[-1]
+
+
 async def _anchored(anchorer: Anchorer, position: int) -> None:
     await eventually(lambda: anchorer.anchored_position >= position, 60,
                      f"an anchor at position {position}")
@@ -67,6 +79,8 @@ async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
     published = await read_anchors(settings, first)
     assert {a.position for a in published} >= {3, head}
     assert {a.hash for a in published if a.position == head} == {clean["head_hash"]}
+    code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers)
+    assert code == 0 and "first_anchor_mismatch=None" in line, line
 
     # Somebody with the database's keys changes entry 2 and recomputes the chain after it.
     victim = (await store.read_all(after=1, limit=1))[0]
@@ -77,6 +91,8 @@ async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
     assert caught["ok"] is False  # ...the anchors are not
     assert caught["first_broken_position"] is None
     assert caught["first_anchor_mismatch"] == 3  # the first anchor at or after the rewrite
+    code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers)
+    assert code == 1 and "ok=True" in line and "first_anchor_mismatch=3" in line, line
 
 
 async def test_a_broken_chain_is_never_anchored(
