@@ -152,7 +152,7 @@ class VerifyResult:
     ok: bool
     events_checked: int
     first_broken_position: int | None
-    first_hash: str | None = None  # position 1's hash: names this chain (D27)
+    first_hash: str | None = None  # the first walked row's hash (position 1's names the chain)
     last_hash: str | None = None   # the hash at `events_checked`, when the chain verified
 
 
@@ -322,9 +322,14 @@ class EventStore:
         async with self.read_engine.connect() as conn:
             return await Transaction(conn).checkpoint(name)
 
-    async def verify(self, batch: int = 1000) -> VerifyResult:
-        """Walk the chain from the start; name the first position whose row or link is wrong."""
-        prev_hash, expected_position, checked, first = GENESIS_HASH, 1, 0, None
+    async def verify(self, batch: int = 1000, after: int = 0,
+                     after_hash: str = GENESIS_HASH) -> VerifyResult:
+        """Walk the chain from the start; name the first position whose row or link is wrong.
+
+        `after` and `after_hash` walk only the rest of a chain whose start was verified before
+        (and is witnessed elsewhere): `events_checked` then counts the rows after `after`.
+        """
+        prev_hash, expected_position, checked, first = after_hash, after + 1, 0, None
         async with self.read_engine.connect() as conn:
             while True:
                 q = events.select().where(events.c.position >= expected_position).order_by(

@@ -23,7 +23,7 @@ from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
 from shared.kafka import make_producer
 from shared.schema import events
 from shared.settings import Settings
-from shared.store import EventStore, utcnow
+from shared.store import GENESIS_HASH, EventStore, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,20 @@ class Anchorer:
         self.settings = settings
         self._factory = producer_factory
         self._producer: AIOKafkaProducer | None = None
-        self.anchored_position = 0
+        self.anchored_position, self.anchored_hash = 0, GENESIS_HASH
+        self.ledger: str | None = None
         self.broken_at: int | None = None  # a chain that does not verify is never vouched for
 
     async def anchor_once(self) -> AuditChainAnchored | None:
+        """Verify what was added since the last anchor (all of it after a restart) and anchor it.
+
+        Rows already anchored are not walked again: their anchors witness them, and
+        `GET /v1/audit/verify` checks those from position 1.
+        """
         if await self.store.head() <= self.anchored_position:
             return None
-        result = await self.store.verify()
+        result = await self.store.verify(after=self.anchored_position,
+                                         after_hash=self.anchored_hash)
         if not result.ok:
             if self.broken_at != result.first_broken_position:
                 log.error("audit ledger chain broken at position %s: not anchoring",
@@ -51,8 +58,10 @@ class Anchorer:
             self.broken_at = result.first_broken_position
             return None
         self.broken_at = None
-        assert result.first_hash is not None and result.last_hash is not None
-        anchor = AuditChainAnchored(ledger=result.first_hash, position=result.events_checked,
+        self.ledger = self.ledger or await ledger_id(self.store)
+        assert self.ledger is not None and result.last_hash is not None
+        anchor = AuditChainAnchored(ledger=self.ledger,
+                                    position=self.anchored_position + result.events_checked,
                                     hash=result.last_hash, anchored_at=utcnow())
         cloud = CloudEvent(id=str(uuid.uuid4()), source=self.settings.service_name,
                            type="AuditChainAnchored", subject=anchor.subject(),
@@ -62,7 +71,7 @@ class Anchorer:
         await producer.send_and_wait(AUDIT_ANCHORS, cloud.to_bytes(), key=anchor.ledger.encode(),
                                      headers=[("content-type", b"application/cloudevents+json"),
                                               ("ce_type", b"AuditChainAnchored")])
-        self.anchored_position = anchor.position
+        self.anchored_position, self.anchored_hash = anchor.position, anchor.hash
         return anchor
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -74,6 +83,9 @@ class Anchorer:
                 await self._close_producer()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.audit_anchor_interval_s)
+        await self.close()
+
+    async def close(self) -> None:
         await self._close_producer()
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
