@@ -1,5 +1,6 @@
 """The public contract, fuzzed: schemathesis draws requests from the gateway's own OpenAPI document
-and sends them through the gateway to the real services, database and broker.
+and sends them through the gateway, and straight at each route's own service (which the services'
+network may reach), to the real services, database and broker.
 
 For every public operation, called with a token whose role may call it:
 - schema-valid requests (positive) and schema-violating ones (negative) never get a 5xx;
@@ -101,9 +102,13 @@ def _heads(system: System) -> dict[str, int]:
     return {service: int(head) for service, (head,) in _writes_since(system, None).items()}
 
 
-def _known_patient(system: System) -> str:
+@pytest.fixture(scope="module")
+def patient(fuzz_system: System) -> str:
     """One randomized patient at S1 that every service has heard of, so that generated requests
-    also reach past the 404s, and nothing is still being derived from it once fuzzing starts."""
+    also reach past the 404s, and nothing is still being derived from it once fuzzing starts.
+    Made once, before any fuzzing: schema-valid requests may well halt the trial (a grade 5
+    adverse event is schema-valid), after which no new patient could be randomized."""
+    system = fuzz_system
     with httpx.Client(base_url=system.url(), timeout=30, headers=_headers("site_coordinator")) as c:
         r = c.post("/v1/screenings", json=screening(SITE))
         assert r.status_code == 201, r.text
@@ -166,9 +171,12 @@ def _operations(system: System) -> list[APIOperation]:
 
 
 def _fuzz_operation(system: System, session: requests.Session, operation: APIOperation,
-                    mode: GenerationMode, patient: str | None) -> int:
-    """EXAMPLES cases of one operation; returns how many requests were sent."""
+                    mode: GenerationMode, patient: str | None, via: str) -> int:
+    """EXAMPLES cases of one operation, through the gateway or straight at the service that owns
+    it (which its own network may reach); returns how many requests were sent."""
     sent = 0
+    route = next(r for r in ROUTES if _label(r) == operation.label)
+    base_url = system.url("gateway" if via == "gateway" else route.service)
     headers = _headers(_role_for(operation.method.upper(), operation.path))
     fixed = {"patient_id": patient} if patient and "{patient_id}" in operation.path else None
     strategy = operation.as_strategy(generation_mode=mode, path_parameters=fixed, headers=headers)
@@ -180,7 +188,7 @@ def _fuzz_operation(system: System, session: requests.Session, operation: APIOpe
     @given(case=strategy)
     def run(case: Case) -> None:
         nonlocal sent
-        response = case.call(base_url=system.url(), session=session, headers=headers, timeout=60)
+        response = case.call(base_url=base_url, session=session, headers=headers, timeout=60)
         sent += 1
         _check_answer(case, response, mode)
 
@@ -189,19 +197,22 @@ def _fuzz_operation(system: System, session: requests.Session, operation: APIOpe
     return sent
 
 
-def _fuzz(system: System, mode: GenerationMode, patient: str | None) -> dict[str, int]:
+def _fuzz(system: System, mode: GenerationMode, patient: str | None, via: str) -> dict[str, int]:
     """Every public operation; returns how many requests each was sent."""
     with requests.Session() as session:
-        return {operation.label: _fuzz_operation(system, session, operation, mode, patient)
+        return {operation.label: _fuzz_operation(system, session, operation, mode, patient, via)
                 for operation in _operations(system)}
 
 
+VIA = pytest.mark.parametrize("via", ["gateway", "service"])
+
+
+@VIA
 def test_requests_outside_the_contract_are_refused_with_a_problem_and_write_nothing(
-        fuzz_system: System) -> None:
-    patient = _known_patient(fuzz_system)
+        fuzz_system: System, patient: str, via: str) -> None:
     before = _heads(fuzz_system)
     assert before["randomization"] > 0  # the patient above is in it: the heads are real positions
-    known, unknown = (_fuzz(fuzz_system, GenerationMode.NEGATIVE, p) for p in (patient, None))
+    known, unknown = (_fuzz(fuzz_system, GenerationMode.NEGATIVE, p, via) for p in (patient, None))
     # Every write that takes a body was sent broken requests, for the real patient and for
     # made-up ones (POST .../randomization has only the patient to break).
     writes = [op.label for op in _operations(fuzz_system) if op.method.upper() == "POST" and op.body]
@@ -216,9 +227,10 @@ def test_requests_outside_the_contract_are_refused_with_a_problem_and_write_noth
         == {service: [] for service in written if service != "audit"}, written
 
 
-def test_requests_inside_the_contract_never_get_a_server_error(fuzz_system: System) -> None:
-    patient = _known_patient(fuzz_system)
-    for sent in (_fuzz(fuzz_system, GenerationMode.POSITIVE, p) for p in (patient, None)):
+@VIA
+def test_requests_inside_the_contract_never_get_a_server_error(fuzz_system: System, patient: str,
+                                                               via: str) -> None:
+    for sent in (_fuzz(fuzz_system, GenerationMode.POSITIVE, p, via) for p in (patient, None)):
         # Every route was called; those with something to vary, up to EXAMPLES times (hypothesis
         # stops early when a route has one request only, like GET /v1/audit/verify).
         assert sorted(sent) == sorted(_label(r) for r in ROUTES) and min(sent.values()) >= 1, sent
