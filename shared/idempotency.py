@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import AuthError, JWTVerifier, Principal
 from shared.store import BeforeCommit, EventStore, as_utc, before_commit, utcnow
-from shared.web import Problem, problem_response
+from shared.web import PROBLEM_JSON, Problem, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,10 @@ KEY_TTL = timedelta(hours=24)
 # Printable ASCII without spaces: UUIDs, ULIDs and the like; nothing that could smuggle headers.
 _SAFE_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _KEPT_HEADERS = frozenset({b"content-type", b"location", b"retry-after"})
+OUTCOME_UNKNOWN = Problem(
+    409, "idempotency_key_outcome_unknown",
+    "The first request with this Idempotency-Key was written, but its answer was lost",
+    "Read the resource to see what it recorded; do not send the request again under a new key")
 
 idempotency_keys = sa.Table(
     "idempotency_keys",
@@ -58,6 +63,7 @@ class StoredAnswer:
     headers: list[list[str]]
     body: bytes
     written: bool = False  # the first request's events committed
+    abandoned: bool = False  # no answer, and the lease has run out: its process died
 
 
 class IdempotencyRecords:
@@ -88,7 +94,8 @@ class IdempotencyRecords:
                 await tx.conn.execute(t.update().where(where).values(created_at=utcnow()))
                 return None
         return StoredAnswer(row.request_hash, row.status, list(row.headers or []),
-                            bytes(row.body or b""), row.written_at is not None)
+                            bytes(row.body or b""), row.written_at is not None,
+                            row.status is None and as_utc(row.created_at) < utcnow() - self.lease)
 
     def mark_written(self, principal: str, key: str) -> BeforeCommit:
         """Run inside the transaction that commits the request's events (`before_commit`)."""
@@ -108,13 +115,17 @@ class IdempotencyRecords:
                                   .values(status=status, headers=headers, body=body,
                                           completed_at=utcnow()))
 
-    async def release(self, principal: str, key: str) -> None:
-        """The request failed on our side (5xx, crash) before writing: let a retry run it again.
-        A key whose request wrote is kept: a retry must not write a second time."""
+    async def give_up(self, principal: str, key: str) -> None:
+        """The request failed on our side (5xx, an exception). If it wrote nothing, the key is
+        released so that a retry runs it again; if it wrote, a retry must never write a second
+        time, so the key's answer becomes 409 `idempotency_key_outcome_unknown`."""
         t = idempotency_keys
+        where = sa.and_(t.c.principal == principal, t.c.key == key)
         async with self.store.transaction() as tx:
-            await tx.conn.execute(t.delete().where(t.c.principal == principal, t.c.key == key,
-                                                   t.c.written_at.is_(None)))
+            await tx.conn.execute(t.delete().where(where, t.c.written_at.is_(None)))
+            await tx.conn.execute(t.update().where(where, t.c.status.is_(None)).values(
+                status=OUTCOME_UNKNOWN.status, headers=[["content-type", PROBLEM_JSON]],
+                body=json.dumps(OUTCOME_UNKNOWN.body()).encode(), completed_at=utcnow()))
 
 
 def _principal(headers: dict[bytes, bytes], verifier: JWTVerifier) -> Principal | None:
@@ -146,10 +157,10 @@ class IdempotencyMiddleware:
     request gets 422 `idempotency_key_reused`; a duplicate arriving while the first still runs
     gets 409 `idempotency_key_in_progress`, so the two never both execute. Answers below 500 are
     kept (a refusal is an answer too); a 5xx releases the key so that a retry can run, unless the
-    request wrote: the transaction that commits its events also marks the key written, and such a
-    key is never released. If the process dies before the answer is stored, a retry gets 409
-    `idempotency_key_outcome_unknown` when the request wrote, and runs it again once the lease
-    (`TRIAL_IDEMPOTENCY_LEASE_S`) has passed when it did not (D25).
+    request wrote (the transaction that commits its events also marks the key written): then the
+    key's answer is 409 `idempotency_key_outcome_unknown`, never a second run. A key left without
+    an answer by a process that died is settled once its lease (`TRIAL_IDEMPOTENCY_LEASE_S`) has
+    run out: outcome unknown if it wrote, run again if it did not; before that, in progress (D25).
     Requests without a valid token pass through untouched, and the endpoint answers 401.
     """
 
@@ -189,12 +200,8 @@ class IdempotencyMiddleware:
             problem = Problem(422, "idempotency_key_reused", "Idempotency-Key was used for "
                               "another request", "Use a new key for a different request")
             await problem_response(problem)(scope, receive, send)
-        elif stored.status is None and stored.written:
-            problem = Problem(409, "idempotency_key_outcome_unknown",
-                              "The first request with this Idempotency-Key was written, but its "
-                              "answer was lost", "Read the resource to see what it recorded; do "
-                              "not send the request again under a new key")
-            await problem_response(problem)(scope, receive, send)
+        elif stored.status is None and stored.abandoned:  # it wrote: else claim() took it over
+            await problem_response(OUTCOME_UNKNOWN)(scope, receive, send)
         elif stored.status is None:
             problem = Problem(409, "idempotency_key_in_progress",
                               "The first request with this Idempotency-Key is still running")
@@ -233,19 +240,19 @@ class IdempotencyMiddleware:
         try:
             await self.app(scope, replay_body, capture)
         except BaseException:
-            await _quietly_release(records, principal, key)
+            await _quietly_give_up(records, principal, key)
             raise
         finally:
             before_commit.reset(hooks)
         if answer["status"] >= 500:
-            await _quietly_release(records, principal, key)
+            await _quietly_give_up(records, principal, key)
         else:
             await records.complete(principal, key, answer["status"], answer["headers"],
                                    b"".join(answer["body"]))
 
 
-async def _quietly_release(records: IdempotencyRecords, principal: str, key: str) -> None:
+async def _quietly_give_up(records: IdempotencyRecords, principal: str, key: str) -> None:
     try:
-        await records.release(principal, key)
-    except Exception as exc:  # the answer is already failing; a stuck key only says "in progress"
-        log.warning("could not release idempotency key: %r", exc)
+        await records.give_up(principal, key)
+    except Exception as exc:  # the answer is already failing; the lease settles the key later
+        log.warning("could not give up idempotency key: %r", exc)

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
 from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
-from shared.kafka import make_producer
+from shared.kafka import ensure_topics, make_producer
 from shared.schema import events
 from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, utcnow
@@ -90,6 +90,9 @@ class Anchorer:
 
     async def _ensure_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
+            # Made before the first anchor, so that a broker's auto-creation never gives the
+            # topic its default retention (days) instead of forever.
+            await ensure_topics(self.settings, [AUDIT_ANCHORS])
             producer = self._factory(self.settings)
             await producer.start()
             self._producer = producer
@@ -111,8 +114,11 @@ async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await consumer.start()
     try:
-        if AUDIT_ANCHORS not in await consumer.topics():  # also loads the topic's metadata
+        if AUDIT_ANCHORS not in await consumer.topics():
             return []
+        # topics() reads fresh metadata but does not keep it: have the client's own copy learn
+        # the topic (aiokafka has no public call for this; the tests' read_topic does the same).
+        await consumer._client.force_metadata_update()
         partitions = [TopicPartition(AUDIT_ANCHORS, p)
                       for p in sorted(consumer.partitions_for_topic(AUDIT_ANCHORS) or ())]
         if not partitions:

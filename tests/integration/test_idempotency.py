@@ -108,11 +108,12 @@ async def test_a_request_that_wrote_and_then_failed_is_never_run_again(
     first = await client.post("/things/fail-after-write", json={"name": "b"},
                               headers={"Idempotency-Key": key})
     assert first.status_code == 500
-    assert (await _key_row(store, key)).written_at is not None  # kept, not released
+    row = await _key_row(store, key)
+    assert row.written_at is not None and row.status == 409  # kept, not released
     for _ in range(3):
         retry = await client.post("/things/fail-after-write", json={"name": "b"},
                                   headers={"Idempotency-Key": key})
-        assert retry.status_code == 409
+        assert retry.status_code == 409 and retry.headers["idempotent-replayed"] == "true"
         assert retry.json()["code"] == "idempotency_key_outcome_unknown"
     assert await _things(store, "b") == 1
 
@@ -166,13 +167,17 @@ async def test_a_dead_first_attempt_that_wrote_nothing_is_run_again_after_its_le
     assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused"
 
 
-async def test_a_dead_first_attempt_that_wrote_is_never_run_again(
+async def test_a_first_attempt_that_wrote_is_never_run_again(
         api: tuple[httpx.AsyncClient, EventStore]) -> None:
     client, store = api
     body = b'{"name":"f"}'
-    key = f"k-{uuid.uuid4()}"
-    await _crashed_claim(store, key, body, timedelta(hours=1), written=True)
-    r = await client.post("/things", content=body,
-                          headers={"Content-Type": "application/json", "Idempotency-Key": key})
+    running, dead = f"k-{uuid.uuid4()}", f"k-{uuid.uuid4()}"
+    # Written and not yet answered: still running, as far as anyone can tell, until the lease ends.
+    await _crashed_claim(store, running, body, timedelta(seconds=LEASE_S / 2), written=True)
+    await _crashed_claim(store, dead, body, timedelta(hours=1), written=True)
+    headers = {"Content-Type": "application/json"}
+    r = await client.post("/things", content=body, headers={**headers, "Idempotency-Key": running})
+    assert r.status_code == 409 and r.json()["code"] == "idempotency_key_in_progress"
+    r = await client.post("/things", content=body, headers={**headers, "Idempotency-Key": dead})
     assert r.status_code == 409 and r.json()["code"] == "idempotency_key_outcome_unknown"
-    assert await _things(store, "f") == 0  # the test's claim stands for a write made elsewhere
+    assert await _things(store, "f") == 0  # the test's claims stand for writes made elsewhere
