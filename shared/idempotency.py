@@ -138,16 +138,16 @@ def _principal(headers: dict[bytes, bytes], verifier: JWTVerifier) -> Principal 
         return None
 
 
-async def _read_body(receive: Receive) -> bytes:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole body, or None if the client went away first (or the body limit cut it off)."""
     chunks: list[bytes] = []
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            break
+            return None
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+            return b"".join(chunks)
 
 
 class IdempotencyMiddleware:
@@ -185,6 +185,8 @@ class IdempotencyMiddleware:
                 "1 to 255 printable ASCII characters, no spaces"))(scope, receive, send)
             return
         body = await _read_body(receive)
+        if body is None:
+            return  # nobody to answer, and a cut-off request must not use up its key
         digest = request_hash("POST", scope["path"], scope.get("query_string", b""), body)
         records = IdempotencyRecords(runtime.store,
                                      timedelta(seconds=runtime.settings.idempotency_lease_s))

@@ -68,7 +68,7 @@ def _router() -> APIRouter:
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, EventStore]]:
     app = create_app(ServiceSpec("idem", _router(), publishes=False), settings.model_copy(update={
-        "consumers_enabled": False, "idempotency_lease_s": LEASE_S}))
+        "consumers_enabled": False, "idempotency_lease_s": LEASE_S, "max_body_bytes": 1024}))
     token = issue_dev_token(settings.jwt_secret, "site_coordinator", "S1", "alice")
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
@@ -181,3 +181,22 @@ async def test_a_first_attempt_that_wrote_is_never_run_again(
     r = await client.post("/things", content=body, headers={**headers, "Idempotency-Key": dead})
     assert r.status_code == 409 and r.json()["code"] == "idempotency_key_outcome_unknown"
     assert await _things(store, "f") == 0  # the test's claims stand for writes made elsewhere
+
+
+async def test_a_body_cut_off_at_the_size_limit_does_not_use_up_its_key(
+        api: tuple[httpx.AsyncClient, EventStore]) -> None:
+    client, store = api
+    key = f"k-{uuid.uuid4()}"
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"name": "'
+        for _ in range(10):
+            yield b"g" * 1000
+        yield b'"}'
+
+    r = await client.post("/things", content=chunked(), headers={
+        "Content-Type": "application/json", "Idempotency-Key": key})
+    assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+    r = await client.post("/things", json={"name": "g"}, headers={"Idempotency-Key": key})
+    assert r.status_code == 201, r.text
+    assert await _things(store, "g") == 1
