@@ -11,15 +11,19 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from fastapi import FastAPI
 
 from services.audit.anchors import Anchorer, check_anchors, read_anchors
 from services.audit.app import create_audit_app
 from shared.auth import issue_dev_token
-from shared.events import AccessDenied
+from shared.events import AUDIT_ANCHORS, AccessDenied
+from shared.kafka import ensure_topics
 from shared.migrate import upgrade
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, utcnow
+from tests.conftest import REAL
 from tests.support import eventually, rewrite_history, tamper
 
 
@@ -93,6 +97,23 @@ async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
     assert caught["first_anchor_mismatch"] == 3  # the first anchor at or after the rewrite
     code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers)
     assert code == 1 and "ok=True" in line and "first_anchor_mismatch=3" in line, line
+
+
+async def test_the_anchors_topic_is_one_partition_kept_forever(settings: Settings) -> None:
+    await ensure_topics(settings, [AUDIT_ANCHORS])
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        [topic] = await admin.describe_topics([AUDIT_ANCHORS])
+        assert len(topic["partitions"]) == 1  # anchors in the order they were made
+        if REAL:  # the embedded broker keeps everything in memory, with no retention to describe
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, AUDIT_ANCHORS)])
+            configs = {entry[0]: entry[1] for resource in response.resources
+                       for entry in resource[4]}
+            assert configs["retention.ms"] == "-1"
+    finally:
+        await admin.close()
 
 
 async def test_a_broken_chain_is_never_anchored(settings: Settings) -> None:
