@@ -21,6 +21,7 @@ from shared.consumer import ConsumerRunner, Handler
 from shared.events import AccessDenied
 from shared.idempotency import IdempotencyMiddleware
 from shared.kafka import broker_reachable, ensure_topics_forever
+from shared.metrics import CountersCollector, Metrics, MetricsMiddleware, metrics_endpoint
 from shared.migrate import upgrade
 from shared.relay import Relay
 from shared.settings import Settings
@@ -135,6 +136,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    install_metrics(app)
     install_problem_handlers(app)
     install_access_logging(app, spec.name)
     app.include_router(health_router(ready))
@@ -163,6 +165,34 @@ def run_beside(app: FastAPI, start: Callable[[FastAPI], Loop]) -> None:
                 await task
 
     app.router.lifespan_context = lifespan
+
+
+def install_metrics(app: FastAPI) -> None:
+    """`GET /metrics` (D28): HTTP answers, the store's head, the relay's lag behind it, and the
+    consumer's records by outcome, read from the running Runtime at each scrape."""
+    metrics = app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every final status
+    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
+
+    async def refresh() -> None:
+        rt: Runtime | None = getattr(app.state, "runtime", None)
+        if rt is None:
+            return
+        head = await rt.store.head()
+        metrics.head.set(head)
+        if rt.relay is not None:
+            metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.name))
+
+    def consumed() -> dict[str, int]:
+        rt: Runtime | None = getattr(app.state, "runtime", None)
+        c = rt.consumer if rt is not None else None
+        return {} if c is None else {"seen": c.records_seen, "handled": c.handled,
+                                     "duplicate": c.duplicates, "dead_lettered": c.dead_lettered}
+
+    app.state.refresh_metrics = refresh
+    metrics.registry.register(CountersCollector(
+        consumed, "trial_consumer_records", "Records this service's consumer took from Kafka",
+        "outcome"))
 
 
 def runtime(request: Request) -> Runtime:

@@ -11,11 +11,13 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.types import Scope
 
 from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
 from services.gateway.routes import ROUTES, Route, match_route, route_for
 from shared.auth import AuthError, JWTVerifier, Principal
+from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.permissions import allowed
 from shared.service import health_router
 from shared.settings import Settings
@@ -55,6 +57,10 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="NCT03424629 trial API", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    # Forwarded requests all match one catch-all route: label them by the public route instead.
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, label=_public_route)
+    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_problem_handlers(app)
     app.include_router(health_router(ready))
 
@@ -114,6 +120,11 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         return await _forward(request, route.service, upstreams[route.service])
 
     return app
+
+
+def _public_route(scope: Scope) -> str:
+    route = match_route(scope["method"], scope["path"])
+    return route.template if route is not None else route_template(scope)
 
 
 def _upstream_url(request: Request, base_url: str) -> httpx.URL:
