@@ -154,6 +154,7 @@ async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
 class AnchorCheck:
     checked: int
     first_mismatch: int | None  # the lowest anchored position the ledger no longer matches
+    through: int | None = None  # the highest anchored position: the chain witnessed up to here
 
 
 async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) -> AnchorCheck:
@@ -167,7 +168,8 @@ async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) ->
                                       .where(events.c.position.in_(chunk)))
             held.update({int(p): str(h) for p, h in rows})
     mismatches = [a.position for a in anchors if held.get(a.position) != a.hash]
-    return AnchorCheck(len(anchors), min(mismatches) if mismatches else None)
+    return AnchorCheck(len(anchors), min(mismatches) if mismatches else None,
+                       max(positions) if positions else None)
 
 
 async def ledger_id(store: EventStore) -> str | None:

@@ -78,11 +78,12 @@ async def verify(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]
     result = await rt.store.verify()
     checked: int | None = None
     mismatch: int | None = None
+    through: int | None = None
     ledger = await ledger_id(rt.store)
     if ledger is not None:
         try:
             found = await check_anchors(rt.store, await read_anchors(rt.settings, ledger))
-            checked, mismatch = found.checked, found.first_mismatch
+            checked, mismatch, through = found.checked, found.first_mismatch, found.through
         except Exception as exc:  # the broker is away: the chain is still checked
             log.warning("could not read the audit anchors: %r", exc)
     else:
@@ -91,7 +92,8 @@ async def verify(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]
             "first_broken_position": result.first_broken_position,
             "head_position": result.events_checked if result.ok else None,
             "head_hash": result.last_hash if result.ok else None,
-            "anchors_checked": checked, "first_anchor_mismatch": mismatch}
+            "anchors_checked": checked, "first_anchor_mismatch": mismatch,
+            "anchored_through": through}
 
 
 @router.get("/export")

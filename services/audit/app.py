@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 
 from services.audit.anchors import Anchorer
 from services.audit.api import router
@@ -22,8 +23,10 @@ def create_audit_app(settings: Settings | None = None) -> FastAPI:
     app = create_app(spec, settings)
 
     def start_anchorer(app: FastAPI) -> Loop:
-        app.state.anchorer = Anchorer(app.state.runtime.store, settings)
-        return app.state.anchorer.run
+        anchorer = app.state.anchorer = Anchorer(app.state.runtime.store, settings)
+        Gauge("trial_audit_anchored_position", "Ledger position of the last anchor published",
+              registry=app.state.metrics.registry).set_function(lambda: anchorer.anchored_position)
+        return anchorer.run
 
     run_beside(app, start_anchorer)
     return app

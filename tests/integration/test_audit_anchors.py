@@ -78,6 +78,9 @@ async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
     clean: dict[str, Any] = (await client.get("/v1/audit/verify")).json()
     assert clean["ok"] is True and clean["first_anchor_mismatch"] is None
     assert clean["anchors_checked"] >= 2 and clean["head_position"] == head
+    assert clean["anchored_through"] == head
+    scraped = (await client.get("/metrics")).text
+    assert f"trial_audit_anchored_position {float(head)}" in scraped
     first = (await store.verify()).first_hash
     assert first is not None
     published = await read_anchors(settings, first)
