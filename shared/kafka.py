@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -55,6 +55,17 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None)
                 pass
     finally:
         await admin.close()
+
+
+async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The topic's partitions as the broker knows them now ([] if it has no such topic).
+
+    aiokafka's public calls either answer from the client's cached metadata or fetch fresh
+    metadata without keeping it, so a group-less reader of a topic the client has not heard of
+    yet would see no partitions: refresh the client's own copy first (no public call does).
+    """
+    await consumer._client.force_metadata_update()
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
 
 
 async def broker_reachable(bootstrap: str, timeout: float = 2.0) -> bool:

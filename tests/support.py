@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db import is_sqlite
+from shared.kafka import known_partitions
 from shared.schema import append_only_ddl, events
 from shared.store import GENESIS_HASH, EventStore, event_hash
 
@@ -43,15 +44,12 @@ async def read_topic(bootstrap: str, topic: str,
     records: list[ConsumerRecord] = []
     try:
         deadline = time.monotonic() + timeout
-        partitions: set[int] = set()
-        while not partitions:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"topic {topic} never appeared")
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.1)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+
+        async def appeared() -> list[TopicPartition]:
+            return await known_partitions(consumer, topic)
+
+        tps = await eventually(appeared, max(0.0, deadline - time.monotonic()),
+                               f"topic {topic} to appear")
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         while not until(records):

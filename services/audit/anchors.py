@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from pydantic import ValidationError
 
 from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
-from shared.kafka import ensure_topics, make_producer
+from shared.kafka import ensure_topics, known_partitions, make_producer
 from shared.schema import events
 from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, utcnow
@@ -114,13 +114,7 @@ async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await consumer.start()
     try:
-        if AUDIT_ANCHORS not in await consumer.topics():
-            return []
-        # topics() reads fresh metadata but does not keep it: have the client's own copy learn
-        # the topic (aiokafka has no public call for this; the tests' read_topic does the same).
-        await consumer._client.force_metadata_update()
-        partitions = [TopicPartition(AUDIT_ANCHORS, p)
-                      for p in sorted(consumer.partitions_for_topic(AUDIT_ANCHORS) or ())]
+        partitions = await known_partitions(consumer, AUDIT_ANCHORS)
         if not partitions:
             return []
         consumer.assign(partitions)
