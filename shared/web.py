@@ -117,8 +117,17 @@ def _repeatable(annotation: Any) -> bool:
         _repeatable(a) for a in typing.get_args(annotation))
 
 
-def _declared_query(route: object) -> dict[str, bool]:
-    """The route's query parameters (its dependencies' too): name -> may it repeat."""
+def _declared_query(route: Any) -> dict[str, bool]:
+    """The route's query parameters (its dependencies' too): name -> may it repeat.
+    Worked out once per route, on its first request, and kept on the route."""
+    cached: dict[str, bool] | None = getattr(route, "_trial_declared_query", None)
+    if cached is None:
+        cached = _walk_query(route)
+        route._trial_declared_query = cached
+    return cached
+
+
+def _walk_query(route: object) -> dict[str, bool]:
     names: dict[str, bool] = {}
     pending = [getattr(route, "dependant", None)]
     while pending:
