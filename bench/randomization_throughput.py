@@ -37,7 +37,8 @@ async def run(url: str, patients: int, concurrency: int, method: str) -> dict[st
     ids = []
     for n in range(patients):
         screened = await commands.screen(store, facts(14.2 if n % 2 else 30.0), WHO, protocol, META)
-        ids.append((await commands.enrol(store, screened.screening_id, WHO, META)).patient_id)
+        ids.append((await commands.enrol(store, screened.screening_id, WHO, protocol, META)
+                    ).patient_id)
     latencies: list[float] = []
     gate = asyncio.Semaphore(concurrency)
 

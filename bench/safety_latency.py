@@ -33,8 +33,8 @@ from aiokafka import AIOKafkaProducer
 from deploy import infra
 from shared.auth import issue_dev_token
 from shared.events import ArmAssigned, CloudEvent, EventData, PatientEnrolled
-from shared.launcher import System
 from shared.store import EventStore, utcnow
+from tooling.launcher import System
 
 SECRET = "bench-" + uuid.uuid4().hex
 SERVICES = ("safety", "dosing")

@@ -19,6 +19,21 @@ class AuthError(Exception):
     """The token is missing, malformed, badly signed, expired or lacks a claim: 401."""
 
 
+class NoBearerToken(AuthError):
+    """No `Authorization: Bearer <token>` header at all."""
+
+    def __init__(self) -> None:
+        super().__init__("A bearer token is required")
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header: the one parser of that header."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise NoBearerToken()
+    return token.strip()
+
+
 @dataclass(frozen=True)
 class Principal:
     sub: str
@@ -36,6 +51,10 @@ class JWTVerifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url) if settings.jwt_jwks_url else None
+
+    def principal(self, authorization: str | None) -> Principal:
+        """The caller named by an `Authorization` header's bearer token; `AuthError` otherwise."""
+        return self.verify(bearer_token(authorization))
 
     def verify(self, token: str) -> Principal:
         try:

@@ -14,13 +14,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic
+from shared.kafka import LazyProducer, quietly
+from shared.retry import Stopped, retry
 from shared.settings import Settings
-from shared.store import EventStore, Transaction
+from shared.store import EventStore, Metadata, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,14 @@ class Delivery:
     event: CloudEvent
     data: EventData | None  # None only for a catch-all ("*") handler and an unknown type
     topic: str
+
+    def caused_by(self) -> Metadata:
+        """Metadata for what a handler writes in answer: the same people and request, caused
+        by this event (its correlation carried on, or started here)."""
+        e = self.event
+        return Metadata(actor=e.actor, role=e.actorrole, site=e.actorsite,
+                        correlation_id=e.correlationid or e.id, causation_id=e.id,
+                        reason=e.reason)
 
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
@@ -46,17 +56,20 @@ class PoisonRecord(Exception):
     """The record itself is bad: no retry will help."""
 
 
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT) or (isinstance(exc, DBAPIError)
+                                          and exc.connection_invalidated)
+
+
 class ConsumerRunner:
     def __init__(self, store: EventStore, settings: Settings, topics: list[str],
-                 handlers: Mapping[str, Handler], group_id: str | None = None,
-                 producer_factory: Callable[[], AIOKafkaProducer] | None = None) -> None:
+                 handlers: Mapping[str, Handler], group_id: str | None = None) -> None:
         self.store = store
         self.settings = settings
         self.topics = topics
         self.handlers = dict(handlers)
         self.group_id = group_id or settings.service_name
-        self._producer_factory = producer_factory
-        self._producer: AIOKafkaProducer | None = None
+        self.dlq = LazyProducer(settings)
         self.records_seen = 0
         self.handled = 0
         self.duplicates = 0
@@ -64,38 +77,35 @@ class ConsumerRunner:
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.2
-        while not stop.is_set():
-            consumer = AIOKafkaConsumer(
-                *self.topics,
-                bootstrap_servers=self.settings.kafka_bootstrap_servers,
-                group_id=self.group_id,
-                client_id=f"{self.settings.service_name}-consumer",
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                metadata_max_age_ms=5000,
-                # How long a fetch may wait for data: a broker that waits it out (the embedded
-                # one) adds it to every hop, so keep it short; Kafka answers as data arrives.
-                fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
-                request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 40_000),
-            )
-            try:
-                await consumer.start()
-                delay = 0.2
-                await self._consume(consumer, stop)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # broker gone or group trouble: reconnect and resume
-                log.warning("consumer %s: %r; reconnecting in %.1fs", self.group_id, exc, delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 5.0)
-            finally:
-                await _quietly(consumer.stop())
-        if self._producer is not None:
-            await _quietly(self._producer.stop())
+        """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
+        last committed offsets."""
+        try:
+            await retry(lambda: self._session(stop), what=f"consumer {self.group_id}", stop=stop,
+                        initial=0.2)
+        except Stopped:
+            pass
+        finally:
+            await self.dlq.drop()
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"{self.settings.service_name}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            metadata_max_age_ms=5000,
+            # How long a fetch may wait for data: a broker that waits it out (the embedded
+            # one) adds it to every hop, so keep it short; Kafka answers as data arrives.
+            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
+            request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 40_000),
+        )
+        try:
+            await consumer.start()
+            await self._consume(consumer, stop)
+        finally:
+            await quietly(consumer.stop())
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -108,32 +118,24 @@ class ConsumerRunner:
                     await consumer.commit({tp: records[-1].offset + 1})
 
     async def handle_record(self, record: ConsumerRecord) -> None:
-        """Handle one record to completion: processed, skipped, or dead-lettered."""
+        """Handle one record to completion: processed, skipped, or dead-lettered.
+
+        A failure of the database or the network is waited out, however long (the record is
+        fine); a handler that fails otherwise gets a few tries, then the record goes to the DLQ.
+        """
         self.records_seen += 1
-        attempt, delay = 0, 0.1
-        while True:
-            attempt += 1
-            try:
-                await self._process(record)
-                return
-            except TRANSIENT as exc:
-                # The record is fine; the database is not. Keep it, retry until it comes back.
-                log.warning("consumer %s: transient failure at %s:%s:%s, retrying: %r",
-                            self.group_id, record.topic, record.partition, record.offset, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                attempt = 0
-            except PoisonRecord as exc:
-                await self._dead_letter(record, str(exc))
-                return
-            except Exception as exc:  # a handler bug or a constraint: a few tries, then DLQ
-                if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                    continue
-                if attempt >= MAX_HANDLER_ATTEMPTS:
-                    await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
-                    return
-                log.warning("consumer %s: handler failed (attempt %d): %r",
-                            self.group_id, attempt, exc)
+        where = f"consumer {self.group_id} at {record.topic}:{record.partition}:{record.offset}"
+
+        async def until_stored() -> None:
+            await retry(lambda: self._process(record), what=where, retry_if=_transient)
+
+        try:
+            await retry(until_stored, what=where, attempts=MAX_HANDLER_ATTEMPTS,
+                        retry_if=lambda e: not isinstance(e, PoisonRecord))
+        except PoisonRecord as exc:
+            await self._dead_letter(record, str(exc))
+        except Exception as exc:  # a handler bug or a constraint, every try
+            await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
 
     async def _process(self, record: ConsumerRecord) -> None:
         try:
@@ -169,38 +171,16 @@ class ConsumerRunner:
             ("dlq_partition", str(record.partition).encode()),
             ("dlq_offset", str(record.offset).encode()),
         ]
-        delay = 0.2
-        while True:  # the offset is not committed until the DLQ has the record
-            try:
-                producer = await self._dlq_producer()
+
+        async def publish() -> None:
+            async with self.dlq.using() as producer:
                 await producer.send_and_wait(dlq_topic(record.topic), value=record.value,
                                              key=record.key, headers=headers)
-                self.dead_lettered += 1
-                return
-            except Exception as exc:
-                log.warning("consumer %s: DLQ publish failed, retrying: %r", self.group_id, exc)
-                if self._producer is not None:
-                    await _quietly(self._producer.stop())
-                    self._producer = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
-    async def _dlq_producer(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            from shared.kafka import make_producer
-
-            producer = (self._producer_factory or (lambda: make_producer(self.settings)))()
-            await producer.start()
-            self._producer = producer
-        return self._producer
+        # The offset is not committed until the DLQ has the record.
+        await retry(publish, what=f"consumer {self.group_id}: DLQ publish", initial=0.2)
+        self.dead_lettered += 1
 
 
 def _short(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-
-
-async def _quietly(awaitable: Awaitable[object]) -> None:
-    try:
-        await awaitable
-    except Exception as exc:  # closing a client that already failed
-        log.debug("close failed: %r", exc)

@@ -197,7 +197,9 @@ class MethotrexateDoseGiven(EventData):
     deviation_reason: str | None = None
 
 
-class DosingHeld(EventData):
+class _DosingHoldChange(EventData):
+    """A hold on preparing and giving doses, for one patient, one arm or the whole trial."""
+
     topic = DOSING
     subject_field = "target"
     scope: Literal["patient", "arm", "trial"]
@@ -208,14 +210,12 @@ class DosingHeld(EventData):
     product: Literal["any", "infusion", "methotrexate"] = "any"
 
 
-class DosingResumed(EventData):
-    topic = DOSING
-    subject_field = "target"
-    scope: Literal["patient", "arm", "trial"]
-    target: str
-    rule_id: str
-    hold_id: str
-    product: Literal["any", "infusion", "methotrexate"] = "any"
+class DosingHeld(_DosingHoldChange):
+    """Stop preparing and giving the product for the hold's scope (a safety rule fired)."""
+
+
+class DosingResumed(_DosingHoldChange):
+    """The hold `hold_id` was lifted by a DSMB decision: preparing may restart."""
 
 
 class DosingScheduleReanchored(EventData):
@@ -314,36 +314,46 @@ class StoppingRuleTriggered(EventData):
     triggered_at: datetime | None = None
 
 
-class PatientDosingHeld(EventData):
+class _SafetyHold(EventData):
+    """A stopping rule's hold: `scope` and `target` say whom it stops until the DSMB lifts it."""
+
     topic = SAFETY
+    scope: ClassVar[Literal["patient", "arm", "trial"]]
     hold_id: str
-    patient_id: str
     rule_id: str
+
+    @property
+    def target(self) -> str:
+        return self.subject()
+
+
+class PatientDosingHeld(_SafetyHold):
+    scope = "patient"
+    patient_id: str
     product: Literal["any", "infusion", "methotrexate"] = "any"
 
 
-class ArmSuspended(EventData):
-    topic = SAFETY
+class ArmSuspended(_SafetyHold):
+    scope = "arm"
     subject_field = "arm"
-    hold_id: str
     arm: Arm
-    rule_id: str
 
 
-class EnrollmentPaused(EventData):
-    topic = SAFETY
+class _TrialHold(_SafetyHold):
+    scope = "trial"
     subject_field = "trial_id"
-    hold_id: str
     trial_id: str
-    rule_id: str
 
 
-class TrialHalted(EventData):
-    topic = SAFETY
-    subject_field = "trial_id"
-    hold_id: str
-    trial_id: str
-    rule_id: str
+class EnrollmentPaused(_TrialHold):
+    """No new randomizations until lifted."""
+
+
+class TrialHalted(_TrialHold):
+    """No randomization and no dosing in the whole trial until lifted."""
+
+
+SafetyHold = PatientDosingHeld | ArmSuspended | EnrollmentPaused | TrialHalted
 
 
 class SafetyHoldLifted(EventData):
@@ -463,7 +473,7 @@ def _catalogue() -> dict[str, type[EventData]]:
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        if cls.__module__ == __name__:
+        if cls.__module__ == __name__ and not cls.__name__.startswith("_"):  # not the bases
             found[cls.event_type()] = cls
     return dict(sorted(found.items()))
 

@@ -129,11 +129,8 @@ class IdempotencyRecords:
 
 
 def _principal(headers: dict[bytes, bytes], verifier: JWTVerifier) -> Principal | None:
-    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
     try:
-        return verifier.verify(token.strip())
+        return verifier.principal(headers.get(b"authorization", b"").decode("latin-1"))
     except AuthError:
         return None
 

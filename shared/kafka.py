@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from shared.events import AUDIT_ANCHORS, TOPICS, dlq_topic
+from shared.retry import Stopped, retry
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,54 @@ def make_producer(settings: Settings) -> AIOKafkaProducer:
         request_timeout_ms=settings.kafka_request_timeout_ms,
         client_id=f"{settings.service_name}-producer",
     )
+
+
+class LazyProducer:
+    """The one way a process holds a producer: made and started on first use, dropped after a
+    failure (so the next use reconnects), stopped at the end. Relay, DLQ and anchorer use it."""
+
+    def __init__(self, settings: Settings,
+                 before_start: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.settings = settings
+        self._before_start = before_start
+        self._producer: AIOKafkaProducer | None = None
+
+    async def get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            if self._before_start is not None:
+                await self._before_start()
+            producer = make_producer(self.settings)
+            try:
+                await producer.start()
+            except BaseException:
+                await quietly(producer.stop())
+                raise
+            self._producer = producer
+        return self._producer
+
+    @contextlib.asynccontextmanager
+    async def using(self) -> AsyncIterator[AIOKafkaProducer]:
+        """The producer, dropped if the block fails (so a retry starts on a fresh connection)."""
+        producer = await self.get()
+        try:
+            yield producer
+        except Exception:
+            await self.drop()
+            raise
+
+    async def drop(self) -> None:
+        """Stop and forget the producer (after a failure, or at the end); never raises."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await quietly(producer.stop())
+
+
+async def quietly(awaitable: Awaitable[object]) -> None:
+    """Await a client's close; one that already failed may fail again, which changes nothing."""
+    try:
+        await awaitable
+    except Exception as exc:
+        log.debug("close failed: %r", exc)
 
 
 def _new_topic(name: str, partitions: int) -> NewTopic:
@@ -84,15 +134,6 @@ async def broker_reachable(bootstrap: str, timeout: float = 2.0) -> bool:
 
 async def ensure_topics_forever(settings: Settings, stop: asyncio.Event) -> None:
     """Retry topic creation until the broker answers (it may start after the service)."""
-    delay = 0.2
-    while not stop.is_set():
-        try:
-            await ensure_topics(settings)
-            return
-        except Exception as exc:  # any broker failure: wait and try again
-            log.warning("topic creation failed, retrying in %.1fs: %s", delay, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, 5.0)
+    with contextlib.suppress(Stopped):
+        await retry(lambda: ensure_topics(settings), what="topic creation", stop=stop,
+                    initial=0.2)

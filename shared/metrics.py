@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+from fastapi import FastAPI
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -103,3 +104,31 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     refresh = getattr(request.app.state, "refresh_metrics", None)
     return await metrics.response(refresh)
+
+
+def install_service_metrics(app: FastAPI) -> None:
+    """`GET /metrics` on a service: HTTP answers, the store's head, the relay's lag behind it, and
+    the consumer's records by outcome, read from the running runtime at each scrape."""
+    metrics = app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every final status
+    app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
+
+    async def refresh() -> None:
+        rt = getattr(app.state, "runtime", None)
+        if rt is None:
+            return
+        head = await rt.store.head()
+        metrics.head.set(head)
+        if rt.relay is not None:
+            metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.name))
+
+    def consumed() -> dict[str, int]:
+        rt = getattr(app.state, "runtime", None)
+        c = rt.consumer if rt is not None else None
+        return {} if c is None else {"seen": c.records_seen, "handled": c.handled,
+                                     "duplicate": c.duplicates, "dead_lettered": c.dead_lettered}
+
+    app.state.refresh_metrics = refresh
+    metrics.registry.register(CountersCollector(
+        consumed, "trial_consumer_records", "Records this service's consumer took from Kafka",
+        "outcome"))

@@ -1,11 +1,12 @@
-"""The permission matrix, enforced at the gateway and again in every service."""
+"""The permission matrix, enforced at the gateway and again in every service. Pure: a refusal is a
+`Refused` (403 `forbidden`, or 404 `patient_not_found` for another site's patient)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
 
 from shared.auth import SITE_ROLES, Principal
-from shared.web import Problem
+from shared.errors import Refused
 
 
 class Action(StrEnum):
@@ -41,7 +42,7 @@ def allowed(who: Principal, action: Action) -> bool:
 def authorize(who: Principal, action: Action) -> None:
     """403 unless the caller's role may do `action` at all."""
     if not allowed(who, action):
-        raise Problem(403, "forbidden", f"Role {who.role} may not {action.value.replace('_', ' ')}")
+        raise Refused("forbidden", f"Role {who.role} may not {action.value.replace('_', ' ')}")
 
 
 def sees_site(who: Principal, site_id: str | None) -> bool:
@@ -52,7 +53,7 @@ def authorize_patient(who: Principal, action: Action, site_id: str | None) -> No
     """For an existing patient: another site's patient is 404 (its existence must not leak),
     then 403 if the role may not do `action`."""
     if not sees_site(who, site_id):
-        raise Problem(404, "patient_not_found", "No such patient")
+        raise Refused("patient_not_found", "No such patient")
     authorize(who, action)
 
 
@@ -60,4 +61,4 @@ def authorize_site(who: Principal, action: Action, site_id: str) -> None:
     """For a new record at a site the caller names (a screening): 403 for another site."""
     authorize(who, action)
     if not sees_site(who, site_id):
-        raise Problem(403, "forbidden", "Site roles act only on their own site")
+        raise Refused("forbidden", "Site roles act only on their own site")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
-
 from shared.events import model_for
+from shared.kafka import LazyProducer
+from shared.retry import Stopped, retry
 from shared.settings import Settings
 from shared.store import EventStore, RecordedEvent
 
@@ -24,38 +23,32 @@ class Relay:
     service's writes are unaffected, since they only touch the database.
     """
 
-    def __init__(self, store: EventStore, settings: Settings,
-                 producer_factory: Callable[[], AIOKafkaProducer] | None = None,
-                 name: str = "kafka") -> None:
+    def __init__(self, store: EventStore, settings: Settings, name: str = "kafka") -> None:
         self.store = store
         self.settings = settings
         self.name = name
         self.source = f"/services/{settings.service_name}"
-        self._factory = producer_factory or (lambda: _default_producer(settings))
-        self._producer: AIOKafkaProducer | None = None
+        self.producer = LazyProducer(settings)
         self.published_position = 0
         self.healthy = True  # false while the last publish attempt failed
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.1
-        while not stop.is_set():
-            try:
-                moved = await self.publish_pending()
-                delay = 0.1
+        try:
+            while not stop.is_set():
+                moved = await retry(self._publish_or_drop, what=f"relay {self.name}", stop=stop)
                 if not moved:
                     await self._wait(stop)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the broker or the database failed: retry the same batch
-                self.healthy = False
-                log.warning("relay %s: publish failed, retrying in %.1fs: %r", self.name, delay, exc)
-                await self._drop_producer()
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except TimeoutError:
-                    pass
-                delay = min(delay * 2, 5.0)
-        await self._drop_producer()
+        except Stopped:
+            pass
+        finally:
+            await self.producer.drop()
+
+    async def _publish_or_drop(self) -> int:
+        try:
+            return await self.publish_pending()
+        except Exception:  # the broker or the database failed: retry the same batch
+            self.healthy = False
+            raise
 
     async def _wait(self, stop: asyncio.Event) -> None:
         waiter = asyncio.ensure_future(
@@ -71,11 +64,11 @@ class Relay:
         batch = await self.store.read_all(after=checkpoint, limit=self.settings.relay_batch_size)
         if not batch:
             return 0
-        producer = await self._ensure_producer()
-        # send() queues in order; the client keeps one request in flight per broker, so the
-        # records of one partition land in the order queued.
-        futures = [await producer.send(**self._record(event)) for event in batch]
-        await asyncio.gather(*futures)
+        async with self.producer.using() as producer:
+            # send() queues in order; the client keeps one request in flight per broker, so the
+            # records of one partition land in the order queued.
+            futures = [await producer.send(**self._record(event)) for event in batch]
+            await asyncio.gather(*futures)
         async with self.store.transaction() as tx:
             await tx.save_checkpoint(self.name, batch[-1].position)
         self.published_position = batch[-1].position
@@ -91,28 +84,3 @@ class Relay:
             "headers": [("content-type", b"application/cloudevents+json"),
                         ("ce_type", event.type.encode())],
         }
-
-    async def _ensure_producer(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            producer = self._factory()
-            try:
-                await producer.start()
-            except BaseException:
-                await producer.stop()
-                raise
-            self._producer = producer
-        return self._producer
-
-    async def _drop_producer(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            try:
-                await producer.stop()
-            except Exception as exc:  # stopping a broken client must not stop the relay
-                log.debug("relay %s: producer stop failed: %r", self.name, exc)
-
-
-def _default_producer(settings: Settings) -> AIOKafkaProducer:
-    from shared.kafka import make_producer
-
-    return make_producer(settings)

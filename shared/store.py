@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shared.db import create_engine, is_sqlite
+from shared.errors import ConcurrencyError
 from shared.events import CloudEvent, EventData, canonical_json, model_for
 from shared.schema import checkpoints, events, processed_events
 
@@ -25,12 +26,8 @@ GENESIS_HASH = "0" * 64
 _APPEND_LOCK_KEY = 7_301_000_001
 
 
-class ConcurrencyError(Exception):
-    """The stream moved on since the caller read it: reload and retry, or answer 409."""
-
-    def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
-        super().__init__(f"stream {stream_id!r}: expected version {expected}, found {actual}")
-        self.stream_id, self.expected, self.actual = stream_id, expected, actual
+__all__ = ["ConcurrencyError", "EventFilter", "EventStore", "Metadata", "NewEvent",
+           "RecordedEvent", "Transaction"]
 
 
 def utcnow() -> datetime:
@@ -160,6 +157,44 @@ class StreamReader(Protocol):
     async def read_stream(self, stream_id: str) -> list[RecordedEvent]: ...
 
 
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a read returns (every condition must hold; unset ones hold for all).
+
+    Metadata conditions compare the text of one metadata key: equal to a value, or within
+    [low, high) (either bound may be None), as the audit ledger's filters on time need.
+    """
+
+    stream_ids: tuple[str, ...] | None = None
+    types: tuple[str, ...] | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    metadata_range: Mapping[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+    def clauses(self) -> list[sa.ColumnElement[bool]]:
+        meta = events.c.metadata
+        found: list[sa.ColumnElement[bool]] = []
+        if self.stream_ids is not None:
+            found.append(events.c.stream_id.in_(self.stream_ids))
+        if self.types is not None:
+            found.append(events.c.type.in_(self.types))
+        found += [meta[key].as_string() == value for key, value in self.metadata.items()]
+        for key, (low, high) in self.metadata_range.items():
+            if low is not None:
+                found.append(meta[key].as_string() >= low)
+            if high is not None:
+                found.append(meta[key].as_string() < high)
+        return found
+
+
+EVERYTHING = EventFilter()
+
+
+def _after(after: int, limit: int | None, where: EventFilter) -> sa.Select[Any]:
+    q = events.select().where(events.c.position > after, *where.clauses()).order_by(
+        events.c.position)
+    return q if limit is None else q.limit(limit)
+
+
 class Transaction:
     """One write transaction holding the store's append lock: appends, reads, consumer bookkeeping."""
 
@@ -175,6 +210,15 @@ class Transaction:
     async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
         q = events.select().where(events.c.stream_id == stream_id).order_by(events.c.stream_version)
         return [_to_recorded(r) for r in await self.conn.execute(q)]
+
+    async def read_all(self, after: int = 0, limit: int | None = None,
+                       where: EventFilter = EVERYTHING) -> list[RecordedEvent]:
+        """Events after position `after`, in position order, inside this transaction."""
+        return [_to_recorded(r) for r in await self.conn.execute(_after(after, limit, where))]
+
+    async def has_event(self, event_id: str) -> bool:
+        q = sa.select(sa.literal(1)).where(events.c.event_id == event_id)
+        return (await self.conn.execute(q)).first() is not None
 
     async def append(self, stream_id: str, new_events: Sequence[NewEvent],
                      expected_version: int | None) -> list[RecordedEvent]:
@@ -307,11 +351,28 @@ class EventStore:
                 events.c.stream_version)
             return [_to_recorded(r) for r in await conn.execute(q)]
 
-    async def read_all(self, after: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+    async def read_all(self, after: int = 0, limit: int | None = 1000,
+                       where: EventFilter = EVERYTHING) -> list[RecordedEvent]:
+        """Events after position `after` that match `where`, in position order."""
         async with self.read_engine.connect() as conn:
-            q = events.select().where(events.c.position > after).order_by(
-                events.c.position).limit(limit)
-            return [_to_recorded(r) for r in await conn.execute(q)]
+            return [_to_recorded(r) for r in await conn.execute(_after(after, limit, where))]
+
+    async def stream_ids(self, event_type: str) -> list[str]:
+        """Every stream holding at least one event of `event_type`, sorted."""
+        q = sa.select(events.c.stream_id).where(events.c.type == event_type).distinct()
+        async with self.read_engine.connect() as conn:
+            return sorted(r[0] for r in await conn.execute(q))
+
+    async def hashes_at(self, positions: Iterable[int]) -> dict[int, str]:
+        """The hash stored at each of these positions (a position past the head is absent)."""
+        wanted = sorted(set(positions))
+        found: dict[int, str] = {}
+        async with self.read_engine.connect() as conn:
+            for i in range(0, len(wanted), 500):
+                rows = await conn.execute(sa.select(events.c.position, events.c.hash).where(
+                    events.c.position.in_(wanted[i:i + 500])))
+                found.update({int(p): str(h) for p, h in rows})
+        return found
 
     async def head(self) -> int:
         async with self.read_engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""HTTP conventions shared by the gateway and every service: problem+json, request ids, health."""
+"""HTTP conventions shared by the gateway and every service: problem+json (and the one table from a
+domain's refusal code to its HTTP status), request ids, body limits, strict query strings."""
 
 from __future__ import annotations
 
@@ -7,16 +8,20 @@ import re
 import types
 import typing
 import uuid
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from datetime import date, datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.auth import AuthError, NoBearerToken
+from shared.errors import ConcurrencyError, Refused
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +65,74 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  504: "gateway_timeout"}
 
 
-def install_problem_handlers(app: FastAPI) -> None:
+# Every code a domain or the permission matrix refuses with, and its HTTP status: the one place a
+# refusal becomes a status. tests/unit/test_refusal_codes.py finds every code raised in the code.
+REFUSAL_STATUS: dict[str, int] = {
+    # the permission matrix
+    "forbidden": 403, "patient_not_found": 404,
+    # randomization
+    "screening_not_found": 404, "not_eligible": 422, "already_enrolled": 409,
+    "already_randomized": 409, "withdrawn": 409, "trial_halted": 409, "enrollment_paused": 409,
+    "arm_suspended": 409, "enrollment_closed": 409, "crossover_disabled": 409,
+    "not_randomized": 409, "already_crossed_over": 409, "crossover_not_allowed": 422,
+    "crossover_too_early": 409,
+    # dosing
+    "wrong_arm": 422, "not_a_dosing_week": 422, "already_given": 409, "visit_cancelled": 409,
+    "dosing_held": 409, "given_in_future": 422, "dose_out_of_range": 422, "out_of_window": 422,
+    "dose_mismatch": 422,
+    # safety
+    "onset_in_future": 422, "adverse_event_not_found": 404, "empty_follow_up": 422,
+    "resolved_before_onset": 422, "validation_error": 422, "collected_in_future": 422,
+    "hold_not_found": 404, "no_active_hold": 409,
+}
+
+
+def refusal_problem(refused: Refused) -> Problem:
+    status = REFUSAL_STATUS.get(refused.code)
+    if status is None:  # a code missing from the table is our bug, but still the caller's refusal
+        log.error("refusal code %r has no HTTP status in REFUSAL_STATUS; answering 422",
+                  refused.code)
+        status = 422
+    return Problem(status, refused.code, refused.message, **refused.details)
+
+
+CONFLICT = Problem(409, "conflict", "The record changed while this request ran; retry")
+
+
+def problem_for(error: Refused | ConcurrencyError) -> Problem:
+    """What a caller is answered for a command's domain error."""
+    if isinstance(error, Refused):
+        return refusal_problem(error)
+    # Another writer (a replica, a concurrent request) moved the stream: nothing was written.
+    return CONFLICT
+# Called with every problem a request is answered with (the services log refused writes, D19).
+OnProblem = Callable[[Request, Problem], Awaitable[None]]
+
+
+def install_problem_handlers(app: FastAPI, on_problem: OnProblem | None = None) -> None:
+    """Problems, domain refusals, version conflicts, validation and HTTP errors: problem+json."""
+
+    async def answer(request: Request, problem: Problem) -> JSONResponse:
+        if on_problem is not None:
+            await on_problem(request, problem)
+        return problem_response(problem,
+                                {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
+
     @app.exception_handler(Problem)
-    async def _problem(_: Request, exc: Problem) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return problem_response(exc, headers)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return await answer(request, exc)
+
+    @app.exception_handler(Refused)
+    @app.exception_handler(ConcurrencyError)
+    async def _domain(request: Request, exc: Refused | ConcurrencyError) -> JSONResponse:
+        return await answer(request, problem_for(exc))
+
+    @app.exception_handler(AuthError)
+    async def _unauthenticated(request: Request, exc: AuthError) -> JSONResponse:
+        if isinstance(exc, NoBearerToken):
+            return await answer(request, Problem(401, "unauthorized", str(exc)))
+        return await answer(request, Problem(401, "unauthorized", "The bearer token is not valid",
+                                             detail=str(exc)))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -158,6 +226,24 @@ async def reject_unknown_query(request: Request) -> None:
                            "type": "repeated_parameter"})
     if errors:
         raise Problem(422, "validation_error", "Request is not valid", errors=errors[:20])
+
+
+def health_router(ready: Callable[[Request], Awaitable[dict[str, bool]]]) -> APIRouter:
+    """`/healthz` (the process answers) and `/readyz` (every dependency `ready` checks is up)."""
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz")
+    async def readyz(request: Request) -> dict[str, object]:
+        checks = await ready(request)
+        if not all(checks.values()):
+            raise Problem(503, "not_ready", "Not ready", checks=checks)
+        return {"status": "ready", "checks": checks}
+
+    return router
 
 
 def internal_error(request_id: str | None) -> JSONResponse:

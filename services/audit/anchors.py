@@ -12,16 +12,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
-from shared.kafka import ensure_topics, known_partitions, make_producer
-from shared.schema import events
+from shared.kafka import LazyProducer, ensure_topics, known_partitions
 from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, utcnow
 
@@ -31,12 +28,13 @@ log = logging.getLogger(__name__)
 class Anchorer:
     """Publishes the verified chain head whenever it has moved, at most once per interval."""
 
-    def __init__(self, store: EventStore, settings: Settings,
-                 producer_factory: Callable[[Settings], AIOKafkaProducer] = make_producer) -> None:
+    def __init__(self, store: EventStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
-        self._factory = producer_factory
-        self._producer: AIOKafkaProducer | None = None
+        # The topic is made before the first anchor, so that a broker's auto-creation never
+        # gives it its default retention (days) instead of forever.
+        self.producer = LazyProducer(
+            settings, before_start=lambda: ensure_topics(settings, [AUDIT_ANCHORS]))
         self.anchored_position, self.anchored_hash = 0, GENESIS_HASH
         self.ledger: str | None = None
         self.broken_at: int | None = None  # a chain that does not verify is never vouched for
@@ -67,10 +65,11 @@ class Anchorer:
                            type="AuditChainAnchored", subject=anchor.subject(),
                            time=anchor.anchored_at, data=anchor.model_dump(mode="json"),
                            sequence=anchor.position)
-        producer = await self._ensure_producer()
-        await producer.send_and_wait(AUDIT_ANCHORS, cloud.to_bytes(), key=anchor.ledger.encode(),
-                                     headers=[("content-type", b"application/cloudevents+json"),
-                                              ("ce_type", b"AuditChainAnchored")])
+        async with self.producer.using() as producer:
+            await producer.send_and_wait(
+                AUDIT_ANCHORS, cloud.to_bytes(), key=anchor.ledger.encode(),
+                headers=[("content-type", b"application/cloudevents+json"),
+                         ("ce_type", b"AuditChainAnchored")])
         self.anchored_position, self.anchored_hash = anchor.position, anchor.hash
         return anchor
 
@@ -80,29 +79,12 @@ class Anchorer:
                 await self.anchor_once()
             except Exception as exc:  # broker away: the next round tries again
                 log.warning("could not anchor the audit chain: %r", exc)
-                await self._close_producer()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.audit_anchor_interval_s)
         await self.close()
 
     async def close(self) -> None:
-        await self._close_producer()
-
-    async def _ensure_producer(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            # Made before the first anchor, so that a broker's auto-creation never gives the
-            # topic its default retention (days) instead of forever.
-            await ensure_topics(self.settings, [AUDIT_ANCHORS])
-            producer = self._factory(self.settings)
-            await producer.start()
-            self._producer = producer
-        return self._producer
-
-    async def _close_producer(self) -> None:
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        await self.producer.drop()
 
 
 async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
@@ -154,13 +136,7 @@ class AnchorCheck:
 async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) -> AnchorCheck:
     """Each anchor's position must still hold its hash; a missing row is a mismatch too."""
     positions = sorted({a.position for a in anchors})
-    held: dict[int, str] = {}
-    async with store.read_engine.connect() as conn:
-        for i in range(0, len(positions), 500):
-            chunk = positions[i:i + 500]
-            rows = await conn.execute(sa.select(events.c.position, events.c.hash)
-                                      .where(events.c.position.in_(chunk)))
-            held.update({int(p): str(h) for p, h in rows})
+    held = await store.hashes_at(positions)
     mismatches = [a.position for a in anchors if held.get(a.position) != a.hash]
     return AnchorCheck(len(anchors), min(mismatches) if mismatches else None,
                        max(positions) if positions else None)
@@ -168,6 +144,4 @@ async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) ->
 
 async def ledger_id(store: EventStore) -> str | None:
     """The hash at position 1: the name this ledger's anchors carry."""
-    async with store.read_engine.connect() as conn:
-        found = await conn.execute(sa.select(events.c.hash).where(events.c.position == 1))
-        return found.scalar_one_or_none()
+    return (await store.hashes_at([1])).get(1)

@@ -5,21 +5,19 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
+from services.audit import query
 from services.audit.anchors import check_anchors, ledger_id, read_anchors
 from services.audit.export import export_stream
-from services.audit.query import Filters, entry, history_order, page_query
+from services.audit.query import Filters
+from shared.deps import CurrentPrincipal, CurrentRuntime
 from shared.permissions import Action, authorize
-from shared.schema import events
-from shared.service import CurrentPrincipal, CurrentRuntime
 from shared.web import IsoDateTime, Problem
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
-HISTORY_CAP = 10_000
 
 
 def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
@@ -40,11 +38,9 @@ async def list_events(
 ) -> dict[str, object]:
     """Ledger order (arrival order); `next_cursor` continues after the last entry returned."""
     authorize(who, Action.AUDIT)
-    async with rt.store.read_engine.connect() as conn:
-        rows = [dict(r._mapping) for r in
-                await conn.execute(page_query(chosen, int(cursor or 0), limit + 1))]
-    more = len(rows) > limit
-    items = [entry(r) for r in rows[:limit]]
+    found = await query.page(rt.store, chosen, int(cursor or 0), limit + 1)
+    more = len(found) > limit
+    items = found[:limit]
     return {"items": items, "next_cursor": str(items[-1]["position"]) if more else None}
 
 
@@ -53,18 +49,11 @@ async def patient_history(patient_id: str, who: CurrentPrincipal,
                           rt: CurrentRuntime) -> dict[str, object]:
     """Everything about one patient across services, from screening on, causes before effects."""
     authorize(who, Action.AUDIT)
-    async with rt.store.read_engine.connect() as conn:
-        enrolled = await conn.execute(sa.select(events.c.data).where(
-            events.c.stream_id == patient_id, events.c.type == "PatientEnrolled"))
-        screenings = [d["screening_id"] for (d,) in enrolled if d.get("screening_id")]
-        rows = await conn.execute(events.select().where(
-            events.c.stream_id.in_([patient_id, *screenings])).order_by(
-            events.c.position).limit(HISTORY_CAP))
-        items = [entry(dict(r._mapping)) for r in rows]
+    items = await query.patient_history(rt.store, patient_id)
     if not items:
         raise Problem(404, "patient_not_found", "The ledger holds nothing about this patient")
     return {"patient_id": patient_id, "order": "source time; a cause always before its effects",
-            "items": history_order(items)}
+            "items": items}
 
 
 @router.get("/verify")

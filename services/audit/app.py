@@ -7,14 +7,14 @@ from prometheus_client import Gauge
 
 from services.audit.anchors import Anchorer
 from services.audit.api import router
-from services.audit.handlers import record
-from shared.consumer import ANY_TYPE
+from services.audit.handlers import handlers
+from shared.app import create_app, run_beside
 from shared.events import LEDGER_TOPICS
-from shared.service import Loop, ServiceSpec, create_app, run_beside
+from shared.runtime import Loop, ServiceSpec
 from shared.settings import Settings
 
-spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS),
-                   handlers={ANY_TYPE: record}, publishes=False)
+spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS), handlers=handlers,
+                   publishes=False)
 
 
 def create_audit_app(settings: Settings | None = None) -> FastAPI:

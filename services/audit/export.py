@@ -8,7 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.audit.query import Filters, entry, page_query
+from services.audit.query import Filters, page
 from shared.store import EventStore
 
 BATCH = 500
@@ -42,15 +42,8 @@ async def export_stream(store: EventStore, filters: Filters, fmt: str) -> AsyncI
     if fmt == "csv":
         yield csv_line(list(CSV_COLUMNS)).encode()
     after = 0
-    while True:
-        async with store.read_engine.connect() as conn:
-            rows = [dict(r._mapping) for r in await conn.execute(page_query(filters, after, BATCH))]
-        if not rows:
-            return
-        lines = []
-        for row in rows:
-            item = entry(row)
-            lines.append(csv_line(csv_row(item)) if fmt == "csv"
-                         else json.dumps(item, separators=(",", ":"), default=str) + "\n")
-        yield "".join(lines).encode()
-        after = rows[-1]["position"]
+    while items := await page(store, filters, after, BATCH):
+        yield "".join(csv_line(csv_row(item)) if fmt == "csv"
+                      else json.dumps(item, separators=(",", ":"), default=str) + "\n"
+                      for item in items).encode()
+        after = items[-1]["position"]

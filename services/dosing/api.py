@@ -8,17 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.dosing import domain
+from services.dosing import commands, domain
 from services.dosing import holds as holding
-from services.dosing.config import protocol
-from services.dosing.handlers import load_holds, load_record
-from shared.auth import Principal
 from shared.clock import Clock, SystemClock
+from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
 from shared.events import EventData
-from shared.permissions import Action, authorize_patient
-from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
-from shared.store import ConcurrencyError, EventStore, NewEvent
-from shared.web import IsoAwareDateTime, Problem
+from shared.web import IsoAwareDateTime
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
 Reason = Annotated[str, Field(min_length=3, max_length=2000)]
@@ -53,14 +48,7 @@ class MethotrexateDoseRequest(BaseModel):
 
 @router.get("/patients/{patient_id}/schedule")
 async def schedule(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
-    stream = await rt.store.read_stream(domain.schedule_stream(patient_id))
-    record = domain.fold(e.payload() for e in stream)
-    authorize_patient(who, Action.READ_PATIENT, record.site_id)
-    cur = record.current
-    if cur is None:
-        raise Problem(404, "patient_not_found", "No such patient")
-    holds = holding.fold(e.payload() for e in await rt.store.read_stream(holding.HOLDS_STREAM))
-    return schedule_view(record, holds)
+    return schedule_view(*await commands.schedule(rt.store, patient_id, who))
 
 
 def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str, object]:
@@ -83,26 +71,6 @@ def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str
     }
 
 
-async def record_dose(store: EventStore, patient_id: str, who: Principal,
-                      command: domain.RecordInfusion | domain.RecordMethotrexateDose,
-                      reason: str | None) -> list[EventData]:
-    """Decide and append in one store transaction: the holds read here are the holds in force
-    when the dose commits, so a hold consumed before the dose is always enforced, and of two
-    posts for one visit the second reads the first one's dose (or loses the version race)."""
-    try:
-        async with store.transaction() as tx:
-            record, version = await load_record(tx, patient_id)
-            authorize_patient(who, Action.DOSE, record.site_id)
-            holds, _ = await load_holds(tx)
-            new = domain.decide_dose(record, holds, command, protocol())
-            meta = metadata_for(who, reason=reason)
-            await tx.append(domain.schedule_stream(patient_id),
-                            [NewEvent.of(e, meta) for e in new], version)
-    except ConcurrencyError as exc:  # another replica recorded something for this patient
-        raise Problem(409, "conflict", "The patient's dosing record changed; retry") from exc
-    return new
-
-
 def _dose_body(new: list[EventData]) -> dict[str, object]:
     body: dict[str, object] = {**new[0].model_dump(mode="json"), "status": "given"}
     for extra in new[1:]:
@@ -113,19 +81,25 @@ def _dose_body(new: list[EventData]) -> dict[str, object]:
 
 @router.post("/patients/{patient_id}/infusions", status_code=201)
 async def record_infusion(patient_id: str, body: InfusionRequest, who: CurrentPrincipal,
-                          rt: CurrentRuntime, now: CurrentClock) -> dict[str, object]:
+                          rt: CurrentRuntime, protocol: CurrentProtocol,
+                          now: CurrentClock) -> dict[str, object]:
     command = domain.RecordInfusion(
         infusion_id=str(uuid.uuid4()), week=body.week, given_at=body.given_at,
         weight_kg=body.weight_kg, cells_administered=body.cells_administered,
         lot_number=body.lot_number, deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await record_dose(rt.store, patient_id, who, command, body.deviation_reason))
+    return _dose_body(await commands.record_dose(
+        rt.store, patient_id, who, command, protocol,
+        metadata_for(who, reason=body.deviation_reason)))
 
 
 @router.post("/patients/{patient_id}/methotrexate-doses", status_code=201)
 async def record_methotrexate_dose(patient_id: str, body: MethotrexateDoseRequest,
                                    who: CurrentPrincipal, rt: CurrentRuntime,
+                                   protocol: CurrentProtocol,
                                    now: CurrentClock) -> dict[str, object]:
     command = domain.RecordMethotrexateDose(
         dose_id=str(uuid.uuid4()), week=body.week, dose_mg=body.dose_mg, given_at=body.given_at,
         deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await record_dose(rt.store, patient_id, who, command, body.deviation_reason))
+    return _dose_body(await commands.record_dose(
+        rt.store, patient_id, who, command, protocol,
+        metadata_for(who, reason=body.deviation_reason)))

@@ -5,26 +5,26 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.dosing.api import router
-from services.dosing.config import protocol
-from services.dosing.handlers import HANDLERS
+from services.dosing.handlers import handlers
 from services.dosing.sweep import Sweeper
+from shared.app import create_app, run_beside
 from shared.clock import SystemClock
 from shared.events import ENROLLMENT, SAFETY
-from shared.service import Loop, ServiceSpec, create_app, run_beside
+from shared.runtime import Loop, ServiceSpec
 from shared.settings import Settings
 
-spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], handlers=HANDLERS)
+spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], handlers=handlers)
 
 
 def create_dosing_app(settings: Settings | None = None) -> FastAPI:
     """The service app plus its missed-visit sweep, which runs beside the relay and consumer."""
     settings = settings or Settings(service_name="dosing")
-    protocol()  # a protocol configuration that does not validate stops start-up, not a visit
-    app = create_app(spec, settings)
+    app = create_app(spec, settings)  # reads the protocol: a bad version folder stops the start
     app.state.clock = SystemClock()
 
     def start_sweeper(app: FastAPI) -> Loop:
-        app.state.sweeper = Sweeper(app.state.runtime.store, app.state.clock,
+        rt = app.state.runtime
+        app.state.sweeper = Sweeper(rt.store, app.state.clock, rt.protocol,
                                     settings.dosing_sweep_interval_s)
         return app.state.sweeper.run
 

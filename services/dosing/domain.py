@@ -1,4 +1,9 @@
-"""Pure dosing domain: a patient's calendars, the doses given, and the guards on a new dose. No I/O."""
+"""Pure dosing domain: a patient's calendars, the doses given, and the guards on a new dose.
+
+One aggregate in the decider shape (`records(protocol)`): the patient's dosing record, stream
+`schedule-<patient id>`, commanded by enrolment events (a calendar, a withdrawal, a crossover),
+by a dose to record (with the holds in force), and by the missed-visit sweep. No I/O.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Literal
 from services.dosing import calendar
 from services.dosing import holds as holding
 from shared import decider
+from shared.decider import Decider
+from shared.errors import Refused
 from shared.events import (
     Arm,
     ArmAssigned,
@@ -27,7 +34,6 @@ from shared.events import (
     VisitsCancelled,
 )
 from shared.protocol import ProtocolConfig
-from shared.web import Problem
 
 Status = Literal["planned", "given", "missed", "cancelled"]
 # A dose may be recorded a little ahead of the server's clock (site clocks drift), not more.
@@ -234,48 +240,50 @@ class RecordMethotrexateDose:
     now: datetime
 
 
-def decide_dose(state: DosingRecord, holds: holding.Holds,
-                command: RecordInfusion | RecordMethotrexateDose,
+DoseCommand = RecordInfusion | RecordMethotrexateDose
+
+
+def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
                 protocol: ProtocolConfig) -> list[EventData]:
     """The guards on a dose, in order; the dose (and day 0, and any deviation) if all pass."""
     kind: holding.DoseKind = "infusion" if isinstance(command, RecordInfusion) else "methotrexate"
     cur = state.current
     if cur is None or state.patient_id is None or state.site_id is None:
-        raise Problem(404, "patient_not_found", "No such patient")
+        raise Refused("patient_not_found", "No such patient")
     if state.withdrawn:
-        raise Problem(409, "withdrawn", "The patient has withdrawn; no further doses")
+        raise Refused("withdrawn", "The patient has withdrawn; no further doses")
     arm = protocol.arms[cur.arm]
     if arm.kind != kind:
-        raise Problem(422, "wrong_arm", f"The patient's arm {cur.arm} receives no {kind}",
+        raise Refused("wrong_arm", f"The patient's arm {cur.arm} receives no {kind}",
                       arm=cur.arm)
     slot = next((s for s in cur.slots if (s.visit.kind, s.visit.week) == (kind, command.week)),
                 None)
     if slot is None:
-        raise Problem(422, "not_a_dosing_week", f"Week {command.week} has no {kind} in arm "
+        raise Refused("not_a_dosing_week", f"Week {command.week} has no {kind} in arm "
                       f"{cur.arm}", dose_weeks=list(arm.dose_weeks))
     if slot.status == "given":
-        raise Problem(409, "already_given", f"The week {command.week} {kind} was given already")
+        raise Refused("already_given", f"The week {command.week} {kind} was given already")
     if slot.status == "cancelled":
-        raise Problem(409, "visit_cancelled", f"The week {command.week} {kind} was cancelled")
+        raise Refused("visit_cancelled", f"The week {command.week} {kind} was cancelled")
     held = holding.blocking(holds, state.patient_id, cur.arm, kind)
     if held is not None:
-        raise Problem(409, "dosing_held", f"Dosing is held by safety rule {held.rule_id}",
+        raise Refused("dosing_held", f"Dosing is held by safety rule {held.rule_id}",
                       rule_id=held.rule_id, hold_id=held.hold_id, scope=held.scope,
                       target=held.target)
     if command.given_at > command.now + CLOCK_SKEW:
-        raise Problem(422, "given_in_future", "given_at lies in the future")
+        raise Refused("given_in_future", "given_at lies in the future")
     deviations: list[Literal["out_of_window", "dose_mismatch"]] = []
     if isinstance(command, RecordMethotrexateDose):
         low, high = protocol.mtx_dose_range_mg
         if not low <= command.dose_mg <= high:
-            raise Problem(422, "dose_out_of_range",
+            raise Refused("dose_out_of_range",
                           f"A methotrexate dose must lie in [{low:g}, {high:g}] mg",
                           dose_mg=command.dose_mg, range_mg=[low, high])
     given_on = command.given_at.date()
     v = slot.visit
     if not calendar.in_window(v, given_on):
         if command.deviation_reason is None:
-            raise Problem(422, "out_of_window", f"Week {v.week} is due {v.due_date}, window "
+            raise Refused("out_of_window", f"Week {v.week} is due {v.due_date}, window "
                           f"{v.window_start} to {v.window_end}; give a deviation_reason to "
                           "record it anyway", due_date=str(v.due_date),
                           window_start=str(v.window_start), window_end=str(v.window_end))
@@ -286,7 +294,7 @@ def decide_dose(state: DosingRecord, holds: holding.Holds,
         planned = calendar.planned_cells(arm.cells_per_kg, command.weight_kg)
         if abs(command.cells_administered - planned) > MISMATCH_TOLERANCE * planned:
             if command.deviation_reason is None:
-                raise Problem(422, "dose_mismatch", f"{command.cells_administered} cells is more "
+                raise Refused("dose_mismatch", f"{command.cells_administered} cells is more "
                               f"than 10 % from the planned {planned} ({arm.cells_per_kg:g} "
                               f"cells/kg x {command.weight_kg:g} kg)", planned_cells=planned)
             deviations.append("dose_mismatch")
@@ -316,3 +324,57 @@ def decide_dose(state: DosingRecord, holds: holding.Holds,
             deviations=tuple(deviations), reason=command.deviation_reason,
             recorded_at=command.now))
     return events
+
+
+# --- the aggregate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GiveDose:
+    """A dose to record, with the holds in force as the recording transaction reads them."""
+
+    dose: DoseCommand
+    holds: holding.Holds
+
+
+@dataclass(frozen=True)
+class StartCalendar:
+    assigned: ArmAssigned
+
+
+@dataclass(frozen=True)
+class EndForWithdrawal:
+    withdrawn: PatientWithdrawn
+
+
+@dataclass(frozen=True)
+class CrossOver:
+    crossed: ArmCrossedOver
+
+
+@dataclass(frozen=True)
+class MarkMissed:
+    now: datetime
+
+
+RecordCommand = GiveDose | StartCalendar | EndForWithdrawal | CrossOver | MarkMissed
+
+
+def records(protocol: ProtocolConfig) -> Decider[DosingRecord, RecordCommand, EventData]:
+    """A patient's dosing record under this protocol version."""
+
+    def decide(state: DosingRecord, command: RecordCommand) -> list[EventData]:
+        match command:
+            case GiveDose():
+                return decide_dose(state, command.holds, command.dose, protocol)
+            case StartCalendar():
+                # The first assignment makes the calendar; only a crossover adds another.
+                return [] if state.calendars else [calendar_for(command.assigned, protocol)]
+            case EndForWithdrawal():
+                return decide_withdrawal(state, command.withdrawn)
+            case CrossOver():
+                return decide_crossover(state, command.crossed, protocol)
+            case MarkMissed():
+                return decide_missed(state, command.now)
+
+    return Decider(DosingRecord(), evolve, decide)

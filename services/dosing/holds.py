@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from shared import decider
+from shared.decider import Decider
 from shared.events import (
     ArmSuspended,
     DosingHeld,
@@ -40,9 +40,10 @@ def evolve(state: Holds, event: EventData) -> Holds:
 
 
 def fold(events: Iterable[EventData]) -> Holds:
-    return decider.fold(evolve, Holds(), events)
+    return HOLDS.fold(events)
 
 
+# The safety events that stop or restart dosing (an enrolment pause does not stop dosing).
 SafetyEvent = PatientDosingHeld | ArmSuspended | TrialHalted | SafetyHoldLifted
 
 
@@ -55,19 +56,15 @@ def decide(state: Holds, event: SafetyEvent) -> list[EventData]:
                 return []  # not in force (never seen, or lifted already): nothing to resume
             return [DosingResumed(scope=held.scope, target=held.target, rule_id=held.rule_id,
                                   hold_id=held.hold_id, product=held.product)]
-    if event.hold_id in state.seen:
-        return []
-    match event:
-        case PatientDosingHeld():
-            return [DosingHeld(scope="patient", target=event.patient_id, rule_id=event.rule_id,
-                               hold_id=event.hold_id, product=event.product)]
-        case ArmSuspended():
-            return [DosingHeld(scope="arm", target=event.arm, rule_id=event.rule_id,
-                               hold_id=event.hold_id)]
-        case TrialHalted():
-            return [DosingHeld(scope="trial", target=event.trial_id, rule_id=event.rule_id,
-                               hold_id=event.hold_id)]
+        case PatientDosingHeld() | ArmSuspended() | TrialHalted() if event.hold_id not in state.seen:
+            product = event.product if isinstance(event, PatientDosingHeld) else "any"
+            return [DosingHeld(scope=event.scope, target=event.target, rule_id=event.rule_id,
+                               hold_id=event.hold_id, product=product)]
     return []
+
+
+# Commanded by trial.safety's events, each taken as it comes.
+HOLDS: Decider[Holds, SafetyEvent, EventData] = Decider(Holds(), evolve, decide)
 
 
 def applying_to(state: Holds, patient_id: str, arm: str) -> list[DosingHeld]:

@@ -16,16 +16,16 @@ from starlette.types import Scope
 from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
 from services.gateway.routes import ROUTES, Route, match_route, route_for
-from shared.auth import AuthError, JWTVerifier, Principal
+from shared.auth import JWTVerifier, Principal
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.permissions import allowed
-from shared.service import health_router
 from shared.settings import Settings
 from shared.web import (
     BodyLimitMiddleware,
     Problem,
     RequestIdMiddleware,
     current_request_id,
+    health_router,
     install_problem_handlers,
     problem_response,
 )
@@ -78,15 +78,6 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    def authenticate(request: Request) -> Principal:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Problem(401, "unauthorized", "A bearer token is required")
-        try:
-            return verifier.verify(token.strip())
-        except AuthError as exc:
-            raise Problem(401, "unauthorized", "The bearer token is not valid", str(exc)) from exc
-
     async def refuse(request: Request, route: Route, who: Principal) -> Problem:
         problem = Problem(403, "forbidden",
                           f"Role {who.role} may not {route.action.value.replace('_', ' ')}")
@@ -108,7 +99,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         route = match_route(request.method, request.url.path)
         if route is None:
             raise Problem(404, "not_found", "No such resource")
-        who = authenticate(request)
+        who = verifier.principal(request.headers.get("authorization"))  # else 401
         wait = limiter.take(who.sub)
         if wait > 0:
             problem = Problem(429, "rate_limited", "Too many requests",

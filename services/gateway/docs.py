@@ -7,10 +7,9 @@ import logging
 from typing import Any
 
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 
+from services.gateway.asyncapi import asyncapi_document
 from services.gateway.routes import ROUTES, match_route
-from shared.events import CATALOGUE, TOPICS, CloudEvent
 
 log = logging.getLogger(__name__)
 TITLE = "NCT03424629 trial API"
@@ -61,43 +60,6 @@ def merged_openapi(gateway_paths: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _schema(model: type[BaseModel], components: dict[str, Any]) -> dict[str, Any]:
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.update(schema.pop("$defs", {}))
-    return schema
-
-
-def minimal_asyncapi() -> dict[str, Any]:
-    """An AsyncAPI 3 document generated from the event catalogue: each topic, each event."""
-    components: dict[str, Any] = {}
-    components["CloudEvent"] = _schema(CloudEvent, components)
-    messages: dict[str, Any] = {}
-    channels: dict[str, Any] = {t: {"address": t, "messages": {}} for t in TOPICS}
-    for name, cls in CATALOGUE.items():
-        components[name] = _schema(cls, components)
-        messages[name] = {
-            "name": name, "contentType": "application/cloudevents+json",
-            "summary": f"{name} (subject: {cls.subject_field}, schemaversion {cls.schema_version})",
-            "payload": {"allOf": [{"$ref": "#/components/schemas/CloudEvent"}, {
-                "type": "object", "properties": {
-                    "type": {"const": name},
-                    "data": {"$ref": f"#/components/schemas/{name}"}}}]},
-        }
-        channels[cls.topic]["messages"][name] = {"$ref": f"#/components/messages/{name}"}
-    operations = {f"receive-{t}": {"action": "receive", "channel": {"$ref": f"#/channels/{t}"}}
-                  for t in TOPICS}
-    return {"asyncapi": "3.0.0",
-            "info": {"title": f"{TITLE}: events", "version": VERSION},
-            "defaultContentType": "application/cloudevents+json",
-            "channels": channels, "operations": operations,
-            "components": {"schemas": components, "messages": messages}}
-
-
 def asyncapi() -> dict[str, Any]:
-    """The dosing area's document when it exists (shared/asyncapi.py), else the catalogue's."""
-    try:
-        module = importlib.import_module("shared.asyncapi")
-    except ImportError:
-        return minimal_asyncapi()
-    document: dict[str, Any] = module.asyncapi_document()
-    return document
+    """The AsyncAPI 3 document of every topic (served at `/asyncapi.json`)."""
+    return asyncapi_document()

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.randomization import commands, config, domain
+from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
 from shared.events import Arm, ArmAssigned
 from shared.permissions import Action
-from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
 from shared.store import utcnow
 from shared.web import IsoDate, IsoDateTime, Problem
 
@@ -142,23 +142,23 @@ def assignment_body(a: ArmAssigned) -> AssignmentResponse:
 
 
 @router.post("/screenings", status_code=201, response_model=ScreeningResponse)
-async def screen(body: ScreeningRequest, who: CurrentPrincipal,
-                 rt: CurrentRuntime) -> ScreeningResponse:
+async def screen(body: ScreeningRequest, who: CurrentPrincipal, rt: CurrentRuntime,
+                 protocol: CurrentProtocol) -> ScreeningResponse:
     if errors := _impossible_dates(body):
         raise Problem(422, "validation_error", "Request is not valid", errors=errors)
     facts = domain.ScreeningFacts(
         **body.model_dump(exclude={"prior_biologic_targets", "consent_signed_at"}),
         prior_biologic_targets=tuple(body.prior_biologic_targets),
         consent_signed=body.consent_signed_at is not None)
-    event = await commands.screen(rt.store, facts, who, config.protocol(rt.settings),
-                                  metadata_for(who))
+    event = await commands.screen(rt.store, facts, who, protocol, metadata_for(who))
     return ScreeningResponse(screening_id=event.screening_id, eligible=event.eligible,
                              reasons=[r.model_dump() for r in event.reasons])
 
 
 @router.post("/patients", status_code=201, response_model=EnrolResponse)
-async def enrol(body: EnrolRequest, who: CurrentPrincipal, rt: CurrentRuntime) -> EnrolResponse:
-    patient = await commands.enrol(rt.store, body.screening_id, who, metadata_for(who))
+async def enrol(body: EnrolRequest, who: CurrentPrincipal, rt: CurrentRuntime,
+                protocol: CurrentProtocol) -> EnrolResponse:
+    patient = await commands.enrol(rt.store, body.screening_id, who, protocol, metadata_for(who))
     return EnrolResponse(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
                          status="enrolled")
 
@@ -167,8 +167,8 @@ async def enrol(body: EnrolRequest, who: CurrentPrincipal, rt: CurrentRuntime) -
              response_model=AssignmentResponse,
              responses={200: {"model": AssignmentResponse, "description": "randomized before"}})
 async def randomize(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime,
-                    response: Response) -> AssignmentResponse:
-    result = await commands.randomize(rt.store, patient_id, who, config.protocol(rt.settings),
+                    protocol: CurrentProtocol, response: Response) -> AssignmentResponse:
+    result = await commands.randomize(rt.store, patient_id, who, protocol,
                                       config.secret(rt.settings), metadata_for(who))
     if not result.created:
         response.status_code = 200
@@ -179,15 +179,15 @@ async def randomize(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime,
             response_model_exclude_unset=True)
 async def get_patient(patient_id: str, who: CurrentPrincipal,
                       rt: CurrentRuntime) -> PatientResponse:
-    patient, _ = await commands.load_patient(rt.store, patient_id)
+    patient = await commands.load_patient(rt.store, patient_id)
     return patient_view(commands.visible_patient(patient, who, Action.READ_PATIENT))
 
 
 @router.post("/patients/{patient_id}/withdrawal", response_model=PatientResponse,
              response_model_exclude_unset=True)
 async def withdraw(patient_id: str, body: WithdrawalRequest, who: CurrentPrincipal,
-                   rt: CurrentRuntime) -> PatientResponse:
-    patient = await commands.withdraw(rt.store, patient_id, body.reason, who,
+                   rt: CurrentRuntime, protocol: CurrentProtocol) -> PatientResponse:
+    patient = await commands.withdraw(rt.store, patient_id, body.reason, who, protocol,
                                       metadata_for(who, reason=body.reason))
     return patient_view(patient)
 
@@ -195,8 +195,7 @@ async def withdraw(patient_id: str, body: WithdrawalRequest, who: CurrentPrincip
 @router.post("/patients/{patient_id}/crossover", response_model=PatientResponse,
              response_model_exclude_unset=True)
 async def cross_over(patient_id: str, body: CrossoverRequest, who: CurrentPrincipal,
-                     rt: CurrentRuntime) -> PatientResponse:
+                     rt: CurrentRuntime, protocol: CurrentProtocol) -> PatientResponse:
     patient = await commands.cross_over(rt.store, patient_id, body.to_arm, body.reason, who,
-                                        config.protocol(rt.settings),
-                                        metadata_for(who, reason=body.reason))
+                                        protocol, metadata_for(who, reason=body.reason))
     return patient_view(patient)

@@ -1,14 +1,14 @@
 """The randomization service process: `uvicorn services.randomization.app:app`."""
 
 from services.randomization.api import router
-from services.randomization.config import protocol, warn_if_development_secret
-from services.randomization.handlers import HANDLERS
+from services.randomization.config import warn_if_development_secret
+from services.randomization.handlers import handlers
+from shared.app import create_app
 from shared.events import SAFETY
-from shared.service import ServiceSpec, create_app
+from shared.runtime import ServiceSpec
 from shared.settings import Settings
 
-spec = ServiceSpec(name="randomization", router=router, consumes=[SAFETY], handlers=HANDLERS)
+spec = ServiceSpec(name="randomization", router=router, consumes=[SAFETY], handlers=handlers)
 settings = Settings(service_name=spec.name)
-protocol(settings)  # a bad protocol configuration stops the start, not a patient's visit
 warn_if_development_secret(settings)
-app = create_app(spec, settings)
+app = create_app(spec, settings)  # reads the protocol: a bad version folder stops the start

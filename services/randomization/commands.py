@@ -1,17 +1,20 @@
-"""The randomization service layer: load the streams, run the domain, append in one transaction."""
+"""The randomization use cases: load the streams, decide (pure), append, in one transaction."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from services.randomization import domain
 from shared.auth import Principal
-from shared.events import Arm, ArmAssigned, ArmCrossedOver, PatientScreened, PatientWithdrawn
+from shared.commands import Session, session
+from shared.consumer import Delivery
+from shared.errors import Refused
+from shared.events import AllocationSlotUsed, Arm, ArmAssigned, PatientScreened
 from shared.permissions import Action, authorize_patient, authorize_site
 from shared.protocol import ProtocolConfig
-from shared.store import EventStore, Metadata, NewEvent, StreamReader, utcnow
-from shared.web import Problem
+from shared.store import EventStore, Metadata, StreamReader, Transaction, utcnow
 
 ALLOCATION_STREAM = "allocation"  # every AllocationSlotUsed, trial-wide: version = numbers used
 HOLDS_STREAM = "safety-holds"     # RandomizationHoldApplied / Lifted from trial.safety
@@ -31,15 +34,15 @@ def patient_id_for(screening_id: str) -> str:
     return "PT-" + uuid.uuid5(PATIENT_NS, screening_id).hex[:12].upper()
 
 
-async def load_patient(reader: StreamReader, patient_id: str) -> tuple[domain.Patient, int]:
-    stream = await reader.read_stream(patient_stream(patient_id))
-    return domain.fold([e.payload() for e in stream]), len(stream)
+async def load_patient(reader: StreamReader, patient_id: str) -> domain.Patient:
+    return domain.fold([e.payload() for e in await reader.read_stream(patient_stream(patient_id))])
 
 
 def visible_patient(patient: domain.Patient, who: Principal, action: Action) -> domain.Patient:
-    """404 for an unknown patient and for another site's (its existence must not leak)."""
+    """An unknown patient, and another site's, is `patient_not_found` (its existence must not
+    leak); then the role must be allowed `action`."""
     if patient.patient_id is None:
-        raise Problem(404, "patient_not_found", "No such patient")
+        raise Refused("patient_not_found", "No such patient")
     authorize_patient(who, action, patient.site_id)
     return patient
 
@@ -47,33 +50,32 @@ def visible_patient(patient: domain.Patient, who: Principal, action: Action) -> 
 async def screen(store: EventStore, facts: domain.ScreeningFacts, who: Principal,
                  protocol: ProtocolConfig, meta: Metadata) -> PatientScreened:
     authorize_site(who, Action.ENROL, facts.site_id)
-    now = utcnow()
-    reasons = domain.eligibility(facts, now.date(), protocol.eligibility)
-    screening_id = str(uuid.uuid4())
-    event = PatientScreened(
-        screening_id=screening_id, site_id=facts.site_id, screening_number=facts.screening_number,
-        eligible=not reasons, reasons=tuple(reasons),
-        age_years=domain.age_on(facts.birth_date, now.date()), weight_kg=facts.weight_kg,
-        pasi=facts.pasi, protocol_version=protocol.version, screened_at=now)
-    await store.append(screening_stream(screening_id), [NewEvent.of(event, meta)], 0)
-    return event
+    command = domain.Screen(str(uuid.uuid4()), facts, utcnow())
+    async with session(store) as s:
+        stream = screening_stream(command.screening_id)
+        screenings = domain.screenings(protocol)
+        new = screenings.decide(await s.load(screenings, stream), command)
+        await s.append(stream, new, meta)
+    screened = new[0]
+    assert isinstance(screened, PatientScreened)
+    return screened
 
 
-async def enrol(store: EventStore, screening_id: str, who: Principal,
+async def enrol(store: EventStore, screening_id: str, who: Principal, protocol: ProtocolConfig,
                 meta: Metadata) -> domain.Patient:
-    patient_id = patient_id_for(screening_id)
-    async with store.transaction() as tx:
-        screened = await tx.read_stream(screening_stream(screening_id))
-        screening = screened[0].payload() if screened else None
-        assert screening is None or isinstance(screening, PatientScreened)
+    patients = domain.patients(protocol)
+    async with session(store) as s:
+        screening = await s.load(domain.screenings(protocol), screening_stream(screening_id))
         if screening is not None and who.is_site_role and who.site != screening.site_id:
             screening = None  # another site's screening: as if it did not exist
         if screening is not None:
             authorize_site(who, Action.ENROL, screening.site_id)
-        patient, version = await load_patient(tx, patient_id)
-        event = domain.decide_enrol(screening, patient, patient_id, utcnow())
-        await tx.append(patient_stream(patient_id), [NewEvent.of(event, meta)], version)
-    return domain.evolve(patient, event)
+        patient_id = patient_id_for(screening_id)
+        stream = patient_stream(patient_id)
+        new, patient = patients.run(await s.load(patients, stream),
+                                    domain.Enrol(patient_id, screening, utcnow()))
+        await s.append(stream, new, meta)
+    return patient
 
 
 @dataclass(frozen=True)
@@ -82,42 +84,68 @@ class Randomized:
     created: bool  # False: the patient was randomized before, this is the first assignment
 
 
+async def _holds(s: Session) -> domain.Holds:
+    return await s.load(domain.HOLDS, HOLDS_STREAM)
+
+
 async def randomize(store: EventStore, patient_id: str, who: Principal, protocol: ProtocolConfig,
                     secret: bytes, meta: Metadata) -> Randomized:
+    patients = domain.patients(protocol)
     # Under the store's write lock the allocation stream cannot move between read and append;
     # the expected versions still guard both streams, should a writer ever bypass the lock.
-    async with store.transaction() as tx:
-        patient, version = await load_patient(tx, patient_id)
-        visible_patient(patient, who, Action.ENROL)
+    async with session(store) as s:
+        stream = patient_stream(patient_id)
+        patient = visible_patient(await s.load(patients, stream), who, Action.ENROL)
         if patient.assignment is not None:
             return Randomized(patient.assignment, created=False)
-        allocation_events = await tx.read_stream(ALLOCATION_STREAM)
-        allocation = domain.fold_allocation([e.payload() for e in allocation_events])
-        holds = domain.fold_holds([e.payload() for e in await tx.read_stream(HOLDS_STREAM)])
-        assigned, used = domain.decide_randomize(patient, allocation, holds, protocol, secret,
-                                                 utcnow())
-        await tx.append(ALLOCATION_STREAM, [NewEvent.of(used, meta)], len(allocation_events))
-        await tx.append(patient_stream(patient_id), [NewEvent.of(assigned, meta)], version)
+        command = domain.Randomize(await s.load(domain.ALLOCATION, ALLOCATION_STREAM),
+                                   await _holds(s), secret, utcnow())
+        new = patients.decide(patient, command)
+        await s.append(ALLOCATION_STREAM,
+                       [e for e in new if isinstance(e, AllocationSlotUsed)], meta)
+        await s.append(stream, [e for e in new if not isinstance(e, AllocationSlotUsed)], meta)
+    assigned = new[0]
+    assert isinstance(assigned, ArmAssigned)
     return Randomized(assigned, created=True)
 
 
+async def _decide_for_patient(
+        store: EventStore, patient_id: str, who: Principal, action: Action,
+        protocol: ProtocolConfig, command: Callable[[Session], Awaitable[domain.PatientCommand]],
+        meta: Metadata) -> domain.Patient:
+    """The one shape of a patient's command: load, check who may act, decide, append."""
+    patients = domain.patients(protocol)
+    async with session(store) as s:
+        stream = patient_stream(patient_id)
+        patient = visible_patient(await s.load(patients, stream), who, action)
+        new, patient = patients.run(patient, await command(s))
+        await s.append(stream, new, meta)
+    return patient
+
+
 async def withdraw(store: EventStore, patient_id: str, reason: str, who: Principal,
-                   meta: Metadata) -> domain.Patient:
-    async with store.transaction() as tx:
-        patient, version = await load_patient(tx, patient_id)
-        visible_patient(patient, who, Action.ENROL)
-        event: PatientWithdrawn = domain.decide_withdraw(patient, reason, utcnow())
-        await tx.append(patient_stream(patient_id), [NewEvent.of(event, meta)], version)
-    return domain.evolve(patient, event)
+                   protocol: ProtocolConfig, meta: Metadata) -> domain.Patient:
+    async def command(_: Session) -> domain.PatientCommand:
+        return domain.Withdraw(reason, utcnow())
+
+    return await _decide_for_patient(store, patient_id, who, Action.ENROL, protocol, command,
+                                     meta)
 
 
 async def cross_over(store: EventStore, patient_id: str, to_arm: Arm, reason: str,
                      who: Principal, protocol: ProtocolConfig, meta: Metadata) -> domain.Patient:
-    async with store.transaction() as tx:
-        patient, version = await load_patient(tx, patient_id)
-        visible_patient(patient, who, Action.CROSSOVER)
-        holds = domain.fold_holds([e.payload() for e in await tx.read_stream(HOLDS_STREAM)])
-        event: ArmCrossedOver = domain.decide_crossover(patient, to_arm, reason, holds, protocol,
-                                                        utcnow())
-        await tx.append(patient_stream(patient_id), [NewEvent.of(event, meta)], version)
-    return domain.evolve(patient, event)
+    async def command(s: Session) -> domain.PatientCommand:  # the holds as this write sees them
+        return domain.CrossOver(to_arm, reason, await _holds(s), utcnow())
+
+    return await _decide_for_patient(store, patient_id, who, Action.CROSSOVER, protocol,
+                                     command, meta)
+
+
+async def take_safety_event(tx: Transaction, delivery: Delivery) -> None:
+    """A pause, halt, arm suspension or lift from trial.safety becomes an event of the holds
+    stream; folding that stream at each randomization is what enforces it."""
+    if delivery.data is None:
+        return
+    s = Session(tx)
+    holds = await _holds(s)
+    await s.append(HOLDS_STREAM, domain.HOLDS.decide(holds, delivery.data), delivery.caused_by())

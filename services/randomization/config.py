@@ -1,25 +1,12 @@
-"""The randomization service's protocol configuration and secret, read once from settings."""
+"""The randomization service's own setting: the secret that seeds the concealed sequence."""
 
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
-from pathlib import Path
 
-from shared.protocol import ProtocolConfig, default_protocol, load_protocol
 from shared.settings import DEV_RANDOMIZATION_SECRET, Settings
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache
-def protocol_at(folder: Path | None) -> ProtocolConfig:
-    """The built-in protocol version, or the one in `TRIAL_PROTOCOL_DIR` (validated on load)."""
-    return load_protocol(folder) if folder is not None else default_protocol()
-
-
-def protocol(settings: Settings) -> ProtocolConfig:
-    return protocol_at(settings.protocol_dir)
 
 
 def secret(settings: Settings) -> bytes:

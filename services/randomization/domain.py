@@ -1,4 +1,9 @@
-"""Pure randomization domain: the patient's life cycle, the allocation, safety holds. No I/O."""
+"""Pure randomization domain: screenings, the patient's life cycle, the allocation, safety holds.
+
+Four aggregates in the decider shape (shared/decider.py), each its own stream: a screening, a
+patient, the trial's allocation (evolved by the slots patients' randomizations use), and the
+randomization holds (from trial.safety). No I/O: a refusal is a `Refused`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from services.randomization.eligibility import (  # re-exported: the domain's vo
     months_before,
 )
 from shared import decider
+from shared.decider import Decider
+from shared.errors import Refused
 from shared.events import (
     AllocationSlotUsed,
     Arm,
@@ -31,9 +38,38 @@ from shared.events import (
     TrialHalted,
 )
 from shared.protocol import ProtocolConfig
-from shared.web import Problem
 
 __all__ = ["ScreeningFacts", "age_on", "eligibility", "months_before"]
+
+
+# --- a screening (stream `screening-<id>`) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Screen:
+    screening_id: str
+    facts: ScreeningFacts
+    at: datetime
+
+
+def evolve_screening(state: PatientScreened | None, event: EventData) -> PatientScreened | None:
+    return event if isinstance(event, PatientScreened) else state
+
+
+def decide_screen(state: PatientScreened | None, command: Screen,
+                  protocol: ProtocolConfig) -> list[EventData]:
+    """Every eligibility criterion checked, every failing one reported; screened either way."""
+    facts, today = command.facts, command.at.date()
+    reasons = eligibility(facts, today, protocol.eligibility)
+    return [PatientScreened(
+        screening_id=command.screening_id, site_id=facts.site_id,
+        screening_number=facts.screening_number, eligible=not reasons, reasons=tuple(reasons),
+        age_years=age_on(facts.birth_date, today), weight_kg=facts.weight_kg, pasi=facts.pasi,
+        protocol_version=protocol.version, screened_at=command.at)]
+
+
+def screenings(protocol: ProtocolConfig) -> Decider[PatientScreened | None, Screen, EventData]:
+    return Decider(None, evolve_screening, lambda state, c: decide_screen(state, c, protocol))
 
 # --- the patient ------------------------------------------------------------------------------
 
@@ -71,26 +107,26 @@ def fold(events: list[EventData]) -> Patient:
 
 
 def decide_enrol(screening: PatientScreened | None, patient: Patient, patient_id: str,
-                 enrolled_at: datetime) -> PatientEnrolled:
+                 enrolled_at: datetime) -> list[EventData]:
     if screening is None:
-        raise Problem(404, "screening_not_found", "No such screening")
+        raise Refused("screening_not_found", "No such screening")
     if not screening.eligible:
-        raise Problem(422, "not_eligible", "The screening found the patient not eligible",
+        raise Refused("not_eligible", "The screening found the patient not eligible",
                       reasons=[r.model_dump() for r in screening.reasons])
     if patient.status != "new":
-        raise Problem(409, "already_enrolled", "This screening was enrolled already",
+        raise Refused("already_enrolled", "This screening was enrolled already",
                       patient_id=patient.patient_id)
-    return PatientEnrolled(
+    return [PatientEnrolled(
         patient_id=patient_id, site_id=screening.site_id, screening_id=screening.screening_id,
         baseline_weight_kg=screening.weight_kg, baseline_pasi=screening.pasi,
-        enrolled_at=enrolled_at)
+        enrolled_at=enrolled_at)]
 
 
-def decide_withdraw(patient: Patient, reason: str, at: datetime) -> PatientWithdrawn:
+def decide_withdraw(patient: Patient, reason: str, at: datetime) -> list[EventData]:
     if patient.status == "withdrawn":
-        raise Problem(409, "withdrawn", "The patient has withdrawn already")
-    return PatientWithdrawn(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
-                            reason=reason, withdrawn_at=at)
+        raise Refused("withdrawn", "The patient has withdrawn already")
+    return [PatientWithdrawn(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
+                             reason=reason, withdrawn_at=at)]
 
 
 # --- strata -----------------------------------------------------------------------------------
@@ -135,7 +171,12 @@ def evolve_allocation(state: Allocation, event: EventData) -> Allocation:
 
 
 def fold_allocation(events: list[EventData]) -> Allocation:
-    return decider.fold(evolve_allocation, Allocation(), events)
+    return ALLOCATION.fold(events)
+
+
+# Nothing commands the allocation itself: a patient's randomization decides the slot it uses.
+ALLOCATION: Decider[Allocation, object, EventData] = Decider(
+    Allocation(), evolve_allocation, decider.no_commands)
 
 
 # --- safety holds (stream `safety-holds`) ------------------------------------------------------
@@ -165,17 +206,40 @@ def evolve_holds(state: Holds, event: EventData) -> Holds:
 
 
 def fold_holds(events: list[EventData]) -> Holds:
-    return decider.fold(evolve_holds, Holds(), events)
+    return HOLDS.fold(events)
+
+
+def decide_holds(state: Holds, event: EventData) -> list[EventData]:
+    """What a trial.safety event means for randomization: a pause, halt or arm suspension holds
+    new randomizations; a lift of one of those lifts it; anything else (a patient's dosing
+    hold) changes nothing here. The same hold twice is one hold."""
+    match event:
+        case EnrollmentPaused() | TrialHalted() | ArmSuspended():
+            if any(h.hold_id == event.hold_id for h in state.applied):
+                return []
+            kind = {"EnrollmentPaused": "enrollment_paused", "TrialHalted": "trial_halted",
+                    "ArmSuspended": "arm_suspended"}[event.event_type()]
+            return [RandomizationHoldApplied.model_validate({
+                "hold_id": event.hold_id, "kind": kind, "scope": event.scope,
+                "target": event.target, "rule_id": event.rule_id})]
+        case SafetyHoldLifted() if event.scope != "patient":
+            return [RandomizationHoldLifted(hold_id=event.hold_id, scope=event.scope,
+                                            target=event.target)]
+    return []
+
+
+# Commanded by trial.safety's events, each taken as it comes.
+HOLDS: Decider[Holds, EventData, EventData] = Decider(Holds(), evolve_holds, decide_holds)
 
 
 def refuse_if_held(holds: Holds, arm: Arm | None = None) -> None:
-    """409 while the trial is halted or enrolment paused, or when `arm` is suspended."""
+    """Refused while the trial is halted or enrolment paused, or when `arm` is suspended."""
     if hold := holds.in_force("trial_halted"):
-        raise Problem(409, "trial_halted", "The trial is halted", rule_id=hold.rule_id)
+        raise Refused("trial_halted", "The trial is halted", rule_id=hold.rule_id)
     if hold := holds.in_force("enrollment_paused"):
-        raise Problem(409, "enrollment_paused", "Enrolment is paused", rule_id=hold.rule_id)
+        raise Refused("enrollment_paused", "Enrolment is paused", rule_id=hold.rule_id)
     if arm is not None and (hold := holds.in_force("arm_suspended", arm)):
-        raise Problem(409, "arm_suspended", "Randomization into this slot's arm is suspended",
+        raise Refused("arm_suspended", "Randomization into this slot's arm is suspended",
                       rule_id=hold.rule_id)
 
 
@@ -197,18 +261,17 @@ def next_arm(patient: Patient, allocation: Allocation, protocol: ProtocolConfig,
 
 
 def decide_randomize(patient: Patient, allocation: Allocation, holds: Holds,
-                     protocol: ProtocolConfig, secret: bytes, at: datetime
-                     ) -> tuple[ArmAssigned, AllocationSlotUsed]:
+                     protocol: ProtocolConfig, secret: bytes, at: datetime) -> list[EventData]:
     """Assign the next slot of the patient's stratum, or refuse without using it up."""
     if patient.status == "withdrawn":
-        raise Problem(409, "withdrawn", "The patient has withdrawn")
+        raise Refused("withdrawn", "The patient has withdrawn")
     if patient.assignment is not None:
-        raise Problem(409, "already_randomized", "The patient is randomized already")
+        raise Refused("already_randomized", "The patient is randomized already")
     if patient.status != "enrolled" or patient.patient_id is None or patient.site_id is None:
-        raise Problem(404, "patient_not_found", "No such patient")
+        raise Refused("patient_not_found", "No such patient")
     refuse_if_held(holds)
     if allocation.assigned >= protocol.enrollment_cap:
-        raise Problem(409, "enrollment_closed", "The enrolment cap is reached",
+        raise Refused("enrollment_closed", "The enrolment cap is reached",
                       cap=protocol.enrollment_cap)
     arm = next_arm(patient, allocation, protocol, secret)
     refuse_if_held(holds, arm)
@@ -223,54 +286,94 @@ def decide_randomize(patient: Patient, allocation: Allocation, holds: Holds,
         stratum_slot=allocation.slots.get(stratum, 0) + 1, patient_id=patient.patient_id,
         site_id=patient.site_id, pasi_band=pasi_band(patient.baseline_pasi, protocol), arm=arm,
         method=protocol.randomization.method)
-    return assigned, used
+    return [assigned, used]
 
 
 # --- crossover --------------------------------------------------------------------------------
 
 
 def decide_crossover(patient: Patient, to_arm: Arm, reason: str, holds: Holds,
-                     protocol: ProtocolConfig, at: datetime) -> ArmCrossedOver:
+                     protocol: ProtocolConfig, at: datetime) -> list[EventData]:
     rules = protocol.randomization.crossover
     if not rules.enabled:
-        raise Problem(409, "crossover_disabled", "The protocol does not allow crossover")
+        raise Refused("crossover_disabled", "The protocol does not allow crossover")
     if patient.status == "withdrawn":
-        raise Problem(409, "withdrawn", "The patient has withdrawn")
+        raise Refused("withdrawn", "The patient has withdrawn")
     if patient.assignment is None or patient.arm is None:
-        raise Problem(409, "not_randomized", "The patient is not randomized")
+        raise Refused("not_randomized", "The patient is not randomized")
     if len(patient.crossovers) >= rules.max_crossovers_per_patient:
-        raise Problem(409, "already_crossed_over", "The patient has crossed over already")
+        raise Refused("already_crossed_over", "The patient has crossed over already")
     if patient.arm not in rules.from_arms or to_arm not in rules.to_arms or to_arm == patient.arm:
-        raise Problem(422, "crossover_not_allowed",
+        raise Refused("crossover_not_allowed",
                       f"The protocol allows crossover from {', '.join(rules.from_arms)} "
                       f"to {', '.join(rules.to_arms)} only",
                       from_arm=patient.arm, to_arm=to_arm)
     earliest = patient.assignment.assigned_at + timedelta(weeks=rules.min_weeks_since_assignment)
     if at < earliest:
-        raise Problem(409, "crossover_too_early",
+        raise Refused("crossover_too_early",
                       f"Crossover is allowed from week {rules.min_weeks_since_assignment} "
                       "after assignment", earliest=earliest.isoformat())
     refuse_if_held(holds, to_arm)
-    return ArmCrossedOver(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
-                          from_arm=patient.arm, to_arm=to_arm, reason=reason, crossed_over_at=at)
+    return [ArmCrossedOver(patient_id=patient.patient_id or "", site_id=patient.site_id or "",
+                           from_arm=patient.arm, to_arm=to_arm, reason=reason,
+                           crossed_over_at=at)]
 
 
+# --- the patient's commands -------------------------------------------------------------------
 
-def hold_from_safety(event: EventData) -> RandomizationHoldApplied | RandomizationHoldLifted | None:
-    """What a trial.safety event means for randomization (a patient's dosing hold: nothing)."""
-    match event:
-        case EnrollmentPaused():
-            return RandomizationHoldApplied(hold_id=event.hold_id, kind="enrollment_paused",
-                                            scope="trial", target=event.trial_id,
-                                            rule_id=event.rule_id)
-        case TrialHalted():
-            return RandomizationHoldApplied(hold_id=event.hold_id, kind="trial_halted",
-                                            scope="trial", target=event.trial_id,
-                                            rule_id=event.rule_id)
-        case ArmSuspended():
-            return RandomizationHoldApplied(hold_id=event.hold_id, kind="arm_suspended",
-                                            scope="arm", target=event.arm, rule_id=event.rule_id)
-        case SafetyHoldLifted() if event.scope != "patient":
-            return RandomizationHoldLifted(hold_id=event.hold_id, scope=event.scope,
-                                           target=event.target)
-    return None
+
+@dataclass(frozen=True)
+class Enrol:
+    patient_id: str
+    screening: PatientScreened | None  # None: no such screening (or another site's)
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Randomize:
+    """The decision reads the trial's allocation, the holds and the sequence's secret as well as
+    the patient: the command carries them, so no randomization can be decided without them."""
+
+    allocation: Allocation
+    holds: Holds
+    secret: bytes = field(repr=False)
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class CrossOver:
+    to_arm: Arm
+    reason: str
+    holds: Holds
+    at: datetime
+
+
+PatientCommand = Enrol | Randomize | Withdraw | CrossOver
+
+
+def patients(protocol: ProtocolConfig) -> Decider[Patient, PatientCommand, EventData]:
+    """The patient aggregate under this protocol version. Randomize also decides the allocation
+    slot it uses (`AllocationSlotUsed`, an event of the allocation's stream)."""
+
+    def decide(state: Patient, command: PatientCommand) -> list[EventData]:
+        match command:
+            case Enrol():
+                return decide_enrol(command.screening, state, command.patient_id, command.at)
+            case Randomize():
+                return decide_randomize(state, command.allocation, command.holds, protocol,
+                                        command.secret, command.at)
+            case Withdraw():
+                return decide_withdraw(state, command.reason, command.at)
+            case CrossOver():
+                return decide_crossover(state, command.to_arm, command.reason, command.holds,
+                                        protocol, command.at)
+
+    return Decider(Patient(), evolve, decide)
+
+

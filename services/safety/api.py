@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Annotated, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.safety import domain
-from services.safety.handlers import ENGINE_ACTOR
-from services.safety.projection import append_all, current_state, state_for_write
-from services.safety.rules import Emitted
-from services.safety.state import SafetyState
-from shared.auth import Principal
-from shared.events import AdverseEventOutcome, LabResult, StoppingRuleTriggered
-from shared.permissions import Action, authorize, authorize_patient, sees_site
-from shared.protocol import default_protocol
-from shared.service import CurrentPrincipal, CurrentRuntime, metadata_for
-from shared.store import Metadata, utcnow
+from services.safety import commands, domain
+from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
+from shared.events import AdverseEventOutcome, LabResult
+from shared.permissions import Action, authorize, sees_site
 from shared.web import IsoAwareDateTime
 
 router = APIRouter(prefix="/v1", tags=["safety"])
@@ -71,91 +63,57 @@ class DecisionRequest(BaseModel):
     hold_id: Annotated[str | None, Field(min_length=1, max_length=64)] = None  # lift only this one
 
 
-def _fired(emitted: list[Emitted]) -> list[str]:
-    return [e.rule_id for _, e in emitted if isinstance(e, StoppingRuleTriggered)]
-
-
-def _engine_meta(who: Principal, caused_by: str) -> Metadata:
-    m = metadata_for(who)
-    return Metadata(actor=ENGINE_ACTOR, request_id=m.request_id, correlation_id=m.correlation_id,
-                    causation_id=caused_by)
-
-
-def _reporter(state: SafetyState, patient_id: str, who: Principal) -> None:
-    patient = domain.known_patient(state, patient_id)
-    authorize_patient(who, Action.REPORT_SAFETY, patient.site_id)
-
-
 @router.post("/patients/{patient_id}/adverse-events", status_code=201)
 async def report_adverse_event(patient_id: str, body: AdverseEventRequest, who: CurrentPrincipal,
-                               rt: CurrentRuntime) -> dict[str, object]:
-    protocol = default_protocol()
-    adverse_event_id = "AE-" + uuid.uuid4().hex[:16].upper()
-    async with rt.store.transaction() as tx:
-        state = await state_for_write(tx, protocol.trial_id)
-        _reporter(state, patient_id, who)
-        cmd = domain.ReportAdverseEvent(patient_id=patient_id, **body.model_dump())
-        emitted = domain.decide_report(protocol.safety, state, cmd, adverse_event_id, utcnow())
-        await append_all(tx, emitted, metadata_for(who), _engine_meta(who, emitted[0][0]))
-    reported = emitted[0][1]
+                               rt: CurrentRuntime, protocol: CurrentProtocol
+                               ) -> dict[str, object]:
+    report = domain.ReportAdverseEvent(patient_id=patient_id, **body.model_dump())
+    adverse_event_id, emitted = await commands.report_adverse_event(
+        rt.store, protocol, who, report, metadata_for(who))
     return {"adverse_event_id": adverse_event_id,
-            "infusion_related": getattr(reported, "infusion_related", None),
-            "triggered_rules": _fired(emitted)}
+            "infusion_related": getattr(emitted[0].event, "infusion_related", None),
+            "triggered_rules": commands.fired(emitted)}
 
 
 @router.post("/patients/{patient_id}/adverse-events/{adverse_event_id}/follow-ups",
              status_code=201)
 async def follow_up(patient_id: str, adverse_event_id: str, body: FollowUpRequest,
-                    who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
-    protocol = default_protocol()
-    follow_up_id = "FU-" + uuid.uuid4().hex[:16].upper()
-    async with rt.store.transaction() as tx:
-        state = await state_for_write(tx, protocol.trial_id)
-        _reporter(state, patient_id, who)
-        cmd = domain.FollowUp(patient_id=patient_id, adverse_event_id=adverse_event_id,
-                              **body.model_dump())
-        emitted = domain.decide_follow_up(protocol.safety, state, cmd, follow_up_id, utcnow())
-        await append_all(tx, emitted, metadata_for(who), _engine_meta(who, emitted[0][0]))
+                    who: CurrentPrincipal, rt: CurrentRuntime,
+                    protocol: CurrentProtocol) -> dict[str, object]:
+    change = domain.FollowUp(patient_id=patient_id, adverse_event_id=adverse_event_id,
+                             **body.model_dump())
+    follow_up_id, emitted = await commands.follow_up(rt.store, protocol, who, change,
+                                                     metadata_for(who))
     return {"follow_up_id": follow_up_id, "adverse_event_id": adverse_event_id,
-            "triggered_rules": _fired(emitted)}
+            "triggered_rules": commands.fired(emitted)}
 
 
 @router.post("/patients/{patient_id}/lab-results", status_code=201)
 async def report_lab_result(patient_id: str, body: LabResultRequest, who: CurrentPrincipal,
-                            rt: CurrentRuntime) -> dict[str, object]:
-    protocol = default_protocol()
-    lab_result_id = "LAB-" + uuid.uuid4().hex[:16].upper()
+                            rt: CurrentRuntime, protocol: CurrentProtocol) -> dict[str, object]:
     results = tuple(LabResult.model_validate(r.model_dump()) for r in body.results)
-    async with rt.store.transaction() as tx:
-        state = await state_for_write(tx, protocol.trial_id)
-        _reporter(state, patient_id, who)
-        emitted = domain.decide_lab(protocol.safety, state, patient_id, body.collected_at,
-                                    results, lab_result_id, utcnow())
-        await append_all(tx, emitted, metadata_for(who), _engine_meta(who, emitted[0][0]))
-    return {"lab_result_id": lab_result_id, "triggered_rules": _fired(emitted)}
+    lab_result_id, emitted = await commands.report_lab_result(
+        rt.store, protocol, who, patient_id, body.collected_at, results, metadata_for(who))
+    return {"lab_result_id": lab_result_id, "triggered_rules": commands.fired(emitted)}
 
 
 @router.post("/safety/decisions", status_code=201)
-async def decide(body: DecisionRequest, who: CurrentPrincipal,
-                 rt: CurrentRuntime) -> dict[str, object]:
+async def decide(body: DecisionRequest, who: CurrentPrincipal, rt: CurrentRuntime,
+                 protocol: CurrentProtocol) -> dict[str, object]:
     authorize(who, Action.DSMB_DECISION)
-    protocol = default_protocol()
-    async with rt.store.transaction() as tx:
-        state = await state_for_write(tx, protocol.trial_id)
-        emitted = domain.decide_lift(state, body.scope, body.target, body.hold_id,
-                                     body.rationale, who.sub)
-        meta = metadata_for(who, reason=body.rationale)
-        await append_all(tx, emitted, meta, meta)
+    lift = domain.Lift(body.scope, body.target, body.hold_id, body.rationale, who.sub)
+    emitted = await commands.lift_holds(rt.store, protocol, who, lift,
+                                        metadata_for(who, reason=body.rationale))
     return {"decision": body.decision, "scope": body.scope, "target": body.target,
             "lifted": [e.model_dump(mode="json", include={"hold_id", "scope", "target"})
                        for _, e in emitted]}
 
 
 @router.get("/safety/status")
-async def status(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
+async def status(who: CurrentPrincipal, rt: CurrentRuntime,
+                 protocol: CurrentProtocol) -> dict[str, object]:
     authorize(who, Action.READ_SAFETY_STATUS)
-    protocol = default_protocol()
-    state = await current_state(rt.store, protocol.trial_id)
+    state = await commands.state(rt.store, protocol)
     view = domain.status(protocol.safety, state, protocol.enrollment_cap)
     if who.is_site_role:  # another site's patients must not leak through the trial's status
         sites = {p.patient_id: p.site_id for p in state.patients.values()}

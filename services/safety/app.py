@@ -2,9 +2,10 @@
 
 from services.safety.api import router
 from services.safety.handlers import handlers
+from shared.app import create_app
 from shared.events import DOSING, ENROLLMENT, SAFETY
-from shared.service import ServiceSpec, create_app
+from shared.runtime import ServiceSpec
 
 spec = ServiceSpec(name="safety", router=router, consumes=[ENROLLMENT, DOSING, SAFETY],
-                   handlers=handlers())
-app = create_app(spec)
+                   handlers=handlers)
+app = create_app(spec)  # reads the protocol (TRIAL_PROTOCOL_DIR): its stopping rules, once

@@ -1,4 +1,10 @@
-"""Pure safety decisions: adverse event and lab intake, follow-ups, DSMB decisions, status. No I/O."""
+"""Pure safety decisions: adverse event and lab intake, follow-ups, DSMB decisions, status. No I/O.
+
+One aggregate in the decider shape (`safety(protocol)`): everything the safety service knows,
+folded from its store (services/safety/state.py), commanded by reports, lab results, DSMB
+decisions and the enrolment and dosing facts the rules need. Each decision returns its events
+and every rule firing they cause, evaluated once, where they are made (services/safety/rules.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,9 @@ from fractions import Fraction
 
 from services.safety import rules
 from services.safety.rules import Emitted
-from services.safety.state import Hold, PatientFile, SafetyState, evolve
+from services.safety.state import Hold, PatientFile, SafetyState, evolve, fold
+from shared.decider import Decider, Identified
+from shared.errors import Refused
 from shared.events import (
     ARMS,
     AdverseEventFollowedUp,
@@ -25,8 +33,8 @@ from shared.events import (
     PatientWithdrawn,
     SafetyHoldLifted,
 )
+from shared.protocol import ProtocolConfig
 from shared.protocol.safety import SafetyConfig
-from shared.web import Problem
 
 FACT_NS = uuid.UUID("9a3f6c1e-2b7d-4e58-8c09-4d1e6f2a7b30")
 # Units accepted per analyte; cell counts in 10^9/L (10^3/uL is the same number).
@@ -37,9 +45,7 @@ CLOCK_SKEW = timedelta(minutes=5)
 
 
 def apply(state: SafetyState, emitted: list[Emitted]) -> SafetyState:
-    for event_id, event in emitted:
-        state = evolve(state, event_id, event)
-    return state
+    return fold(state.trial_id, emitted, state)
 
 
 def with_consequences(config: SafetyConfig, state: SafetyState,
@@ -51,7 +57,7 @@ def with_consequences(config: SafetyConfig, state: SafetyState,
 def known_patient(state: SafetyState, patient_id: str) -> PatientFile:
     patient = state.patients.get(patient_id)
     if patient is None:
-        raise Problem(404, "patient_not_found", "No such patient")
+        raise Refused("patient_not_found", "No such patient")
     return patient
 
 
@@ -100,7 +106,7 @@ def decide_fact(config: SafetyConfig, state: SafetyState, source_event_id: str,
     fact = fact_from(source_event_id, event)
     if fact is None:
         return []
-    return with_consequences(config, state, [(fact_event_id(source_event_id), fact)])
+    return with_consequences(config, state, [Identified(fact_event_id(source_event_id), fact)])
 
 
 # --- adverse events and labs ------------------------------------------------------------------
@@ -129,7 +135,7 @@ def decide_report(config: SafetyConfig, state: SafetyState, cmd: ReportAdverseEv
                   adverse_event_id: str, now: datetime) -> list[Emitted]:
     patient = known_patient(state, cmd.patient_id)
     if cmd.onset_at > now + CLOCK_SKEW:
-        raise Problem(422, "onset_in_future", "The onset lies in the future",
+        raise Refused("onset_in_future", "The onset lies in the future",
                       errors=[{"field": "body.onset_at", "message": "must not be in the future"}])
     derived = cmd.infusion_related
     if derived is None:
@@ -140,7 +146,7 @@ def decide_report(config: SafetyConfig, state: SafetyState, cmd: ReportAdverseEv
         "onset_at": cmd.onset_at, "ctcae_grade": cmd.ctcae_grade, "serious": cmd.serious,
         "relatedness": cmd.relatedness, "expected": cmd.expected, "infusion_related": derived,
         "reported_at": now, "outcome": cmd.outcome})
-    return with_consequences(config, state, [(str(uuid.uuid4()), reported)])
+    return with_consequences(config, state, [Identified(str(uuid.uuid4()), reported)])
 
 
 @dataclass(frozen=True)
@@ -160,19 +166,19 @@ def decide_follow_up(config: SafetyConfig, state: SafetyState, cmd: FollowUp, fo
     patient = known_patient(state, cmd.patient_id)
     ae = state.adverse_events.get(cmd.adverse_event_id)
     if ae is None or ae.patient_id != patient.patient_id:
-        raise Problem(404, "adverse_event_not_found", "No such adverse event for this patient")
+        raise Refused("adverse_event_not_found", "No such adverse event for this patient")
     changes = {k: v for k, v in cmd.__dict__.items()
                if k not in ("patient_id", "adverse_event_id") and v is not None}
     if not changes:
-        raise Problem(422, "empty_follow_up", "A follow-up must report at least one change")
+        raise Refused("empty_follow_up", "A follow-up must report at least one change")
     if cmd.resolved_at is not None and cmd.resolved_at < ae.onset_at:
-        raise Problem(422, "resolved_before_onset", "The event cannot resolve before its onset",
+        raise Refused("resolved_before_onset", "The event cannot resolve before its onset",
                       errors=[{"field": "body.resolved_at", "message": "before the onset"}])
     event = AdverseEventFollowedUp.model_validate({
         "follow_up_id": follow_up_id, "adverse_event_id": ae.adverse_event_id,
         "patient_id": patient.patient_id, "site_id": patient.site_id, **changes,
         "reported_at": now})
-    return with_consequences(config, state, [(str(uuid.uuid4()), event)])
+    return with_consequences(config, state, [Identified(str(uuid.uuid4()), event)])
 
 
 def decide_lab(config: SafetyConfig, state: SafetyState, patient_id: str, collected_at: datetime,
@@ -187,14 +193,14 @@ def decide_lab(config: SafetyConfig, state: SafetyState, patient_id: str, collec
             errors.append({"field": f"body.results.{i}.uln",
                            "message": f"{r.analyte} needs its upper limit of normal"})
     if errors:
-        raise Problem(422, "validation_error", "Lab results are not valid", errors=errors)
+        raise Refused("validation_error", "Lab results are not valid", errors=errors)
     if collected_at > now + CLOCK_SKEW:
-        raise Problem(422, "collected_in_future", "The sample's collection lies in the future")
+        raise Refused("collected_in_future", "The sample's collection lies in the future")
     event = LabResultReported.model_validate({
         "lab_result_id": lab_result_id, "patient_id": patient.patient_id,
         "site_id": patient.site_id, "arm": patient.arm, "collected_at": collected_at,
         "results": results, "reported_at": now})
-    return with_consequences(config, state, [(str(uuid.uuid4()), event)])
+    return with_consequences(config, state, [Identified(str(uuid.uuid4()), event)])
 
 
 # --- DSMB decisions ---------------------------------------------------------------------------
@@ -207,13 +213,12 @@ def decide_lift(state: SafetyState, scope: str, target: str, hold_id: str | None
     if hold_id is not None:
         holds = [h for h in holds if h.hold_id == hold_id]
         if not holds:
-            raise Problem(404, "hold_not_found", f"No hold {hold_id} in force on {scope} {target}")
+            raise Refused("hold_not_found", f"No hold {hold_id} in force on {scope} {target}")
     if not holds:
-        raise Problem(409, "no_active_hold", f"No hold is in force on {scope} {target}")
-    return [(str(uuid.uuid4()), SafetyHoldLifted(hold_id=h.hold_id, scope=h.scope,
-                                                 target=h.target, rationale=rationale,
-                                                 decided_by=decided_by))
-            for h in holds]
+        raise Refused("no_active_hold", f"No hold is in force on {scope} {target}")
+    return [Identified(str(uuid.uuid4()), SafetyHoldLifted(
+        hold_id=h.hold_id, scope=h.scope, target=h.target, rationale=rationale,
+        decided_by=decided_by)) for h in holds]
 
 
 # --- status -----------------------------------------------------------------------------------
@@ -268,3 +273,77 @@ def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int) -> dic
 def _hold_view(h: Hold) -> dict[str, object]:
     return {"hold_id": h.hold_id, "kind": h.kind, "scope": h.scope, "target": h.target,
             "rule_id": h.rule_id, "product": h.product}
+
+
+# --- the aggregate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Report:
+    """An adverse event, under the id it gets, reported now."""
+
+    adverse_event: ReportAdverseEvent
+    adverse_event_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AddFollowUp:
+    follow_up: FollowUp
+    follow_up_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReportLab:
+    patient_id: str
+    collected_at: datetime
+    results: tuple[LabResult, ...]
+    lab_result_id: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Lift:
+    """A DSMB decision to resume: exactly one hold, or every hold on the scope's target."""
+
+    scope: str
+    target: str
+    hold_id: str | None
+    rationale: str
+    decided_by: str
+
+
+@dataclass(frozen=True)
+class RecordFact:
+    """An enrolment or dosing event, as consumed (its id names the fact it becomes)."""
+
+    source_event_id: str
+    event: EventData
+
+
+SafetyCommand = Report | AddFollowUp | ReportLab | Lift | RecordFact
+
+
+def safety(protocol: ProtocolConfig) -> Decider[SafetyState, SafetyCommand, Emitted]:
+    """The safety aggregate under this protocol version's stopping rules."""
+    config = protocol.safety
+
+    def decide(state: SafetyState, command: SafetyCommand) -> list[Emitted]:
+        match command:
+            case Report():
+                return decide_report(config, state, command.adverse_event,
+                                     command.adverse_event_id, command.at)
+            case AddFollowUp():
+                return decide_follow_up(config, state, command.follow_up, command.follow_up_id,
+                                        command.at)
+            case ReportLab():
+                return decide_lab(config, state, command.patient_id, command.collected_at,
+                                  command.results, command.lab_result_id, command.at)
+            case Lift():
+                return decide_lift(state, command.scope, command.target, command.hold_id,
+                                   command.rationale, command.decided_by)
+            case RecordFact():
+                return decide_fact(config, state, command.source_event_id, command.event)
+
+    return Decider(SafetyState(protocol.trial_id), evolve, decide)

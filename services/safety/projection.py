@@ -1,14 +1,12 @@
-"""The safety state of one store, folded incrementally: each call reads only the events it lacks."""
+"""The safety aggregate's load: its state folded from the whole store, incrementally, each call
+reading only the events it lacks; and where each safety event is filed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Protocol
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
-
-from services.safety.rules import Emitted
-from services.safety.state import SafetyState, evolve
+from services.safety.state import SafetyState, fold
+from shared.decider import Identified
 from shared.events import (
     AdverseEventFollowedUp,
     AdverseEventReported,
@@ -22,16 +20,20 @@ from shared.events import (
     StoppingRuleTriggered,
     SusarReportDue,
     TrialHalted,
-    parse_data,
 )
-from shared.schema import events
-from shared.store import EventStore, Metadata, NewEvent, Transaction
+from shared.store import EventFilter, EventStore, RecordedEvent, Transaction
 
 # The event types the safety service writes: anything else in a store is not safety's.
 SAFETY_TYPES = frozenset(cls.event_type() for cls in (
     PatientSafetyFactRecorded, AdverseEventReported, AdverseEventFollowedUp, LabResultReported,
     StoppingRuleTriggered, PatientDosingHeld, ArmSuspended, EnrollmentPaused, TrialHalted,
     SafetyHoldLifted, SusarReportDue))
+_SAFETY_EVENTS = EventFilter(types=tuple(sorted(SAFETY_TYPES)))
+
+
+class Reader(Protocol):
+    async def read_all(self, after: int = 0, limit: int | None = None,
+                       where: EventFilter = ...) -> list[RecordedEvent]: ...
 
 
 class Projection:
@@ -42,15 +44,13 @@ class Projection:
         self.state = SafetyState(trial_id)
         self.position = 0
 
-    async def load(self, conn: AsyncConnection) -> SafetyState:
-        """Call at the start of a transaction (before appending), or on a read connection."""
+    async def load(self, reader: Reader) -> SafetyState:
+        """Call at the start of a transaction (before appending), or with the store's reader."""
         state, position = self.state, self.position
-        q = sa.select(events.c.position, events.c.event_id, events.c.type, events.c.data).where(
-            events.c.position > position).order_by(events.c.position)
-        for row in await conn.execute(q):
-            if row.type in SAFETY_TYPES:
-                state = evolve(state, row.event_id, parse_data(row.type, row.data))
-            position = row.position
+        new = await reader.read_all(after=position, limit=None, where=_SAFETY_EVENTS)
+        if new:
+            state = fold(state.trial_id, (Identified(e.event_id, e.payload()) for e in new), state)
+            position = new[-1].position
         if position > self.position:  # concurrent readers: keep the furthest fold
             self.state, self.position = state, position
         return state
@@ -66,12 +66,11 @@ def _projection(url: object, trial_id: str) -> Projection:
 
 async def state_for_write(tx: Transaction, trial_id: str) -> SafetyState:
     """The state under the store's write lock: call before the transaction appends anything."""
-    return await _projection(tx.conn.engine.url, trial_id).load(tx.conn)
+    return await _projection(tx.conn.engine.url, trial_id).load(tx)
 
 
 async def current_state(store: EventStore, trial_id: str) -> SafetyState:
-    async with store.read_engine.connect() as conn:
-        return await _projection(store.engine.url, trial_id).load(conn)
+    return await _projection(store.engine.url, trial_id).load(store)
 
 
 def stream_for(event: EventData) -> str:
@@ -79,25 +78,7 @@ def stream_for(event: EventData) -> str:
     match event:
         case StoppingRuleTriggered():
             return f"rule-{event.rule_id}"
-        case ArmSuspended():
-            return f"arm-{event.arm}"
-        case EnrollmentPaused() | TrialHalted():
-            return f"trial-{event.trial_id}"
-        case SafetyHoldLifted():
+        case ArmSuspended() | EnrollmentPaused() | TrialHalted() | SafetyHoldLifted():
             return f"{event.scope}-{event.target}"
     patient_id: str = event.patient_id  # type: ignore[attr-defined]
     return f"patient-{patient_id}"
-
-
-async def append_all(tx: Transaction, emitted: Sequence[Emitted], first: Metadata,
-                     consequence: Metadata) -> None:
-    """Append in order: the first event with the caller's metadata, rule firings with the
-    engine's (caused by the first event)."""
-    for i, (event_id, event) in enumerate(emitted):
-        meta = first if i == 0 else consequence
-        await tx.append(stream_for(event), [NewEvent.of(event, meta, event_id=event_id)], None)
-
-
-async def has_event(tx: Transaction, event_id: str) -> bool:
-    q = sa.select(sa.literal(1)).where(events.c.event_id == event_id)
-    return (await tx.conn.execute(q)).first() is not None

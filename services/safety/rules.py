@@ -15,6 +15,7 @@ from services.safety.state import (
     SafetyState,
     firing_key,
 )
+from shared.decider import Identified
 from shared.events import (
     ARMS,
     ArmSuspended,
@@ -37,7 +38,7 @@ from shared.protocol.safety import (
 # Ids of what a firing emits are derived from its key, so a firing computed twice (redelivery,
 # replay, a second replica) is the same event and the store's unique event id refuses the copy.
 FIRING_NS = uuid.UUID("0b5b7f4e-5d0e-4d43-a1c2-55c3d8a4e0f1")
-Emitted = tuple[str, EventData]
+Emitted = Identified[EventData]
 
 
 def derived_id(key: str, kind: str) -> str:
@@ -224,13 +225,14 @@ def evaluate(config: SafetyConfig, state: SafetyState) -> list[Emitted]:
                 continue
             seen.add(key)
             hold_id = derived_id(key, "hold")
-            emitted.append((derived_id(key, "triggered"), StoppingRuleTriggered(
+            emitted.append(Identified(derived_id(key, "triggered"), StoppingRuleTriggered(
                 rule_id=rule.id, rule_set_version=config.rule_set_version, scope=rule.scope,
                 target=target, evidence=tuple(sorted(evidence)), triggered_at=c.at)))
-            emitted.append((derived_id(key, "action"), _action(rule, target, hold_id)))
+            emitted.append(Identified(derived_id(key, "action"), _action(rule, target, hold_id)))
             if rule.susar_report:
                 for item in c.items:
                     due = susar_due(config, rule, item)
                     if due is not None:
-                        emitted.append((derived_id(key, f"susar:{due.adverse_event_id}"), due))
+                        emitted.append(Identified(derived_id(key, f"susar:{due.adverse_event_id}"),
+                                                  due))
     return emitted

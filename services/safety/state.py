@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from shared import decider
+from shared.decider import Identified
 from shared.events import (
     AdverseEventFollowedUp,
     AdverseEventReported,
@@ -162,8 +165,10 @@ def _hold(state: SafetyState, hold: Hold) -> SafetyState:
     return replace(state, active_holds={**state.active_holds, hold.hold_id: hold})
 
 
-def evolve(state: SafetyState, event_id: str, event: EventData) -> SafetyState:
-    """The next state after one event of the safety service's store."""
+def evolve(state: SafetyState, identified: Identified[EventData]) -> SafetyState:
+    """The next state after one event of the safety service's store (with its id: the rules
+    cite their evidence by event id)."""
+    event_id, event = identified
     match event:
         case PatientSafetyFactRecorded():
             return _fact(state, event)
@@ -181,18 +186,10 @@ def evolve(state: SafetyState, event_id: str, event: EventData) -> SafetyState:
             return replace(state, firings=(*state.firings, firing),
                            firing_keys=state.firing_keys | {firing_key(event.rule_id,
                                                                         event.evidence)})
-        case PatientDosingHeld():
-            return _hold(state, Hold(event.hold_id, "PatientDosingHeld", "patient",
-                                     event.patient_id, event.rule_id, event.product))
-        case ArmSuspended():
-            return _hold(state, Hold(event.hold_id, "ArmSuspended", "arm", event.arm,
-                                     event.rule_id))
-        case EnrollmentPaused():
-            return _hold(state, Hold(event.hold_id, "EnrollmentPaused", "trial", event.trial_id,
-                                     event.rule_id))
-        case TrialHalted():
-            return _hold(state, Hold(event.hold_id, "TrialHalted", "trial", event.trial_id,
-                                     event.rule_id))
+        case PatientDosingHeld() | ArmSuspended() | EnrollmentPaused() | TrialHalted():
+            product = event.product if isinstance(event, PatientDosingHeld) else "any"
+            return _hold(state, Hold(event.hold_id, event.event_type(), event.scope, event.target,
+                                     event.rule_id, product))
         case SafetyHoldLifted():
             holds = {k: v for k, v in state.active_holds.items() if k != event.hold_id}
             return replace(state, active_holds=holds)
@@ -201,8 +198,6 @@ def evolve(state: SafetyState, event_id: str, event: EventData) -> SafetyState:
     return state
 
 
-def fold(trial_id: str, events: list[tuple[str, EventData]]) -> SafetyState:
-    state = SafetyState(trial_id)
-    for event_id, event in events:
-        state = evolve(state, event_id, event)
-    return state
+def fold(trial_id: str, events: Iterable[Identified[EventData]],
+         state: SafetyState | None = None) -> SafetyState:
+    return decider.fold(evolve, state or SafetyState(trial_id), events)

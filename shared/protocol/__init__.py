@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,9 +41,11 @@ class ProtocolConfig(BaseModel):
     assessment_weeks: tuple[int, ...]
     mtx_dose_range_mg: tuple[float, float]
     pasi_band_threshold: float
-    eligibility: EligibilityConfig = EligibilityConfig()
-    randomization: RandomizationConfig = RandomizationConfig()
-    safety: SafetyConfig = SafetyConfig()
+    # One file each (<section>.json), and every one is required: no section falls back to
+    # values written into code, so a folder without safety.json cannot start without rules.
+    eligibility: EligibilityConfig
+    randomization: RandomizationConfig
+    safety: SafetyConfig
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolConfig:
@@ -63,15 +65,32 @@ class ProtocolConfig(BaseModel):
         return self
 
 
-def load_protocol(folder: Path | None = None) -> ProtocolConfig:
-    folder = folder or DEFAULT_PATH
-    document = json.loads((folder / "trial.json").read_text())
+SECTIONS = ("eligibility", "randomization", "safety")
+
+
+class ProtocolError(ValueError):
+    """A protocol folder that cannot be a protocol: the service refuses to start."""
+
+
+def read_document(folder: Path) -> dict[str, Any]:
+    """trial.json with every section file under its name; a missing section is refused, named."""
+    document: dict[str, Any] = json.loads((folder / "trial.json").read_text())
+    missing = [f"{s}.json" for s in SECTIONS if not (folder / f"{s}.json").is_file()]
+    if missing:
+        raise ProtocolError(f"protocol folder {folder} lacks {', '.join(missing)}: every section "
+                            f"({', '.join(s + '.json' for s in SECTIONS)}) is required")
     for section in sorted(folder.glob("*.json")):
         if section.stem != "trial":
             document[section.stem] = json.loads(section.read_text())
-    return ProtocolConfig.model_validate(document)
+    return document
+
+
+def load_protocol(folder: Path | None = None) -> ProtocolConfig:
+    """The version in `folder` (the built-in one by default), read and validated."""
+    return ProtocolConfig.model_validate(read_document(folder or DEFAULT_PATH))
 
 
 @lru_cache
 def default_protocol() -> ProtocolConfig:
+    """The built-in version, read once (tools and tests; services get theirs injected)."""
     return load_protocol()

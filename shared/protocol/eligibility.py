@@ -39,51 +39,18 @@ class Criterion(BaseModel):
         return self
 
 
-DEFAULT_CRITERIA: tuple[Criterion, ...] = tuple(Criterion.model_validate(c) for c in [
-    {"id": "INC-AGE", "kind": "inclusion", "check": "age_in_range",
-     "message": "age {age} is outside {min_age_years} to {max_age_years}"},
-    {"id": "INC-DIAGNOSIS-6M", "kind": "inclusion", "check": "diagnosed_long_enough",
-     "message": "plaque psoriasis diagnosed less than {min_months_since_diagnosis} months before "
-                "screening"},
-    {"id": "INC-SEVERITY", "kind": "inclusion", "check": "moderate_to_severe",
-     "message": "needs PASI >= {min_pasi}, or BSA >= {min_bsa_percent} % and DLQI >= {min_dlqi}"},
-    {"id": "INC-CONVENTIONAL-FAILED", "kind": "inclusion", "check": "conventional_therapy_failed",
-     "message": "conventional therapy has not failed"},
-    {"id": "INC-CONSENT", "kind": "inclusion", "check": "consent_signed",
-     "message": "informed consent not signed"},
-    {"id": "INC-FOLLOW-UP", "kind": "inclusion", "check": "can_attend_follow_up",
-     "message": "cannot be followed up on time"},
-    {"id": "EXC-PSORIASIS-TYPE", "kind": "exclusion", "check": "plaque_type",
-     "message": "psoriasis type {psoriasis_type} is excluded"},
-    {"id": "EXC-DRUG-INDUCED", "kind": "exclusion", "check": "not_drug_induced",
-     "message": "drug-induced psoriasis"},
-    {"id": "EXC-OTHER-TREATMENT", "kind": "exclusion", "check": "no_other_psoriasis_treatment",
-     "message": "ongoing other psoriasis treatment"},
-    {"id": "EXC-PRIOR-BIOLOGIC", "kind": "exclusion", "check": "no_prior_biologic",
-     "message": "prior biologic targeting {prior_biologic_targets}"},
-    {"id": "EXC-INFECTION", "kind": "exclusion", "check": "no_infection",
-     "message": "active or recurrent infection"},
-    {"id": "EXC-MALIGNANCY", "kind": "exclusion", "check": "no_malignancy",
-     "message": "history of malignancy"},
-    {"id": "EXC-HIV-HBV-HCV", "kind": "exclusion", "check": "no_hiv_hbv_hcv",
-     "message": "HIV, HBV or HCV"},
-    {"id": "EXC-PREGNANCY", "kind": "exclusion", "check": "not_pregnant",
-     "message": "pregnant, lactating or planning pregnancy"},
-])
-
-
 class EligibilityConfig(BaseModel):
     """Thresholds and the criteria list, evaluated in order; every failing one is reported."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    min_age_years: int = Field(18, ge=0)
-    max_age_years: int = Field(60, ge=0)
-    min_months_since_diagnosis: int = Field(6, ge=0)
-    min_pasi: float = Field(10, ge=0)
-    min_bsa_percent: float = Field(10, ge=0)
-    min_dlqi: int = Field(10, ge=0)
-    included_psoriasis_types: tuple[str, ...] = ("plaque",)
-    criteria: tuple[Criterion, ...] = DEFAULT_CRITERIA
+    min_age_years: int = Field(ge=0)
+    max_age_years: int = Field(ge=0)
+    min_months_since_diagnosis: int = Field(ge=0)
+    min_pasi: float = Field(ge=0)
+    min_bsa_percent: float = Field(ge=0)
+    min_dlqi: int = Field(ge=0)
+    included_psoriasis_types: tuple[str, ...] = Field(min_length=1)
+    criteria: tuple[Criterion, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> EligibilityConfig:

@@ -14,30 +14,30 @@ class MinimizationConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     # The chance of taking the arm that minimizes imbalance; otherwise any arm within the bound.
-    p_best: float = Field(0.8, gt=1 / 3, le=1)
+    p_best: float = Field(gt=1 / 3, le=1)
     # Largest tolerated (max - min) count over arms within one factor level (a site, a PASI band).
-    max_imbalance: int = Field(3, ge=1)
+    max_imbalance: int = Field(ge=1)
 
 
 class CrossoverConfig(BaseModel):
-    """When an investigator may move a randomized patient to another arm (disabled by default)."""
+    """When an investigator may move a randomized patient to another arm, if at all."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    enabled: bool = False
-    from_arms: tuple[Arm, ...] = ("mtx",)
-    to_arms: tuple[Arm, ...] = ("msc_low", "msc_high")
-    min_weeks_since_assignment: int = Field(16, ge=0)
-    max_crossovers_per_patient: int = Field(1, ge=1)
+    enabled: bool
+    from_arms: tuple[Arm, ...]
+    to_arms: tuple[Arm, ...]
+    min_weeks_since_assignment: int = Field(ge=0)
+    max_crossovers_per_patient: int = Field(ge=1)
 
 
 class RandomizationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    method: Literal["permuted_blocks", "minimization"] = "permuted_blocks"
+    method: Literal["permuted_blocks", "minimization"]
     # Block sizes and their relative weights: each block's size is drawn from these.
-    block_sizes: tuple[int, ...] = (3, 6)
-    block_size_weights: tuple[int, ...] = (1, 1)
-    minimization: MinimizationConfig = MinimizationConfig()
-    crossover: CrossoverConfig = CrossoverConfig()
+    block_sizes: tuple[int, ...]
+    block_size_weights: tuple[int, ...]
+    minimization: MinimizationConfig
+    crossover: CrossoverConfig
 
     @model_validator(mode="after")
     def _consistent(self) -> RandomizationConfig:

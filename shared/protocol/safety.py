@@ -47,8 +47,8 @@ class LabCriteria(_Frozen):
 class BayesToxicity(_Frozen):
     """Stop an arm when P(toxicity rate > rate | data) > probability under Beta(alpha, beta)."""
 
-    prior_alpha: int = Field(1, ge=1)
-    prior_beta: int = Field(1, ge=1)
+    prior_alpha: int = Field(ge=1)
+    prior_beta: int = Field(ge=1)
     rate: float = Field(gt=0, lt=1)
     probability: float = Field(gt=0, lt=1)
     toxicity: AdverseEventCriteria
@@ -80,17 +80,17 @@ class Rule(_Frozen):
 
 
 class SusarDeadlines(_Frozen):
-    fatal_or_life_threatening_days: int = Field(7, ge=1)
-    other_days: int = Field(15, ge=1)
-    life_threatening_grade: int = Field(4, ge=1, le=5)
+    fatal_or_life_threatening_days: int = Field(ge=1)
+    other_days: int = Field(ge=1)
+    life_threatening_grade: int = Field(ge=1, le=5)
 
 
 class SafetyConfig(_Frozen):
-    rule_set_version: str = "0"
-    related_at_least: Relatedness = "possible"
-    infusion_related_hours: float = Field(24, gt=0)
-    susar: SusarDeadlines = SusarDeadlines()
-    rules: tuple[Rule, ...] = ()
+    rule_set_version: str = Field(min_length=1)
+    related_at_least: Relatedness
+    infusion_related_hours: float = Field(gt=0)
+    susar: SusarDeadlines
+    rules: tuple[Rule, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> SafetyConfig:

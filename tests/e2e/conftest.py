@@ -12,9 +12,9 @@ import pytest
 
 from deploy import infra
 from shared.auth import issue_dev_token
-from shared.launcher import System
 from shared.settings import DEV_JWT_SECRET, SERVICES
 from tests.conftest import Broker
+from tooling.launcher import System
 
 SECRET = "e2e-secret-" + uuid.uuid4().hex
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 
-from shared.launcher import System
 from shared.store import EventStore, RecordedEvent
 from tests.e2e.conftest import screening, token
 from tests.e2e.test_dosing_patients import dose_body, dose_path, schedule_of
 from tests.support import eventually
+from tooling.launcher import System
 
 ADVERSE_EVENT = {"term": "headache", "onset_at": "2026-11-26T08:00:00Z", "ctcae_grade": 1,
                  "serious": False, "relatedness": "unlikely", "expected": True,

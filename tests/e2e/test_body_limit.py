@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from shared.launcher import System
 from shared.settings import Settings
 from shared.store import EventStore
 from tests.e2e.conftest import client, screening
+from tooling.launcher import System
 
 LIMIT = Settings().max_body_bytes
 

@@ -32,12 +32,12 @@ from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from deploy import infra
 from services.gateway.routes import ROUTES, Route, match_route
-from shared.launcher import System
 from shared.permissions import MATRIX
 from shared.store import EventStore
 from tests.conftest import Broker, _new_broker
 from tests.e2e.conftest import screening, start_system, token
 from tests.support import eventually
+from tooling.launcher import System
 
 SITE = "S1"
 # Per operation and mode: ~600 requests, under a minute on two cores. Generation is derandomized, so

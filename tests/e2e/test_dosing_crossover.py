@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from deploy import infra
-from shared.launcher import System
 from shared.protocol import DEFAULT_PATH, load_protocol
 from tests.conftest import REAL, Broker
 from tests.e2e.conftest import client, start_system
 from tests.e2e.test_dosing_patients import give, randomized_patient, schedule_of
+from tooling.launcher import System
 
 
 def crossover_protocol(folder: Path) -> Path:

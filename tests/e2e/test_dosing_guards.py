@@ -9,7 +9,6 @@ import httpx
 from aiokafka import ConsumerRecord
 
 from shared.events import DOSING, CloudEvent
-from shared.launcher import System
 from tests.e2e.conftest import client
 from tests.e2e.test_dosing_patients import (
     INFUSION_ARMS,
@@ -20,6 +19,7 @@ from tests.e2e.test_dosing_patients import (
     schedule_of,
 )
 from tests.support import read_topic
+from tooling.launcher import System
 
 
 def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:

@@ -8,11 +8,11 @@ import uuid
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from shared.events import DOSING, SAFETY, CloudEvent, EventData, PatientDosingHeld, SafetyHoldLifted
-from shared.launcher import System
 from shared.store import utcnow
 from tests.e2e.conftest import client
 from tests.e2e.test_dosing_patients import INFUSION_ARMS, give, randomized_patient, schedule_of
 from tests.support import read_topic
+from tooling.launcher import System
 
 
 async def publish_safety(bootstrap: str, payload: EventData) -> CloudEvent:

@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
-from shared.launcher import System
 from tests.e2e.conftest import client, screening
 from tests.support import eventually
+from tooling.launcher import System
 
 CELLS_PER_KG = {"msc_low": 1_000_000, "msc_high": 3_000_000}
 INFUSION_ARMS = frozenset(CELLS_PER_KG)

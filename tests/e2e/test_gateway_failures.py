@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from deploy import infra
-from shared.launcher import System
 from shared.settings import SERVICES
 from tests.e2e.conftest import SECRET, token
+from tooling.launcher import System
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import uuid
 
 import httpx
 
-from shared.launcher import System
 from shared.store import EventStore
 from tests.e2e.conftest import screening, token
+from tooling.launcher import System
 
 
 def _as(system: System, sub: str, service: str = "gateway") -> httpx.AsyncClient:

@@ -11,9 +11,9 @@ import httpx
 import jwt
 import pytest
 
-from shared.launcher import System
 from shared.settings import SERVICES
 from tests.e2e.conftest import SECRET
+from tooling.launcher import System
 
 # One read route per service, so each service's own verifier answers.
 PROBES = {"randomization": "/v1/patients/PT-NONE", "dosing": "/v1/patients/PT-NONE/schedule",

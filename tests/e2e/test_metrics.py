@@ -5,9 +5,9 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.launcher import System
 from tests.e2e.conftest import client, screening
 from tests.support import eventually
+from tooling.launcher import System
 
 
 async def _scrape(system: System, service: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -11,10 +11,10 @@ import pytest
 
 from services.gateway.routes import ROUTES, Route
 from shared.auth import ROLES, SITE_ROLES
-from shared.launcher import System
 from shared.permissions import MATRIX
 from tests.e2e.conftest import screening, token
 from tests.support import eventually
+from tooling.launcher import System
 
 OWN, OTHER = "S1", "S2"
 AUTHORIZED = frozenset({*range(200, 300), 409, 422})  # past the permission check: a domain answer

@@ -7,7 +7,6 @@ import sys
 import uuid
 from pathlib import Path
 
-from shared.launcher import System
 from tests.e2e.conftest import client
 from tests.e2e.test_dosing_holds import hold_for, lift, publish_safety
 from tests.e2e.test_dosing_patients import (
@@ -17,6 +16,7 @@ from tests.e2e.test_dosing_patients import (
     randomized_patient,
     schedule_of,
 )
+from tooling.launcher import System
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "pharmacy_subscriber.py"
 

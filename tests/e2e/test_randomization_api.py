@@ -29,12 +29,12 @@ from aiokafka import ConsumerRecord
 from deploy import infra
 from services.randomization.allocation import Slot, sequence
 from shared.events import ENROLLMENT, CloudEvent
-from shared.launcher import System
 from shared.protocol import DEFAULT_PATH, load_protocol
 from tests.conftest import REAL, Broker
 from tests.e2e.conftest import client, screening, start_system
 from tests.support import read_topic
 from tests.unit.test_randomization_eligibility import boundary_cases
+from tooling.launcher import System
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,7 +116,7 @@ async def enrol(site: httpx.AsyncClient, site_id: str, pasi: float = 14.2) -> st
 def regenerate(trial: Trial, stratum: str, count: int) -> list[Slot]:
     """The statistician's offline check: `trial allocation-list`, with the secret."""
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "allocation-list", "--secret", trial.secret,
+        [sys.executable, "-m", "tooling.cli", "allocation-list", "--secret", trial.secret,
          "--stratum", stratum, "--count", str(count), "--protocol-dir", str(trial.protocol_dir),
          "--json"], cwd=REPO, capture_output=True, text=True, check=True, timeout=120).stdout
     rows = [json.loads(line) for line in out.splitlines()]

@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from deploy import infra
-from shared.launcher import System
 from tests.conftest import _new_broker
 from tests.e2e.conftest import client, screening, start_system
 from tests.support import eventually
+from tooling.launcher import System
 
 CELLS_PER_KG = {"msc_low": 1_000_000, "msc_high": 3_000_000}
 

@@ -6,9 +6,9 @@ import uuid
 
 import httpx
 
-from shared.launcher import System
 from tests.e2e.conftest import client, screening
 from tests.support import eventually
+from tooling.launcher import System
 
 
 async def test_screen_enrol_randomize_schedule_and_audit(system: System) -> None:

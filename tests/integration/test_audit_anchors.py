@@ -54,7 +54,7 @@ async def _append(store: EventStore, n: int) -> int:
 async def _trial_verify(database_url: str, bootstrap: str) -> tuple[int, str]:
     """The operators' `trial verify --anchors`, run as they would run it."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "verify", database_url, "--anchors", bootstrap,
+        sys.executable, "-m", "tooling.cli", "verify", database_url, "--anchors", bootstrap,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None

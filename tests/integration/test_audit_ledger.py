@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from services.audit.app import spec as audit_spec
-from services.audit.handlers import record
+from services.audit.commands import record
+from shared.app import Runtime, create_app
 from shared.auth import issue_dev_token
 from shared.consumer import ANY_TYPE, ConsumerRunner, Delivery
 from shared.events import (
@@ -28,7 +29,6 @@ from shared.events import (
 from shared.migrate import upgrade
 from shared.relay import Relay
 from shared.schema import processed_events
-from shared.service import Runtime, create_app
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, NewEvent, utcnow
 from tests.conftest import Broker
@@ -96,7 +96,7 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
         relay = Relay(source, settings, name=name)
         while await relay.publish_pending():
             pass
-        await relay._drop_producer()
+        await relay.producer.drop()
 
     group = f"audit-{uuid.uuid4().hex[:6]}"
     first = ConsumerRunner(ledger, settings, list(LEDGER_TOPICS), {ANY_TYPE: record}, group_id=group)

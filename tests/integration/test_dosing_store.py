@@ -8,14 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.dosing import domain
-from services.dosing.api import record_dose
-from services.dosing.handlers import HANDLERS, on_arm_assigned
+from services.dosing import commands, domain
+from services.dosing.handlers import handlers
 from services.dosing.holds import HOLDS_STREAM
-from services.dosing.sweep import sweep_missed_visits
 from shared.auth import Principal
 from shared.clock import FixedClock
 from shared.consumer import Delivery
+from shared.errors import ConcurrencyError, Refused
 from shared.events import (
     ENROLLMENT,
     SAFETY,
@@ -28,11 +27,29 @@ from shared.events import (
     PatientWithdrawn,
     SafetyHoldLifted,
 )
-from shared.store import EventStore, RecordedEvent
-from shared.web import Problem
+from shared.protocol import default_protocol
+from shared.store import EventStore, Metadata, RecordedEvent
+from shared.web import Problem, problem_for
 
 RANDOMIZED = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
 NURSE = Principal(sub="nurse-1", role="site_coordinator", site="S1")
+PROTOCOL = default_protocol()
+HANDLERS = handlers(PROTOCOL)
+
+
+async def record_dose(store: EventStore, patient: str, who: Principal,
+                      dose: domain.DoseCommand) -> list[EventData]:
+    return await commands.record_dose(store, patient, who, dose, PROTOCOL, Metadata(actor=who.sub))
+
+
+async def sweep_missed_visits(store: EventStore, clock: FixedClock) -> int:
+    return await commands.sweep_missed_visits(store, clock, PROTOCOL)
+
+
+def answered(error: BaseException) -> Problem:
+    """What the API answers for a command's error (the web layer's one mapping)."""
+    assert isinstance(error, Refused | ConcurrencyError), error
+    return problem_for(error)
 
 
 def delivered(payload: EventData, topic: str = ENROLLMENT) -> Delivery:
@@ -75,7 +92,7 @@ async def test_an_assignment_creates_one_calendar_however_often_delivered(
                            randomization_number=1, stratum="S1:pasi_lt20",
                            baseline_weight_kg=70.0, assigned_at=RANDOMIZED)
     async with store.transaction() as tx:  # another copy of the assignment, as a new event
-        await on_arm_assigned(tx, delivered(assigned))
+        await HANDLERS["ArmAssigned"](tx, delivered(assigned))
     (created,) = await store.read_stream(domain.schedule_stream(patient))
     assert created.type == "DosingScheduleCreated"
     assert created.data["visits"][1]["planned_cells"] == 210_000_000
@@ -85,7 +102,7 @@ async def test_an_assignment_creates_one_calendar_however_often_delivered(
 async def test_missed_visits_are_recorded_once_however_many_sweeps_run(
         store: EventStore, database_url: str) -> None:
     infused, on_mtx = await assign(store, "msc_low"), await assign(store, "mtx")
-    await record_dose(store, infused, NURSE, infusion(0, RANDOMIZED + timedelta(hours=2)), None)
+    await record_dose(store, infused, NURSE, infusion(0, RANDOMIZED + timedelta(hours=2)))
     # 6 December: week 1's windows (to 5 December) have closed; week 0 was given for one.
     clock = FixedClock(datetime(2026, 12, 6, 0, 1, tzinfo=UTC))
     replicas = [EventStore(database_url) for _ in range(3)]
@@ -119,18 +136,18 @@ async def test_a_consumed_hold_is_enforced_by_the_next_dose_and_a_lift_reenables
     held, other = await assign(store, "msc_low"), await assign(store, "msc_low")
     hold = await handle(store, PatientDosingHeld(hold_id="H-int-1", patient_id=held,
                                                  rule_id="R4-infusion-reaction"), SAFETY)
-    with pytest.raises(Problem) as refused:
-        await record_dose(store, held, NURSE, infusion(0, RANDOMIZED), None)
-    assert (refused.value.code, refused.value.extra["rule_id"]) == ("dosing_held",
-                                                                    "R4-infusion-reaction")
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
+    assert (refused.value.code, refused.value.details["rule_id"]) == ("dosing_held",
+                                                                      "R4-infusion-reaction")
     assert await types(store, domain.schedule_stream(held)) == ["DosingScheduleCreated"]
-    given = await record_dose(store, other, NURSE, infusion(0, RANDOMIZED), None)
+    given = await record_dose(store, other, NURSE, infusion(0, RANDOMIZED))
     assert given[0].event_type() == "InfusionGiven"
 
     lift = await handle(store, SafetyHoldLifted(
         hold_id="H-int-1", scope="patient", target=held, rationale="resolved",
         decided_by="dsmb-1"), SAFETY)
-    given = await record_dose(store, held, NURSE, infusion(0, RANDOMIZED), None)
+    given = await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
     assert given[0].event_type() == "InfusionGiven"
     holds = await store.read_stream(HOLDS_STREAM)
     assert [e.type for e in holds] == ["DosingHeld", "DosingResumed"]
@@ -149,13 +166,13 @@ async def test_two_replicas_posting_the_same_visit_record_one_dose(
         now=RANDOMIZED + timedelta(hours=1))
     try:
         results = await asyncio.gather(
-            *(record_dose(r, patient, NURSE, command, None) for r in replicas),
+            *(record_dose(r, patient, NURSE, command) for r in replicas),
             return_exceptions=True)
     finally:
         for r in replicas:
             await r.close()
     recorded = [r for r in results if isinstance(r, list)]
-    refused = [r for r in results if isinstance(r, Problem)]
+    refused = [answered(r) for r in results if isinstance(r, BaseException)]
     assert len(recorded) == 1 and len(refused) == 3
     assert all(p.status == 409 and p.code in ("already_given", "conflict") for p in refused)
     assert (await types(store, domain.schedule_stream(patient))).count("InfusionGiven") == 1
@@ -168,8 +185,8 @@ async def test_withdrawal_cancels_and_crossover_replans(store: EventStore) -> No
     stream = await store.read_stream(domain.schedule_stream(leaving))
     assert [e.type for e in stream] == ["DosingScheduleCreated", "VisitsCancelled"]
     assert len(stream[1].data["visits"]) == 6 + 8
-    with pytest.raises(Problem) as refused:
-        await record_dose(store, leaving, NURSE, infusion(0, RANDOMIZED), None)
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, leaving, NURSE, infusion(0, RANDOMIZED))
     assert refused.value.code == "withdrawn"
 
     await handle(store, ArmCrossedOver(
@@ -183,5 +200,5 @@ async def test_withdrawal_cancels_and_crossover_replans(store: EventStore) -> No
     given = await record_dose(store, crossing, NURSE, domain.RecordInfusion(
         infusion_id="y", week=0, given_at=RANDOMIZED + timedelta(days=2), weight_kg=70.0,
         cells_administered=210_000_000, lot_number="L-2", deviation_reason=None,
-        now=RANDOMIZED + timedelta(days=3)), None)
+        now=RANDOMIZED + timedelta(days=3)))
     assert given[0].event_type() == "InfusionGiven"

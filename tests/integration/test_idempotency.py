@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from shared.app import ServiceSpec, create_app
 from shared.auth import issue_dev_token
+from shared.deps import CurrentPrincipal, CurrentRuntime
 from shared.events import AccessDenied
 from shared.idempotency import idempotency_keys, request_hash
-from shared.service import CurrentPrincipal, CurrentRuntime, ServiceSpec, create_app
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, utcnow
 

@@ -13,9 +13,10 @@ from aiokafka import AIOKafkaProducer
 
 from services.randomization import commands, domain
 from services.randomization.allocation import sequence
-from services.randomization.handlers import HANDLERS
+from services.randomization.handlers import handlers
 from shared.auth import Principal
 from shared.consumer import ConsumerRunner
+from shared.errors import Refused
 from shared.events import (
     CloudEvent,
     EnrollmentPaused,
@@ -28,7 +29,7 @@ from shared.kafka import ensure_topics
 from shared.protocol import default_protocol
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, utcnow
-from shared.web import Problem
+from shared.web import REFUSAL_STATUS
 from tests.support import eventually
 
 SECRET = b"integration-secret"
@@ -50,7 +51,7 @@ def facts(pasi: float) -> domain.ScreeningFacts:
 
 async def enrolled(store: EventStore, pasi: float = 14.2) -> str:
     screened = await commands.screen(store, facts(pasi), COORDINATOR, PROTOCOL, META)
-    patient = await commands.enrol(store, screened.screening_id, COORDINATOR, META)
+    patient = await commands.enrol(store, screened.screening_id, COORDINATOR, PROTOCOL, META)
     assert patient.patient_id is not None
     return patient.patient_id
 
@@ -83,15 +84,15 @@ async def test_two_replicas_randomizing_at_once_share_one_gapless_balanced_seque
 
 async def test_a_refused_randomization_writes_nothing(store: EventStore) -> None:
     patient_id = await enrolled(store)
-    await commands.withdraw(store, patient_id, "moved away", COORDINATOR, META)
+    await commands.withdraw(store, patient_id, "moved away", COORDINATOR, PROTOCOL, META)
     head = await store.head()
-    with pytest.raises(Problem) as refused:
+    with pytest.raises(Refused) as refused:
         await commands.randomize(store, patient_id, COORDINATOR, PROTOCOL, SECRET, META)
-    assert (refused.value.status, refused.value.code) == (409, "withdrawn")
+    assert (REFUSAL_STATUS[refused.value.code], refused.value.code) == (409, "withdrawn")
     other_site = Principal("coordinator-2", "site_coordinator", "S2")
-    with pytest.raises(Problem) as hidden:
+    with pytest.raises(Refused) as hidden:
         await commands.randomize(store, patient_id, other_site, PROTOCOL, SECRET, META)
-    assert (hidden.value.status, hidden.value.code) == (404, "patient_not_found")
+    assert (REFUSAL_STATUS[hidden.value.code], hidden.value.code) == (404, "patient_not_found")
     assert await store.head() == head
 
 
@@ -116,7 +117,7 @@ async def test_safety_holds_are_consumed_once_and_patient_holds_ignored(
             await producer.send_and_wait(topic, event.to_bytes(), key=b"NCT03424629")
     finally:
         await producer.stop()
-    runner = ConsumerRunner(store, settings, [topic], HANDLERS,
+    runner = ConsumerRunner(store, settings, [topic], handlers(PROTOCOL),
                             group_id=f"g-{uuid.uuid4().hex[:8]}")
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))

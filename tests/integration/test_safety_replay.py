@@ -61,7 +61,7 @@ async def status_of(store: EventStore) -> object:
 
 async def replay(settings: Settings, url: str, expected: int) -> ConsumerRunner:
     store = EventStore(url)
-    runner = ConsumerRunner(store, settings, [SAFETY], handlers(),
+    runner = ConsumerRunner(store, settings, [SAFETY], handlers(default_protocol()),
                             group_id=f"replay-{uuid.uuid4().hex[:8]}")
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))

@@ -12,7 +12,8 @@ import httpx
 from fastapi import FastAPI
 
 from services.safety.app import spec
-from services.safety.handlers import on_patient_fact
+from services.safety.commands import take_patient_fact
+from shared.app import Runtime, create_app
 from shared.auth import issue_dev_token
 from shared.consumer import Delivery
 from shared.events import (
@@ -23,7 +24,6 @@ from shared.events import (
     MethotrexateDoseGiven,
     PatientEnrolled,
 )
-from shared.service import Runtime, create_app
 from shared.settings import Settings
 from shared.store import utcnow
 
@@ -88,7 +88,8 @@ async def seed_patient(service: SafetyService, arm: str, site: str = "S1",
     events = patient_events(arm, site, dosed_at)
     for data in events:
         async with service.runtime.store.transaction() as tx:
-            await on_patient_fact(tx, Delivery(cloud_event(data), data, data.topic))
+            await take_patient_fact(tx, Delivery(cloud_event(data), data, data.topic),
+                                    service.runtime.protocol)
     return events[0].subject()
 
 

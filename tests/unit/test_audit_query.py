@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+from services.audit.domain import history_order, ledger_stream, ledger_time, reason_of
 from services.audit.export import CSV_COLUMNS, csv_row
-from services.audit.handlers import ledger_stream, ledger_time
-from services.audit.query import history_order, reason_of
 
 
 def item(event_id: str, time: str, position: int, cause: str | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.asyncapi import asyncapi_document, channel_id
+from services.gateway.asyncapi import asyncapi_document, channel_id
 from shared.events import CATALOGUE, DOSING, TOPICS, dlq_topic
 
 REPO = Path(__file__).resolve().parents[2]

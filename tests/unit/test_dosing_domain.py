@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from services.dosing import domain
 from services.dosing import holds as holding
+from shared.errors import Refused
 from shared.events import (
     Arm,
     ArmAssigned,
@@ -27,7 +28,7 @@ from shared.events import (
     VisitsCancelled,
 )
 from shared.protocol import default_protocol
-from shared.web import Problem
+from shared.web import Problem, refusal_problem
 
 PROTOCOL = default_protocol()
 RANDOMIZED = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
@@ -66,9 +67,10 @@ def given(history: list[EventData], command: domain.RecordInfusion | domain.Reco
 def refused(history: list[EventData],
             command: domain.RecordInfusion | domain.RecordMethotrexateDose,
             holds: holding.Holds = NO_HOLDS) -> Problem:
-    with pytest.raises(Problem) as caught:
+    """The refusal as the caller gets it (the web layer's one table gives its status)."""
+    with pytest.raises(Refused) as caught:
         given(history, command, holds)
-    return caught.value
+    return refusal_problem(caught.value)
 
 
 def then(history: list[EventData], command: domain.RecordInfusion) -> list[EventData]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.auth import ROLES, Principal
+from shared.errors import Refused
 from shared.permissions import (
     MATRIX,
     Action,
@@ -13,7 +14,7 @@ from shared.permissions import (
     authorize_patient,
     authorize_site,
 )
-from shared.web import Problem
+from shared.web import REFUSAL_STATUS
 
 SITE = {"site_coordinator", "investigator", "pharmacist"}
 # The table, row by row: who may do what at all (site roles: at their own site only).
@@ -44,32 +45,32 @@ def test_authorize_refuses_exactly_the_roles_the_table_leaves_out(action: Action
     if role in TABLE[action]:
         authorize(who(role, "S1"), action)
     else:
-        with pytest.raises(Problem) as refused:
+        with pytest.raises(Refused) as refused:
             authorize(who(role, "S1"), action)
-        assert (refused.value.status, refused.value.code) == (403, "forbidden")
+        assert (REFUSAL_STATUS[refused.value.code], refused.value.code) == (403, "forbidden")
 
 
 @pytest.mark.parametrize("role", ROLES)
 def test_another_sites_patient_is_404_before_the_role_is_looked_at(role: str) -> None:
     caller = who(role, "S2")
     if role in SITE:
-        with pytest.raises(Problem) as hidden:
+        with pytest.raises(Refused) as hidden:
             authorize_patient(caller, Action.ENROL, "S1")
-        assert (hidden.value.status, hidden.value.code) == (404, "patient_not_found")
+        assert (REFUSAL_STATUS[hidden.value.code], hidden.value.code) == (404, "patient_not_found")
     elif role in TABLE[Action.READ_PATIENT]:
         authorize_patient(caller, Action.READ_PATIENT, "S1")  # trial-wide roles see every site
 
 
 def test_own_site_patient_then_the_role_decides() -> None:
     authorize_patient(who("pharmacist", "S1"), Action.DOSE, "S1")
-    with pytest.raises(Problem) as refused:
+    with pytest.raises(Refused) as refused:
         authorize_patient(who("pharmacist", "S1"), Action.ENROL, "S1")
-    assert refused.value.status == 403
+    assert REFUSAL_STATUS[refused.value.code] == 403
 
 
 def test_a_new_record_at_another_site_is_403() -> None:
     authorize_site(who("investigator", "S1"), Action.ENROL, "S1")
     for caller in (who("investigator", "S2"), who("monitor")):
-        with pytest.raises(Problem) as refused:
+        with pytest.raises(Refused) as refused:
             authorize_site(caller, Action.ENROL, "S1")
-        assert refused.value.status == 403
+        assert REFUSAL_STATUS[refused.value.code] == 403

@@ -11,10 +11,23 @@ import pytest
 from pydantic import ValidationError
 
 from shared.events import ARMS
-from shared.protocol import DEFAULT_PATH, ArmConfig, ProtocolConfig, default_protocol, load_protocol
+from shared.protocol import (
+    DEFAULT_PATH,
+    ArmConfig,
+    ProtocolConfig,
+    ProtocolError,
+    default_protocol,
+    load_protocol,
+    read_document,
+)
 
 
 def raw_default() -> dict[str, Any]:
+    """The built-in version as one document: trial.json with every section under its name."""
+    return read_document(DEFAULT_PATH)
+
+
+def trial_keys() -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads((DEFAULT_PATH / "trial.json").read_text())
     return loaded
 
@@ -53,20 +66,23 @@ def test_default_protocol_is_frozen() -> None:
 
 
 def write(tmp_path: Path, config: dict[str, Any]) -> Path:
+    """A version folder: the built-in sections, with `config` as its trial.json."""
     folder = tmp_path / "protocol"
     folder.mkdir(exist_ok=True)
+    for section in DEFAULT_PATH.glob("*.json"):
+        (folder / section.name).write_text(section.read_text())
     (folder / "trial.json").write_text(json.dumps(config))
     return folder
 
 
 def test_unknown_top_level_key_fails(tmp_path: Path) -> None:
-    config = {**raw_default(), "stopping_rulez": []}
+    config = {**trial_keys(), "stopping_rulez": []}
     with pytest.raises(ValidationError, match="stopping_rulez"):
         load_protocol(write(tmp_path, config))
 
 
 def test_unknown_arm_key_fails(tmp_path: Path) -> None:
-    config = copy.deepcopy(raw_default())
+    config = copy.deepcopy(trial_keys())
     config["arms"]["msc_low"]["cells_per_lb"] = 450_000
     with pytest.raises(ValidationError, match="cells_per_lb"):
         load_protocol(write(tmp_path, config))
@@ -74,7 +90,7 @@ def test_unknown_arm_key_fails(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("field", ["name", "product", "kind", "dose_weeks"])
 def test_missing_arm_field_fails(tmp_path: Path, field: str) -> None:
-    config = copy.deepcopy(raw_default())
+    config = copy.deepcopy(trial_keys())
     del config["arms"]["msc_high"][field]
     with pytest.raises(ValidationError, match=field):
         load_protocol(write(tmp_path, config))
@@ -106,3 +122,25 @@ def test_malformed_file_fails(tmp_path: Path) -> None:
     (tmp_path / "trial.json").write_text("{ not json")
     with pytest.raises(json.JSONDecodeError):
         load_protocol(tmp_path)
+
+
+@pytest.mark.parametrize("section", ["eligibility", "randomization", "safety"])
+def test_a_folder_without_a_section_is_refused_naming_the_file(tmp_path: Path,
+                                                               section: str) -> None:
+    folder = write(tmp_path, trial_keys())
+    (folder / f"{section}.json").unlink()
+    with pytest.raises(ProtocolError, match=f"lacks {section}.json"):
+        load_protocol(folder)
+
+
+@pytest.mark.parametrize("section", ["eligibility", "randomization", "safety"])
+def test_no_section_has_defaults_in_code(section: str) -> None:
+    """Version 1's values live in its folder only: an empty section is refused, not filled in."""
+    with pytest.raises(ValidationError, match=section):
+        ProtocolConfig.model_validate({**raw_default(), section: {}})
+
+
+def test_a_safety_section_without_rules_is_refused() -> None:
+    safety = {**raw_default()["safety"], "rules": []}
+    with pytest.raises(ValidationError, match="rules"):
+        ProtocolConfig.model_validate({**raw_default(), "safety": safety})

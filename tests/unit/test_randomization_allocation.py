@@ -59,6 +59,12 @@ def test_allocation_is_one_to_one_to_one_over_many_trials() -> None:
         assert abs(first_slot[arm] / len(SECRETS) - 1 / 3) < 0.04, first_slot
 
 
+def with_blocks(sizes: tuple[int, ...], weights: tuple[int, ...]) -> RandomizationConfig:
+    """Version 1's section with other block sizes (validated like a protocol file)."""
+    return RandomizationConfig.model_validate(
+        {**CONFIG.model_dump(), "block_sizes": sizes, "block_size_weights": weights})
+
+
 def block_sizes(config: RandomizationConfig, n: int) -> Counter[int]:
     return Counter(len(block(SECRETS[i % len(SECRETS)], config, STRATA[i % 4], i // 8))
                    for i in range(n))
@@ -68,14 +74,14 @@ def block_sizes(config: RandomizationConfig, n: int) -> Counter[int]:
                                                 ((3, 6, 9), (2, 1, 1))])
 def test_block_sizes_are_distributed_as_configured(sizes: tuple[int, ...],
                                                    weights: tuple[int, ...]) -> None:
-    config = RandomizationConfig(block_sizes=sizes, block_size_weights=weights)
+    config = with_blocks(sizes, weights)
     seen = block_sizes(config, 12_000)
     for size, weight in zip(sizes, weights, strict=True):
         assert abs(seen[size] / 12_000 - weight / sum(weights)) < 0.02, seen
 
 
 def test_every_permutation_of_a_block_of_three_is_equally_likely() -> None:
-    config = RandomizationConfig(block_sizes=(3,), block_size_weights=(1,))
+    config = with_blocks((3,), (1,))
     seen = Counter(block(secret, config, "S1:pasi_lt20", 0) for secret in SECRETS)
     assert set(seen) == set(itertools.permutations(ARMS))
     assert all(abs(n / len(SECRETS) - 1 / 6) < 0.03 for n in seen.values()), seen

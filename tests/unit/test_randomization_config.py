@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -12,25 +13,39 @@ from typer.testing import CliRunner
 
 from services.randomization import config
 from services.randomization.allocation import sequence
-from shared.cli import app
+from shared.app import create_app
 from shared.protocol import DEFAULT_PATH, default_protocol
+from shared.runtime import ServiceSpec
 from shared.settings import Settings
+from tooling.cli import app
+
+SERVICES = ("randomization", "dosing", "safety", "audit")
 
 
-def test_the_built_in_protocol_unless_a_folder_is_configured(tmp_path: Path) -> None:
-    assert config.protocol(Settings()) is default_protocol()
+def spec(service: str) -> ServiceSpec:
+    found: ServiceSpec = importlib.import_module(f"services.{service}.app").spec
+    return found
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_the_built_in_protocol_unless_a_folder_is_configured(tmp_path: Path, service: str) -> None:
+    assert create_app(spec(service), Settings()).state.protocol == default_protocol()
     folder = tmp_path / "v1-amended"
     shutil.copytree(DEFAULT_PATH, folder)
     trial = json.loads((folder / "trial.json").read_text())
     (folder / "trial.json").write_text(json.dumps({**trial, "enrollment_cap": 90}))
-    assert config.protocol(Settings(protocol_dir=folder)).enrollment_cap == 90
+    app = create_app(spec(service), Settings(protocol_dir=folder))
+    assert app.state.protocol.enrollment_cap == 90
 
 
-def test_a_broken_protocol_folder_fails_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_broken_protocol_folder_fails_at_start(tmp_path: Path, service: str) -> None:
     shutil.copytree(DEFAULT_PATH, tmp_path / "bad")
-    (tmp_path / "bad" / "randomization.json").write_text('{"block_sizes": [4]}')
-    with pytest.raises(ValueError):
-        config.protocol(Settings(protocol_dir=tmp_path / "bad"))
+    section = json.loads((DEFAULT_PATH / "randomization.json").read_text())
+    (tmp_path / "bad" / "randomization.json").write_text(
+        json.dumps({**section, "block_sizes": [4], "block_size_weights": [1]}))
+    with pytest.raises(ValueError, match="multiples of 3"):
+        create_app(spec(service), Settings(protocol_dir=tmp_path / "bad"))
 
 
 def test_the_development_secret_is_warned_about_and_never_logged(

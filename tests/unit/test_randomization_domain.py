@@ -13,17 +13,19 @@ from services.randomization.domain import (
     Patient,
     decide_crossover,
     decide_enrol,
+    decide_holds,
     decide_randomize,
     evolve,
     evolve_allocation,
     fold,
     fold_allocation,
     fold_holds,
-    hold_from_safety,
     stratum_of,
 )
+from shared.errors import Refused
 from shared.events import (
     AdverseEventReported,
+    AllocationSlotUsed,
     ArmAssigned,
     ArmCrossedOver,
     ArmSuspended,
@@ -40,7 +42,7 @@ from shared.events import (
     TrialHalted,
 )
 from shared.protocol import ProtocolConfig, default_protocol
-from shared.web import Problem
+from shared.web import REFUSAL_STATUS
 
 AT = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
 SECRET = b"unit-test-secret"
@@ -62,9 +64,17 @@ def screening(eligible: bool = True) -> PatientScreened:
 
 def refusal(call: object) -> tuple[int, str]:
     assert callable(call)
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(Refused) as caught:
         call()
-    return caught.value.status, caught.value.code
+    return REFUSAL_STATUS[caught.value.code], caught.value.code
+
+
+def randomized(patient: Patient, allocation: Allocation, holds: Holds, protocol: ProtocolConfig,
+               secret: bytes, at: datetime) -> tuple[ArmAssigned, AllocationSlotUsed]:
+    """A randomization's two events: the patient's assignment and the slot it used."""
+    assigned, used = decide_randomize(patient, allocation, holds, protocol, secret, at)
+    assert isinstance(assigned, ArmAssigned) and isinstance(used, AllocationSlotUsed)
+    return assigned, used
 
 
 # --- life cycle -------------------------------------------------------------------------------
@@ -89,8 +99,8 @@ def test_evolve_ignores_events_it_does_not_know() -> None:
 
 
 def test_decide_enrol() -> None:
-    assert decide_enrol(screening(), Patient(), "p-1", AT) == ENROLLED.model_copy(
-        update={"baseline_weight_kg": 70.5})
+    assert decide_enrol(screening(), Patient(), "p-1", AT) == [ENROLLED.model_copy(
+        update={"baseline_weight_kg": 70.5})]
     assert refusal(lambda: decide_enrol(screening(False), Patient(), "p-1", AT)) == (
         422, "not_eligible")
     assert refusal(lambda: decide_enrol(screening(), fold([ENROLLED]), "p-1", AT)) == (
@@ -120,7 +130,7 @@ def test_assignments_follow_the_stratum_sequence_with_gapless_numbers() -> None:
     got: dict[str, list[str]] = {"S1:pasi_lt20": [], "S2:pasi_ge20": []}
     for n in range(1, 25):
         site, pasi = ("S1", 12.0) if n % 3 else ("S2", 30.0)
-        assigned, used = decide_randomize(enrolled(n, site, pasi), allocation, Holds(), PROTOCOL,
+        assigned, used = randomized(enrolled(n, site, pasi), allocation, Holds(), PROTOCOL,
                                           SECRET, AT)
         assert assigned.randomization_number == used.randomization_number == n
         assert (used.arm, used.stratum, used.patient_id) == (
@@ -138,7 +148,7 @@ def test_the_cap_closes_enrolment() -> None:
     assert refusal(lambda: decide_randomize(enrolled(58), full, Holds(), PROTOCOL, SECRET, AT)) == (
         409, "enrollment_closed")
     almost = Allocation(assigned=PROTOCOL.enrollment_cap - 1)
-    assigned, _ = decide_randomize(enrolled(57), almost, Holds(), PROTOCOL, SECRET, AT)
+    assigned, _ = randomized(enrolled(57), almost, Holds(), PROTOCOL, SECRET, AT)
     assert assigned.randomization_number == 57
 
 
@@ -164,7 +174,7 @@ def test_pauses_and_halts_refuse_until_lifted(kind: str, code: str) -> None:
                                             AT)) == (409, code)
     lifted = fold_holds([hold(kind, "NCT03424629"),
                          RandomizationHoldLifted(hold_id="h-1", scope="trial", target="NCT03424629")])
-    assert decide_randomize(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)[0].arm
+    assert randomized(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)[0].arm
 
 
 def test_a_lift_lifts_exactly_the_hold_it_names() -> None:
@@ -185,35 +195,40 @@ def test_a_suspended_arm_refuses_its_slot_without_using_it_up() -> None:
     # Another stratum whose next slot is another arm is not held up.
     other = next(s for s in ("S2", "S3", "S4", "S5", "S6")
                  if sequence(SECRET, PROTOCOL.randomization, f"{s}:pasi_lt20", 1)[0].arm != first)
-    assigned, _ = decide_randomize(enrolled(2, other), Allocation(), suspended, PROTOCOL, SECRET, AT)
+    assigned, _ = randomized(enrolled(2, other), Allocation(), suspended, PROTOCOL, SECRET, AT)
     assert assigned.arm != first
     # Lifted: the same slot (slot 1 of the stratum) goes to the next patient.
     lifted = fold_holds([hold("arm_suspended", first),
                          RandomizationHoldLifted(hold_id="h-1", scope="arm", target=first)])
-    assigned, used = decide_randomize(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)
+    assigned, used = randomized(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)
     assert (assigned.arm, used.stratum_slot) == (first, 1)
 
 
 def test_safety_events_become_randomization_holds() -> None:
-    assert hold_from_safety(EnrollmentPaused(hold_id="h", trial_id="T", rule_id="R5")) == \
-        RandomizationHoldApplied(hold_id="h", kind="enrollment_paused", scope="trial", target="T",
-                                 rule_id="R5")
-    assert hold_from_safety(TrialHalted(hold_id="h", trial_id="T", rule_id="R1")) == \
+    none = Holds()
+    paused = RandomizationHoldApplied(hold_id="h", kind="enrollment_paused", scope="trial",
+                                      target="T", rule_id="R5")
+    assert decide_holds(none, EnrollmentPaused(hold_id="h", trial_id="T", rule_id="R5")) == [
+        paused]
+    assert decide_holds(none, TrialHalted(hold_id="h", trial_id="T", rule_id="R1")) == [
         RandomizationHoldApplied(hold_id="h", kind="trial_halted", scope="trial", target="T",
-                                 rule_id="R1")
-    assert hold_from_safety(ArmSuspended(hold_id="h", arm="mtx", rule_id="R2")) == \
+                                 rule_id="R1")]
+    assert decide_holds(none, ArmSuspended(hold_id="h", arm="mtx", rule_id="R2")) == [
         RandomizationHoldApplied(hold_id="h", kind="arm_suspended", scope="arm", target="mtx",
-                                 rule_id="R2")
-    assert hold_from_safety(SafetyHoldLifted(hold_id="h", scope="arm", target="mtx",
-                                             rationale="ok", decided_by="d")) == \
-        RandomizationHoldLifted(hold_id="h", scope="arm", target="mtx")
+                                 rule_id="R2")]
+    assert decide_holds(none, SafetyHoldLifted(hold_id="h", scope="arm", target="mtx",
+                                               rationale="ok", decided_by="d")) == [
+        RandomizationHoldLifted(hold_id="h", scope="arm", target="mtx")]
+    # The same hold delivered twice is one hold.
+    assert decide_holds(fold_holds([paused]),
+                        EnrollmentPaused(hold_id="h", trial_id="T", rule_id="R5")) == []
     # A patient's dosing hold does not concern randomization.
-    assert hold_from_safety(PatientDosingHeld(hold_id="h", patient_id="p", rule_id="R4")) is None
-    assert hold_from_safety(SafetyHoldLifted(hold_id="h", scope="patient", target="p",
-                                             rationale="ok", decided_by="d")) is None
-    assert hold_from_safety(AdverseEventReported(
+    assert decide_holds(none, PatientDosingHeld(hold_id="h", patient_id="p", rule_id="R4")) == []
+    assert decide_holds(none, SafetyHoldLifted(hold_id="h", scope="patient", target="p",
+                                               rationale="ok", decided_by="d")) == []
+    assert decide_holds(none, AdverseEventReported(
         adverse_event_id="a", patient_id="p", site_id="S1", term="fever", onset_at=AT,
-        ctcae_grade=1, serious=False, relatedness="not_related", expected=True)) is None
+        ctcae_grade=1, serious=False, relatedness="not_related", expected=True)) == []
 
 
 def test_minimization_is_chosen_in_configuration() -> None:
@@ -221,7 +236,7 @@ def test_minimization_is_chosen_in_configuration() -> None:
         update={"method": "minimization"})})
     allocation = Allocation()
     for n in range(1, 31):
-        assigned, used = decide_randomize(enrolled(n, "S1" if n % 2 else "S2"), allocation, Holds(),
+        assigned, used = randomized(enrolled(n, "S1" if n % 2 else "S2"), allocation, Holds(),
                                           protocol, SECRET, AT)
         assert used.method == "minimization" and assigned.randomization_number == n
         allocation = evolve_allocation(allocation, used)
@@ -250,7 +265,7 @@ def test_crossover_is_disabled_unless_configured() -> None:
 def test_an_mtx_non_responder_crosses_over_after_week_16() -> None:
     protocol = crossover_protocol()
     at16 = AT + timedelta(weeks=16)
-    event = decide_crossover(MTX, "msc_high", "no PASI 50 at week 16", Holds(), protocol, at16)
+    [event] = decide_crossover(MTX, "msc_high", "no PASI 50 at week 16", Holds(), protocol, at16)
     assert event == ArmCrossedOver(patient_id="p-1", site_id="S1", from_arm="mtx",
                                    to_arm="msc_high", reason="no PASI 50 at week 16",
                                    crossed_over_at=at16)

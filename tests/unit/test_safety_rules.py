@@ -11,6 +11,7 @@ import pytest
 
 from services.safety import domain, rules
 from services.safety.state import SafetyState, fold
+from shared.decider import Identified
 from shared.events import (
     AdverseEventFollowedUp,
     AdverseEventReported,
@@ -26,7 +27,7 @@ from shared.protocol import default_protocol
 CONFIG = default_protocol().safety
 TRIAL = "NCT03424629"
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
-Given = tuple[str, EventData]
+Given = Identified[EventData]
 
 
 def new_id() -> str:
@@ -35,14 +36,14 @@ def new_id() -> str:
 
 def patient(pid: str, arm: str, dosed: bool = True, site: str = "S1") -> list[Given]:
     events: list[Given] = [
-        (new_id(), PatientSafetyFactRecorded(patient_id=pid, site_id=site, fact="enrolled", at=T0,
-                                             source_event_id=new_id())),
-        (new_id(), PatientSafetyFactRecorded.model_validate(
+        Identified(new_id(), PatientSafetyFactRecorded(
+            patient_id=pid, site_id=site, fact="enrolled", at=T0, source_event_id=new_id())),
+        Identified(new_id(), PatientSafetyFactRecorded.model_validate(
             {"patient_id": pid, "site_id": site, "fact": "assigned", "arm": arm, "at": T0,
              "source_event_id": new_id()}))]
     if dosed:
         kind = "methotrexate" if arm == "mtx" else "infusion"
-        events.append((new_id(), PatientSafetyFactRecorded.model_validate(
+        events.append(Identified(new_id(), PatientSafetyFactRecorded.model_validate(
             {"patient_id": pid, "site_id": site, "fact": kind, "arm": arm, "at": T0,
              "source_event_id": new_id()})))
     return events
@@ -51,7 +52,7 @@ def patient(pid: str, arm: str, dosed: bool = True, site: str = "S1") -> list[Gi
 def ae(pid: str, arm: str | None, grade: int, relatedness: str = "possible", serious: bool = False,
        expected: bool = True, infusion_related: bool = False, outcome: str | None = None,
        term: str = "rash", ae_id: str | None = None) -> Given:
-    return (new_id(), AdverseEventReported.model_validate({
+    return Identified(new_id(), AdverseEventReported.model_validate({
         "adverse_event_id": ae_id or new_id(), "patient_id": pid, "site_id": "S1", "arm": arm,
         "term": term, "onset_at": T0, "ctcae_grade": grade, "serious": serious,
         "relatedness": relatedness, "expected": expected, "infusion_related": infusion_related,
@@ -64,7 +65,7 @@ def lab(pid: str, arm: str, **values: Any) -> Given:
                               unit=units.get(k, "10^9/L"),
                               uln=v[1] if isinstance(v, tuple) else None)
                     for k, v in values.items())
-    return (new_id(), LabResultReported.model_validate({
+    return Identified(new_id(), LabResultReported.model_validate({
         "lab_result_id": new_id(), "patient_id": pid, "site_id": "S1", "arm": arm,
         "collected_at": T0, "results": results, "reported_at": T0}))
 
@@ -124,19 +125,18 @@ def test_r2_related_grade_4_suspends_the_arm(grade: int, relatedness: str, fires
 
 def test_r2_a_follow_up_raising_the_grade_fires_once_and_a_later_one_does_not_fire_again() -> None:
     first = ae("P1", "msc_high", 3, "possible", ae_id="AE-1")
-    up = (new_id(), AdverseEventFollowedUp(follow_up_id="F1", adverse_event_id="AE-1",
-                                           patient_id="P1", site_id="S1", ctcae_grade=4,
-                                           reported_at=T0 + timedelta(days=1)))
+    up: Given = Identified(new_id(), AdverseEventFollowedUp(
+        follow_up_id="F1", adverse_event_id="AE-1", patient_id="P1", site_id="S1", ctcae_grade=4,
+        reported_at=T0 + timedelta(days=1)))
     state = given(patient("P1", "msc_high"), first, up)
     emitted = rules.evaluate(CONFIG, state)
     r2 = [e for _, e in emitted if getattr(e, "rule_id", "") == "R2-related-grade4"
           and e.event_type() == "StoppingRuleTriggered"]
     assert len(r2) == 1 and set(r2[0].evidence) == {first[0], up[0]}  # type: ignore[attr-defined]
     state = domain.apply(state, emitted)
-    resolved = (new_id(), AdverseEventFollowedUp(follow_up_id="F2", adverse_event_id="AE-1",
-                                                 patient_id="P1", site_id="S1",
-                                                 outcome="recovered",
-                                                 reported_at=T0 + timedelta(days=9)))
+    resolved: Given = Identified(new_id(), AdverseEventFollowedUp(
+        follow_up_id="F2", adverse_event_id="AE-1", patient_id="P1", site_id="S1",
+        outcome="recovered", reported_at=T0 + timedelta(days=9)))
     assert then(domain.apply(state, [resolved])) == []
 
 
@@ -311,7 +311,8 @@ def test_after_a_lift_the_old_evidence_stays_quiet_and_new_evidence_holds_again(
 
 
 def test_a_lift_names_exactly_its_hold_and_refuses_when_none_is_in_force() -> None:
-    from shared.web import Problem
+    from shared.errors import Refused
+    from shared.web import REFUSAL_STATUS
 
     state = given(patient("P1", "msc_low"), patient("P2", "msc_low"),
                   ae("P1", "msc_low", 4), ae("P2", "msc_low", 4))
@@ -322,9 +323,9 @@ def test_a_lift_names_exactly_its_hold_and_refuses_when_none_is_in_force() -> No
     one = domain.decide_lift(state, "arm", "msc_low", holds[0].hold_id, "rationale text", "d")
     assert len(one) == 1 and isinstance(one[0][1], SafetyHoldLifted)
     assert one[0][1].hold_id == holds[0].hold_id
-    with pytest.raises(Problem) as err:
+    with pytest.raises(Refused) as err:
         domain.decide_lift(state, "arm", "mtx", None, "rationale text", "d")
-    assert err.value.status == 409 and err.value.code == "no_active_hold"
-    with pytest.raises(Problem) as err:
+    assert REFUSAL_STATUS[err.value.code] == 409 and err.value.code == "no_active_hold"
+    with pytest.raises(Refused) as err:
         domain.decide_lift(state, "arm", "msc_low", "nope", "rationale text", "d")
-    assert err.value.status == 404
+    assert REFUSAL_STATUS[err.value.code] == 404

@@ -1,12 +1,10 @@
-"""The AsyncAPI 3 document of every topic, generated from the event catalogue (`trial asyncapi`)."""
+"""The AsyncAPI 3 document of every topic, generated from the event catalogue: the gateway serves
+it, `trial asyncapi` writes it to docs/asyncapi.json."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-import typer
 from pydantic.json_schema import models_json_schema
 
 from shared.events import CATALOGUE, DOSING, ENROLLMENT, SAFETY, TOPICS, CloudEvent, dlq_topic
@@ -14,7 +12,6 @@ from shared.events import CATALOGUE, DOSING, ENROLLMENT, SAFETY, TOPICS, CloudEv
 CONTENT_TYPE = "application/cloudevents+json"
 KAFKA_BINDING = "0.5.0"
 SCHEMAS = "#/components/schemas/{model}"
-DEFAULT_OUT = Path("docs/asyncapi.json")
 TOPIC_NOTES = {
     ENROLLMENT: "Screening, enrolment, arm assignment, crossover and withdrawal; key: the patient "
                 "id (the screening id for PatientScreened).",
@@ -125,14 +122,3 @@ def asyncapi_document() -> dict[str, Any]:
             "schemas": _schemas(),
         },
     }
-
-
-def render() -> str:
-    return json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n"
-
-
-def write(out: Path = typer.Option(DEFAULT_OUT, help="where to write")) -> None:
-    """Write the AsyncAPI 3 document of every topic (what pharmacy systems code against)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render())
-    typer.echo(f"wrote {out}")

@@ -9,12 +9,22 @@ from pathlib import Path
 
 import typer
 
-from shared.asyncapi import write as write_asyncapi
 from shared.auth import issue_dev_token
 from shared.settings import SERVICES, Settings
 
 app = typer.Typer(help="NCT03424629 trial backend", no_args_is_help=True)
-app.command("asyncapi")(write_asyncapi)
+
+
+@app.command()
+def asyncapi(out: Path = typer.Option(Path("docs/asyncapi.json"), help="where to write")) -> None:
+    """Write the AsyncAPI 3 document of every topic (what pharmacy systems code against)."""
+    import json
+
+    from services.gateway.asyncapi import asyncapi_document
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -36,7 +46,7 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
                                      help="port of the embedded broker")) -> None:
     """Start the embedded broker and all five services; stop them on Ctrl-C."""
     from deploy import infra
-    from shared.launcher import System
+    from tooling.launcher import System
 
     settings = Settings()
     bootstrap = infra.start_tansu(kafka_port)

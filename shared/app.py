@@ -1,0 +1,80 @@
+"""The app factory every service is made by: its runtime, middlewares, problems, health, metrics,
+access logging and routes; `run_beside` adds a loop of its own (a sweep, an anchorer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+
+from shared.access import access_router, refused_writes_logger
+from shared.idempotency import IdempotencyMiddleware
+from shared.metrics import install_service_metrics
+from shared.protocol import load_protocol
+from shared.runtime import Loop, Runtime, ServiceSpec
+from shared.settings import Settings
+from shared.web import (
+    BodyLimitMiddleware,
+    RequestIdMiddleware,
+    health_router,
+    install_problem_handlers,
+    reject_unknown_query,
+)
+
+
+def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
+    """The service's app. Its protocol version is read and validated here, once: a folder that
+    is not a valid protocol stops the process before it serves anything."""
+    settings = settings or Settings(service_name=spec.name)
+    protocol = load_protocol(settings.protocol_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(spec, settings, protocol)
+        app.state.runtime = runtime
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    async def ready(request: Request) -> dict[str, bool]:
+        return await request.app.state.runtime.ready()
+
+    app = FastAPI(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
+                  dependencies=[Depends(reject_unknown_query)])
+    app.state.protocol = protocol
+    # Added first, so it runs inside the request id middleware: replays carry the new id.
+    app.add_middleware(IdempotencyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    install_service_metrics(app)
+    install_problem_handlers(app, on_problem=refused_writes_logger(spec.name))
+    app.include_router(health_router(ready))
+    app.include_router(access_router())
+    app.include_router(spec.router)
+    return app
+
+
+def run_beside(app: FastAPI, start: Callable[[FastAPI], Loop]) -> None:
+    """Run a service's own loop (a sweep, an anchorer) for the app's whole life: `start(app)` is
+    called once the runtime is up and returns the loop; the loop is stopped before the runtime."""
+    service_lifespan = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with service_lifespan(app):
+            stop = asyncio.Event()
+            task = asyncio.create_task(start(app)(stop))
+            try:
+                yield
+            finally:
+                stop.set()
+                await task
+
+    app.router.lifespan_context = lifespan
+
+
+__all__ = ["Runtime", "ServiceSpec", "create_app", "run_beside"]

@@ -1,0 +1,44 @@
+"""What a service's routes ask FastAPI for: the running service, its protocol, the caller, and the
+metadata a write records about who did it and why."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from shared.auth import Principal
+from shared.protocol import ProtocolConfig
+from shared.runtime import Runtime
+from shared.store import Metadata
+from shared.web import current_request_id
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def protocol(request: Request) -> ProtocolConfig:
+    """The protocol version this process was started with (read once, at start-up)."""
+    found: ProtocolConfig = request.app.state.protocol
+    return found
+
+
+def principal(request: Request) -> Principal:
+    """The caller, from its bearer token; every service checks it, not only the gateway.
+    A missing or bad token raises `AuthError`, answered 401 by the problem handlers."""
+    who = runtime(request).verifier.principal(request.headers.get("authorization"))
+    request.state.principal = who  # so a refusal later in the request can name who was refused
+    return who
+
+
+CurrentPrincipal = Annotated[Principal, Depends(principal)]
+CurrentRuntime = Annotated[Runtime, Depends(runtime)]
+CurrentProtocol = Annotated[ProtocolConfig, Depends(protocol)]
+
+
+def metadata_for(who: Principal, reason: str | None = None) -> Metadata:
+    request_id = current_request_id()
+    return Metadata(actor=who.sub, role=who.role, site=who.site, request_id=request_id,
+                    correlation_id=request_id, reason=reason)

@@ -1,0 +1,96 @@
+"""A service's running parts: its protocol, store, token verifier, relay and consumer, started and
+stopped together (`app.state.runtime` while the app runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter
+
+from shared.auth import JWTVerifier
+from shared.consumer import ConsumerRunner, Handler
+from shared.kafka import broker_reachable, ensure_topics_forever
+from shared.migrate import upgrade
+from shared.protocol import ProtocolConfig, load_protocol
+from shared.relay import Relay
+from shared.settings import Settings
+from shared.store import EventStore
+
+log = logging.getLogger(__name__)
+Handlers = Callable[[ProtocolConfig], Mapping[str, Handler]]
+
+
+def no_handlers(_: ProtocolConfig) -> Mapping[str, Handler]:
+    return {}
+
+
+@dataclass
+class ServiceSpec:
+    """What makes a service itself: its name, routes, and the events it consumes (its handlers,
+    given the protocol version the process runs)."""
+
+    name: str
+    router: APIRouter
+    consumes: list[str] = field(default_factory=list)
+    handlers: Handlers = no_handlers
+    publishes: bool = True
+
+
+class Runtime:
+    """The running parts of one service process. The protocol is read once, here (or handed in
+    by the app factory, which read it before anything started)."""
+
+    def __init__(self, spec: ServiceSpec, settings: Settings,
+                 protocol: ProtocolConfig | None = None) -> None:
+        self.spec = spec
+        self.settings = settings
+        self.protocol = protocol or load_protocol(settings.protocol_dir)
+        self.store = EventStore(settings.resolved_database_url())
+        self.verifier = JWTVerifier(settings)
+        self.relay = Relay(self.store, settings) if spec.publishes else None
+        self.consumer = (ConsumerRunner(self.store, settings, spec.consumes,
+                                        spec.handlers(self.protocol))
+                         if spec.consumes else None)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await upgrade(self.settings.resolved_database_url())
+        if self.relay is not None and self.settings.relay_enabled:
+            self._tasks.append(asyncio.create_task(self.relay.run(self._stop)))
+        if self.consumer is not None and self.settings.consumers_enabled:
+            self._tasks.append(asyncio.create_task(self._consume()))
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        await ensure_topics_forever(self.settings, self._stop)
+        await self.consumer.run(self._stop)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            except Exception as exc:
+                log.warning("background task ended with %r", exc)
+        await self.store.close()
+
+    async def ready(self) -> dict[str, bool]:
+        checks = {"database": False, "broker": False}
+        with contextlib.suppress(Exception):
+            async with self.store.read_engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+                checks["database"] = True
+        checks["broker"] = await broker_reachable(self.settings.kafka_bootstrap_servers)
+        return checks
+
+
+Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
