@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,16 +17,19 @@ from shared.settings import SERVICES, Settings
 app = typer.Typer(help="NCT03424629 trial backend", no_args_is_help=True)
 
 
+def _write(out: Path, document: dict[str, Any]) -> None:
+    """A published document, as the unit tests compare it with the generated one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def asyncapi(out: Path = typer.Option(Path("docs/asyncapi.json"), help="where to write")) -> None:
     """Write the AsyncAPI 3 document of every topic (what pharmacy systems code against)."""
-    import json
-
     from services.gateway.asyncapi import asyncapi_document
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(asyncapi_document(), indent=2, sort_keys=True) + "\n")
-    typer.echo(f"wrote {out}")
+    _write(out, asyncapi_document())
 
 
 @app.command()
@@ -73,13 +78,9 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
 @app.command()
 def schemas(out: Path = typer.Option(Path("docs/events.schema.json"), help="where to write")) -> None:
     """Write the event catalogue (CloudEvents envelope + every event's data) as JSON Schema."""
-    import json
-
     from shared.events import catalogue_document
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(catalogue_document(), indent=2, sort_keys=True) + "\n")
-    typer.echo(f"wrote {out}")
+    _write(out, catalogue_document())
 
 
 @app.command()

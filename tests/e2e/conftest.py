@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,7 +14,7 @@ import pytest
 from deploy import infra
 from shared.auth import issue_dev_token
 from shared.settings import DEV_JWT_SECRET, SERVICES
-from tests.conftest import Broker
+from tests.conftest import Broker, _new_broker
 from tooling.launcher import System
 
 SECRET = "e2e-secret-" + uuid.uuid4().hex
@@ -51,6 +52,26 @@ def start_system(broker: Broker, pg_dsn: str | None, folder: Path,
         system.stop()
         raise
     return system, created
+
+
+@contextmanager
+def system_of_its_own(pg_dsn: str | None, folder: Path,
+                      services: tuple[str, ...] = (*SERVICES, "gateway"),
+                      env: dict[str, str] | None = None) -> Iterator[System]:
+    """A system on a broker of its own, for a test whose holds or protocol must not reach the
+    session system (a suspended arm there would stop every other test's doses)."""
+    broker = _new_broker(folder / "broker")
+    try:
+        system, created = start_system(broker, pg_dsn, folder / "system", services, env)
+        try:
+            yield system
+        finally:
+            system.stop()
+            for name in created:
+                assert pg_dsn is not None
+                infra.drop_database(pg_dsn, name)
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy import infra
-from tests.conftest import _new_broker
-from tests.e2e.conftest import client, screening, start_system
+from tests.e2e.conftest import client, screening, system_of_its_own
 from tests.support import eventually
 from tooling.launcher import System
 
@@ -26,18 +24,8 @@ CELLS_PER_KG = {"msc_low": 1_000_000, "msc_high": 3_000_000}
 @pytest.fixture(scope="module")
 def safety_system(pg_dsn: str | None, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[System]:
-    broker = _new_broker(tmp_path_factory.mktemp("safety-broker"))
-    try:
-        system, created = start_system(broker, pg_dsn, tmp_path_factory.mktemp("safety-system"))
-        try:
-            yield system
-        finally:
-            system.stop()
-            for name in created:
-                assert pg_dsn is not None
-                infra.drop_database(pg_dsn, name)
-    finally:
-        broker.stop()
+    with system_of_its_own(pg_dsn, tmp_path_factory.mktemp("safety")) as system:
+        yield system
 
 
 def now() -> str:
