@@ -23,6 +23,7 @@ from shared.events import (
     AdverseEventFollowedUp,
     AdverseEventReported,
     ArmAssigned,
+    ArmCrossedOver,
     EventData,
     InfusionGiven,
     LabResult,
@@ -75,12 +76,10 @@ def fact_from(event_id: str, event: EventData) -> PatientSafetyFactRecorded | No
             return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
                                              fact="assigned", arm=event.arm,
                                              at=event.assigned_at, source_event_id=event_id)
-        case _ if event.event_type() == "ArmCrossedOver":  # randomization's, when enabled
-            data = event.model_dump()
-            return PatientSafetyFactRecorded(patient_id=data["patient_id"],
-                                             site_id=data["site_id"], fact="crossed_over",
-                                             arm=data["to_arm"], at=data["crossed_over_at"],
-                                             source_event_id=event_id)
+        case ArmCrossedOver():  # randomization's, when the protocol enables crossover
+            return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
+                                             fact="crossed_over", arm=event.to_arm,
+                                             at=event.crossed_over_at, source_event_id=event_id)
         case PatientWithdrawn():
             return PatientSafetyFactRecorded(patient_id=event.patient_id, site_id=event.site_id,
                                              fact="withdrawn", at=event.withdrawn_at,
