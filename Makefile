@@ -31,7 +31,7 @@ test-real: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy shared services deploy tests bench
+	$(BIN)/mypy shared services tooling deploy tests bench
 
 ## Stop whatever the test targets left running (they are reused between runs otherwise).
 infra-down:
