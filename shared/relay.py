@@ -7,12 +7,16 @@ import logging
 from typing import Any
 
 from shared.events import model_for
-from shared.kafka import LazyProducer
+from shared.kafka import LazyProducer, ensure_topics
 from shared.retry import Stopped, retry
 from shared.settings import Settings
 from shared.store import EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
+
+
+class TopicsForgotten(Exception):
+    """The broker acknowledged a batch for topics it does not have: nothing was kept."""
 
 
 class Relay:
@@ -31,6 +35,7 @@ class Relay:
         self.producer = LazyProducer(settings)
         self.published_position = 0
         self.healthy = True  # false while the last publish attempt failed
+        self._delivery_timeout_s = 3 * settings.kafka_request_timeout_ms / 1000
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -66,9 +71,20 @@ class Relay:
             return 0
         async with self.producer.using() as producer:
             # send() queues in order; the client keeps one request in flight per broker, so the
-            # records of one partition land in the order queued.
-            futures = [await producer.send(**self._record(event)) for event in batch]
-            await asyncio.gather(*futures)
+            # records of one partition land in the order queued. The wait is bounded: a
+            # producer connected before a broker restart can retry a batch forever without
+            # failing it (seen with aiokafka 0.14), and a fresh producer recovers.
+            records = [self._record(event) for event in batch]
+            futures = [await producer.send(**record) for record in records]
+            await asyncio.wait_for(asyncio.gather(*futures), self._delivery_timeout_s)
+            # The embedded broker acknowledges records for a topic it does not have (one a
+            # restart made it forget, to a producer connected before): the checkpoint moves
+            # only once every topic of the batch exists, else the batch is sent again.
+            await producer.client.force_metadata_update()
+            missing = {r["topic"] for r in records} - set(producer.client.cluster.topics())
+            if missing:
+                await ensure_topics(self.settings, sorted(missing))
+                raise TopicsForgotten(f"the broker had no {', '.join(sorted(missing))}")
         async with self.store.transaction() as tx:
             await tx.save_checkpoint(self.name, batch[-1].position)
         self.published_position = batch[-1].position
