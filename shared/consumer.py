@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -46,10 +48,36 @@ class Delivery:
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
 
+
+@dataclass(frozen=True)
+class Unapplied:
+    """A record this service could not apply (unparseable, or its handler failed every try)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    error: str
+
+    @property
+    def record_id(self) -> str:
+        return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+# What a service does, in its own store, with a record of a topic it must not simply skip:
+# the topics whose records it fails closed on (trial.safety for dosing, D32).
+FailClosed = Callable[[Transaction, Unapplied], Awaitable[None]]
+
 # Failures of the database or the network, not of the record: retried, never dead-lettered.
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError, OSError, TimeoutError)
 MAX_HANDLER_ATTEMPTS = 3
 ANY_TYPE = "*"  # a handler for every event type (the audit ledger)
+
+
+# The producers' partitioner (the relay's aiokafka default, murmur2 like Kafka's own): which
+# partition a key's records are on.
+_PARTITIONER = DefaultPartitioner()
 
 
 class PoisonRecord(Exception):
@@ -63,11 +91,13 @@ def _transient(exc: BaseException) -> bool:
 
 class ConsumerRunner:
     def __init__(self, store: EventStore, settings: Settings, topics: list[str],
-                 handlers: Mapping[str, Handler], group_id: str | None = None) -> None:
+                 handlers: Mapping[str, Handler], group_id: str | None = None,
+                 fail_closed: Mapping[str, FailClosed] | None = None) -> None:
         self.store = store
         self.settings = settings
         self.topics = topics
         self.handlers = dict(handlers)
+        self.fail_closed = dict(fail_closed or {})
         self.group_id = group_id or settings.service_name
         self.dlq = LazyProducer(settings)
         self.records_seen = 0
@@ -75,6 +105,7 @@ class ConsumerRunner:
         self.duplicates = 0
         self.dead_lettered = 0
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
+        self._consumer: AIOKafkaConsumer | None = None  # while a session runs
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
@@ -103,8 +134,10 @@ class ConsumerRunner:
         )
         try:
             await consumer.start()
+            self._consumer = consumer
             await self._consume(consumer, stop)
         finally:
+            self._consumer = None
             await quietly(consumer.stop())
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
@@ -116,6 +149,28 @@ class ConsumerRunner:
                 # Only now is every record of the batch in the database (or the DLQ).
                 if self.commit_offsets:
                     await consumer.commit({tp: records[-1].offset + 1})
+
+    async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
+        """Whether this service's group has handled every record of `key`'s partition of
+        `topic` that existed when asked, waiting up to `timeout` seconds for it to get there.
+        False when it cannot tell in time (not yet in its group, the broker away, behind)."""
+        deadline = time.monotonic() + timeout
+        end: int | None = None
+        while time.monotonic() < deadline:
+            consumer = self._consumer
+            try:
+                partitions = sorted(consumer.partitions_for_topic(topic) or ()) if consumer else []
+                if consumer is not None and partitions:
+                    tp = TopicPartition(topic, _PARTITIONER(key.encode(), partitions, partitions))
+                    if end is None:  # what existed when asked: the log's end, now
+                        end = (await consumer.end_offsets([tp]))[tp]
+                    committed = await consumer.committed(tp)
+                    if end == 0 or (committed is not None and committed >= end):
+                        return True
+            except Exception as exc:  # the group or the broker in flux: try again until the end
+                log.debug("consumer %s: catching up on %s unknown: %r", self.group_id, topic, exc)
+            await asyncio.sleep(0.05)
+        return False
 
     async def handle_record(self, record: ConsumerRecord) -> None:
         """Handle one record to completion: processed, skipped, or dead-lettered.
@@ -180,6 +235,19 @@ class ConsumerRunner:
         # The offset is not committed until the DLQ has the record.
         await retry(publish, what=f"consumer {self.group_id}: DLQ publish", initial=0.2)
         self.dead_lettered += 1
+        closed = self.fail_closed.get(record.topic)
+        if closed is not None:
+            # Not skipped: the service records, in its own store, that it could not apply it,
+            # and refuses what the record may concern until an operator resolves it (D32).
+            unapplied = Unapplied(record.topic, record.partition, record.offset, record.key,
+                                  record.value, error)
+
+            async def record_it() -> None:
+                async with self.store.transaction() as tx:
+                    await closed(tx, unapplied)
+
+            await retry(record_it, what=f"consumer {self.group_id}: fail closed on "
+                                        f"{unapplied.record_id}", retry_if=_transient)
 
 
 def _short(exc: ValidationError) -> str:

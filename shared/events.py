@@ -14,9 +14,10 @@ SAFETY = "trial.safety"
 ACCESS = "trial.access"  # refused write attempts, so monitors see probing (issue 6)
 # The audit ledger's chain heads, published outside its database as witnesses (D27).
 AUDIT_ANCHORS = "trial.audit.anchors"
-TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, AUDIT_ANCHORS)
+PROTOCOL = "trial.protocol"  # which protocol version each service runs, from when (issue 10)
+TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, PROTOCOL, AUDIT_ANCHORS)
 # What the audit ledger records: everything but its own anchors (which witness the ledger itself).
-LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS)
+LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, PROTOCOL)
 
 Arm = Literal["msc_low", "msc_high", "mtx"]
 ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")
@@ -66,6 +67,12 @@ class PatientScreened(EventData):
     pasi: float
     protocol_version: str
     screened_at: datetime
+    # Added: the site's own date of the screening (ages and windows count in it), when consent
+    # was signed, and the baseline BSA and DLQI beside PASI and weight.
+    screened_on: date | None = None
+    consent_signed_at: datetime | None = None
+    bsa_percent: float | None = None
+    dlqi: int | None = None
 
 
 class PatientEnrolled(EventData):
@@ -76,6 +83,8 @@ class PatientEnrolled(EventData):
     baseline_weight_kg: float
     baseline_pasi: float
     enrolled_at: datetime
+    baseline_bsa_percent: float | None = None  # added, from the screening
+    baseline_dlqi: int | None = None
 
 
 class ArmAssigned(EventData):
@@ -116,12 +125,15 @@ class AllocationSlotUsed(EventData):
     subject_field = "stratum"
     randomization_number: int = Field(ge=1)
     stratum: str
-    stratum_slot: int = Field(ge=1)  # the how-manieth assignment in this stratum
+    stratum_slot: int = Field(ge=1)  # the slot's number within its sequence (below)
     patient_id: str
     site_id: str
     pasi_band: str
     arm: Arm
     method: Literal["permuted_blocks", "minimization"]
+    # The sequence the slot was drawn from, when it was not the stratum's own: while arms are
+    # suspended, the stratum's sequence over the open arms ("S1:pasi_lt20|msc_low+mtx").
+    sequence: str | None = None
 
 
 class RandomizationHoldApplied(EventData):
@@ -182,8 +194,13 @@ class InfusionGiven(EventData):
     cells_per_kg: float
     weight_kg: float
     lot_number: str
-    given_at: datetime
+    given_at: datetime  # UTC
     deviation_reason: str | None = None
+    # Added: the site confirmed a weight more than the configured fraction from the last one.
+    weight_change_confirmed: bool = False
+    # Added: given before the hold `entered_after_hold` took effect, recorded after it.
+    late_entry: bool = False
+    entered_after_hold: str | None = None
 
 
 class MethotrexateDoseGiven(EventData):
@@ -193,8 +210,10 @@ class MethotrexateDoseGiven(EventData):
     site_id: str
     week: int
     dose_mg: float
-    given_at: datetime
+    given_at: datetime  # UTC
     deviation_reason: str | None = None
+    late_entry: bool = False
+    entered_after_hold: str | None = None
 
 
 class _DosingHoldChange(EventData):
@@ -213,9 +232,43 @@ class _DosingHoldChange(EventData):
 class DosingHeld(_DosingHoldChange):
     """Stop preparing and giving the product for the hold's scope (a safety rule fired)."""
 
+    # When the hold took effect (the safety decision's time): a dose given before it is not
+    # stopped by it, only marked as a late entry. Unknown (None): every dose is stopped.
+    held_from: datetime | None = None
+
 
 class DosingResumed(_DosingHoldChange):
     """The hold `hold_id` was lifted by a DSMB decision: preparing may restart."""
+
+
+class SafetyRecordUnapplied(EventData):
+    """Dosing could not apply a record of trial.safety (unreadable, or its handler failed): it
+    refuses the doses the record may concern (every dose when it cannot tell whose) until an
+    operator resolves it. Pharmacies: stop preparing for the scope, as for DosingHeld."""
+
+    topic = DOSING
+    subject_field = "target"
+    record_id: str  # topic:partition:offset
+    event_id: str | None = None  # the safety event's id and type, when readable
+    type: str | None = None
+    scope: Literal["patient", "arm", "trial"]
+    target: str  # "*" when the record names no one readable: every dose
+    error: str
+    detected_at: datetime
+
+
+class SafetyRecordResolved(EventData):
+    """An operator resolved an unapplied safety record (applied it by hand, or found it did not
+    concern dosing): the doses it stopped may go on."""
+
+    topic = DOSING
+    subject_field = "target"
+    record_id: str
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    resolved_by: str
+    reason: str
+    resolved_at: datetime
 
 
 class DosingScheduleReanchored(EventData):
@@ -240,12 +293,12 @@ class ProtocolDeviationRecorded(EventData):
     week: int
     kind: Literal["infusion", "methotrexate"]
     dose_event_id: str  # the InfusionGiven's infusion_id or the MethotrexateDoseGiven's dose_id
-    deviations: tuple[Literal["out_of_window", "dose_mismatch"], ...]
+    deviations: tuple[Literal["out_of_window", "dose_mismatch", "dose_step_exceeded"], ...]
     reason: str
     recorded_at: datetime
 
 
-class VisitMissed(EventData):
+class _ClosedVisit(EventData):
     """A dosing visit whose window closed without a dose."""
 
     topic = DOSING
@@ -257,6 +310,18 @@ class VisitMissed(EventData):
     due_date: date
     window_end: date
     detected_at: datetime
+
+
+class VisitMissed(_ClosedVisit):
+    """A dosing visit whose window closed without a dose."""
+
+
+class VisitHeld(_ClosedVisit):
+    """A dosing visit whose window closed while a safety hold stopped its dose: held, not
+    missed (the dose could not be given)."""
+
+    hold_id: str
+    rule_id: str
 
 
 class VisitRef(BaseModel):
@@ -301,6 +366,10 @@ class AdverseEventReported(EventData):
     # When the sponsor learnt of it (the SUSAR clock starts here), and the outcome if known.
     reported_at: datetime | None = None
     outcome: AdverseEventOutcome | None = None
+    # Who said `infusion_related`: the reporter, or the service from the infusions it knew of
+    # then (derived again when an earlier infusion arrives later). None: recorded before this
+    # field, read as the reporter's.
+    infusion_related_source: Literal["reporter", "derived"] | None = None
 
 
 class StoppingRuleTriggered(EventData):
@@ -312,6 +381,7 @@ class StoppingRuleTriggered(EventData):
     target: str
     evidence: tuple[str, ...]
     triggered_at: datetime | None = None
+    protocol_version: str | None = None  # added: the protocol version whose rule fired
 
 
 class _SafetyHold(EventData):
@@ -321,6 +391,10 @@ class _SafetyHold(EventData):
     scope: ClassVar[Literal["patient", "arm", "trial"]]
     hold_id: str
     rule_id: str
+    # A hold the DSMB imposed itself (its rule id is the protocol's DSMB id): its decision.
+    decision_id: str | None = None
+    decided_by: str | None = None
+    rationale: str | None = None
 
     @property
     def target(self) -> str:
@@ -381,6 +455,7 @@ class AdverseEventFollowedUp(EventData):
     outcome: AdverseEventOutcome | None = None
     resolved_at: datetime | None = None
     reported_at: datetime
+    infusion_related: bool | None = None  # the reporter's judgment, replacing any derived one
 
 
 class LabResult(BaseModel):
@@ -414,6 +489,33 @@ class SusarReportDue(EventData):
     days: int
     aware_at: datetime
     due_at: datetime
+    # Set when a follow-up made the SUSAR fatal or life-threatening: the deadline in force
+    # before (this one is `days` after the follow-up; whichever comes first binds).
+    previous_due_at: datetime | None = None
+
+
+class SusarFollowUpReportDue(EventData):
+    """The complete report of a fatal or life-threatening SUSAR must follow its first report to
+    the regulator: `days` further calendar days after that report's deadline."""
+
+    topic = SAFETY
+    adverse_event_id: str
+    patient_id: str
+    rule_id: str
+    days: int
+    initial_due_at: datetime
+    due_at: datetime
+
+
+class SeriousAdverseEventReportDue(EventData):
+    """A serious adverse event's initial report is due `hours` after safety learnt it was serious."""
+
+    topic = SAFETY
+    adverse_event_id: str
+    patient_id: str
+    hours: int
+    aware_at: datetime
+    due_at: datetime
 
 
 class PatientSafetyFactRecorded(EventData):
@@ -444,6 +546,23 @@ class AccessDenied(EventData):
     code: str
     patient_id: str | None = None  # when the path names a patient
     denied_at: datetime
+
+
+# --- trial.protocol ---------------------------------------------------------------------------
+
+
+class ProtocolVersionActivated(EventData):
+    """A service started applying a protocol version (the first one included): which, its
+    content's hash (so two folders both called 1.1.0 cannot pass for one), who, and when."""
+
+    topic = PROTOCOL
+    subject_field = "service"
+    service: str
+    trial_id: str
+    version: str
+    content_hash: str  # SHA-256 of the canonical JSON of the whole validated configuration
+    activated_by: str
+    activated_at: datetime
 
 
 # --- trial.audit.anchors ----------------------------------------------------------------------

@@ -15,7 +15,9 @@ class Action(StrEnum):
     DOSE = "dose"                        # record an infusion or a methotrexate dose
     READ_PATIENT = "read_patient"        # patient, schedule
     REPORT_SAFETY = "report_safety"      # adverse event, lab result
-    READ_SAFETY_STATUS = "read_safety_status"
+    READ_SAFETY_STATUS = "read_safety_status"  # the holds in force and what sites must do
+    READ_RULE_FIRINGS = "read_rule_firings"    # which stopping rules fired, on what
+    READ_INTERIM_DATA = "read_interim_data"    # per-arm counts, posteriors, the rules' evidence
     DSMB_DECISION = "dsmb_decision"
     AUDIT = "audit"                      # audit events, verify, export
 
@@ -30,6 +32,10 @@ MATRIX: dict[Action, frozenset[str]] = {
     Action.READ_PATIENT: ALL_ROLES,
     Action.REPORT_SAFETY: frozenset({"site_coordinator", "investigator"}),
     Action.READ_SAFETY_STATUS: ALL_ROLES,
+    # Comparative interim safety data belong to the DSMB (FDA guidance on data monitoring
+    # committees, 2006; ICH E9), even in an open-label trial; monitors see the firings.
+    Action.READ_RULE_FIRINGS: frozenset({"monitor", "dsmb", "admin"}),
+    Action.READ_INTERIM_DATA: frozenset({"dsmb", "admin"}),
     Action.DSMB_DECISION: frozenset({"dsmb"}),
     Action.AUDIT: frozenset({"monitor", "dsmb", "admin"}),
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,13 +14,15 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 
 from shared.auth import JWTVerifier
-from shared.consumer import ConsumerRunner, Handler
+from shared.consumer import ConsumerRunner, FailClosed, Handler
+from shared.errors import ConcurrencyError
+from shared.events import ProtocolVersionActivated
 from shared.kafka import broker_reachable, ensure_topics_forever
 from shared.migrate import upgrade
 from shared.protocol import ProtocolConfig, load_protocol
 from shared.relay import Relay
 from shared.settings import Settings
-from shared.store import EventStore
+from shared.store import EventStore, Metadata, NewEvent, utcnow
 
 log = logging.getLogger(__name__)
 Handlers = Callable[[ProtocolConfig], Mapping[str, Handler]]
@@ -40,6 +42,11 @@ class ServiceSpec:
     consumes: list[str] = field(default_factory=list)
     handlers: Handlers = no_handlers
     publishes: bool = True
+    # Topics whose records must never just be skipped: what the service does when one cannot
+    # be applied (D32).
+    fail_closed: Mapping[str, FailClosed] = field(default_factory=dict)
+    # Checks of the service's own, beside database and broker, for /readyz.
+    ready: Callable[[Runtime], Awaitable[dict[str, bool]]] | None = None
 
 
 class Runtime:
@@ -55,13 +62,15 @@ class Runtime:
         self.verifier = JWTVerifier(settings)
         self.relay = Relay(self.store, settings) if spec.publishes else None
         self.consumer = (ConsumerRunner(self.store, settings, spec.consumes,
-                                        spec.handlers(self.protocol))
+                                        spec.handlers(self.protocol),
+                                        fail_closed=spec.fail_closed)
                          if spec.consumes else None)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await upgrade(self.settings.resolved_database_url())
+        await activate_protocol(self.store, self.spec.name, self.protocol)
         if self.relay is not None and self.settings.relay_enabled:
             self._tasks.append(asyncio.create_task(self.relay.run(self._stop)))
         if self.consumer is not None and self.settings.consumers_enabled:
@@ -90,7 +99,36 @@ class Runtime:
                 await conn.execute(sa.text("SELECT 1"))
                 checks["database"] = True
         checks["broker"] = await broker_reachable(self.settings.kafka_bootstrap_servers)
+        if self.spec.ready is not None and checks["database"]:
+            checks.update(await self.spec.ready(self))
         return checks
 
 
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+async def activate_protocol(store: EventStore, service: str, protocol: ProtocolConfig,
+                            attempts: int = 3) -> ProtocolVersionActivated | None:
+    """Record in the service's own store that it now applies `protocol`, unless the last
+    version it recorded is this one (same content). Replicas starting together record it once:
+    the loser of the version race finds the winner's record and stops."""
+    stream = f"protocol-{service}"
+    for _ in range(attempts):
+        try:
+            async with store.transaction() as tx:
+                recorded = await tx.read_stream(stream)
+                last = recorded[-1].payload() if recorded else None
+                if isinstance(last, ProtocolVersionActivated) and (
+                        last.content_hash == protocol.content_hash()):
+                    return None
+                activated = ProtocolVersionActivated(
+                    service=service, trial_id=protocol.trial_id, version=protocol.version,
+                    content_hash=protocol.content_hash(), activated_by=f"service:{service}",
+                    activated_at=utcnow())
+                meta = Metadata(actor=f"service:{service}",
+                                reason=f"started applying protocol version {protocol.version}")
+                await tx.append(stream, [NewEvent.of(activated, meta)], len(recorded))
+                return activated
+        except ConcurrencyError:
+            continue  # another replica recorded first: look again
+    return None

@@ -10,13 +10,13 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BeforeValidator
+from pydantic import AfterValidator, AwareDatetime, BeforeValidator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +39,7 @@ class Problem(Exception):
         super().__init__(detail or title)
         self.status, self.code, self.title, self.detail, self.extra = (
             status, code, title, detail, extra)
+        self.headers: dict[str, str] = {}  # answered with it (Retry-After, ...)
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -68,8 +69,8 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 # Every code a domain or the permission matrix refuses with, and its HTTP status: the one place a
 # refusal becomes a status. tests/unit/test_refusal_codes.py finds every code raised in the code.
 REFUSAL_STATUS: dict[str, int] = {
-    # the permission matrix
-    "forbidden": 403, "patient_not_found": 404,
+    # the permission matrix, and the protocol's sites
+    "forbidden": 403, "patient_not_found": 404, "unknown_site": 422,
     # randomization
     "screening_not_found": 404, "not_eligible": 422, "already_enrolled": 409,
     "already_randomized": 409, "withdrawn": 409, "trial_halted": 409, "enrollment_paused": 409,
@@ -79,11 +80,13 @@ REFUSAL_STATUS: dict[str, int] = {
     # dosing
     "wrong_arm": 422, "not_a_dosing_week": 422, "already_given": 409, "visit_cancelled": 409,
     "dosing_held": 409, "given_in_future": 422, "dose_out_of_range": 422, "out_of_window": 422,
-    "dose_mismatch": 422,
+    "dose_mismatch": 422, "dose_step_exceeded": 422, "weight_change_unconfirmed": 422,
+    "safety_record_unapplied": 409, "no_such_unapplied_record": 404,
     # safety
     "onset_in_future": 422, "adverse_event_not_found": 404, "empty_follow_up": 422,
     "resolved_before_onset": 422, "validation_error": 422, "collected_in_future": 422,
-    "hold_not_found": 404, "no_active_hold": 409,
+    "hold_not_found": 404, "no_active_hold": 409, "inconsistent_adverse_event": 422,
+    "hold_target_not_found": 404,
 }
 
 
@@ -115,8 +118,9 @@ def install_problem_handlers(app: FastAPI, on_problem: OnProblem | None = None) 
     async def answer(request: Request, problem: Problem) -> JSONResponse:
         if on_problem is not None:
             await on_problem(request, problem)
-        return problem_response(problem,
-                                {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None)
+        headers = {**problem.headers,
+                   **({"WWW-Authenticate": "Bearer"} if problem.status == 401 else {})}
+        return problem_response(problem, headers or None)
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -125,7 +129,12 @@ def install_problem_handlers(app: FastAPI, on_problem: OnProblem | None = None) 
     @app.exception_handler(Refused)
     @app.exception_handler(ConcurrencyError)
     async def _domain(request: Request, exc: Refused | ConcurrencyError) -> JSONResponse:
-        return await answer(request, problem_for(exc))
+        problem = problem_for(exc)
+        protocol = getattr(request.app.state, "protocol", None)
+        if isinstance(exc, Refused) and protocol is not None:
+            # Which version's rule refused it: a refusal is read against the protocol it applied.
+            problem.extra.setdefault("protocol_version", protocol.version)
+        return await answer(request, problem)
 
     @app.exception_handler(AuthError)
     async def _unauthenticated(request: Request, exc: AuthError) -> JSONResponse:
@@ -171,9 +180,15 @@ def _iso_only(pattern: re.Pattern[str], what: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+def _utc(value: datetime) -> datetime:
+    """An instant with a zone, as UTC: stored and returned in UTC whatever offset it came in."""
+    return value.astimezone(UTC) if value.tzinfo is not None else value
+
+
 IsoDate = Annotated[date, _iso_only(_ISO_DATE, "date (YYYY-MM-DD)")]
-IsoDateTime = Annotated[datetime, _iso_only(_ISO_DATETIME, "date-time")]
-IsoAwareDateTime = Annotated[AwareDatetime, _iso_only(_ISO_DATETIME, "date-time with a time zone")]
+IsoDateTime = Annotated[datetime, _iso_only(_ISO_DATETIME, "date-time"), AfterValidator(_utc)]
+IsoAwareDateTime = Annotated[AwareDatetime, _iso_only(_ISO_DATETIME, "date-time with a time zone"),
+                             AfterValidator(_utc)]
 
 
 def _repeatable(annotation: Any) -> bool:

@@ -128,6 +128,41 @@ def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"),
     sys.exit(asyncio.run(_verify()))
 
 
+@app.command("resolve-safety-record")
+def resolve_safety_record(
+        database_url: str = typer.Argument(..., help="the dosing service's database URL"),
+        record_id: str = typer.Argument(None, help="topic:partition:offset; omit to list them"),
+        by: str = typer.Option(None, help="who resolves it (your name or user id)"),
+        reason: str = typer.Option(None, help="how it was resolved")) -> None:
+    """List the trial.safety records dosing could not apply (each refuses the doses it may
+    concern), or resolve one once it has been applied by hand or found not to concern dosing."""
+    from services.dosing import commands
+    from shared.errors import Refused
+    from shared.store import EventStore
+
+    async def _run() -> int:
+        store = EventStore(database_url)
+        try:
+            if record_id is None:
+                for u in await commands.unapplied_safety_records(store):
+                    typer.echo(f"{u.record_id}\t{u.scope}\t{u.target}\t{u.type}\t{u.error}")
+                return 0
+            if not by or not reason:
+                typer.echo("error: --by and --reason are required to resolve", err=True)
+                return 2
+            try:
+                resolved = await commands.resolve_safety_record(store, record_id, by, reason)
+            except Refused as exc:
+                typer.echo(f"error: {exc}", err=True)
+                return 1
+            typer.echo(f"resolved {resolved.record_id} ({resolved.scope} {resolved.target})")
+            return 0
+        finally:
+            await store.close()
+
+    sys.exit(asyncio.run(_run()))
+
+
 from services.randomization.cli import allocation_list  # noqa: E402 (a service's own command)
 
 app.command("allocation-list")(allocation_list)

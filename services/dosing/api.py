@@ -10,9 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.dosing import commands, domain
 from services.dosing import holds as holding
+from shared.auth import Principal
+from shared.catchup import unless_lagging
 from shared.clock import Clock, SystemClock
 from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
-from shared.events import EventData
+from shared.events import ENROLLMENT, EventData
+from shared.protocol import ProtocolConfig
+from shared.runtime import Runtime
 from shared.web import IsoAwareDateTime
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
@@ -36,6 +40,8 @@ class InfusionRequest(BaseModel):
     cells_administered: Annotated[int, Field(gt=0, le=10**12)]
     lot_number: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9._/-]+$")]
     deviation_reason: Reason | None = None
+    # Added: the site confirms a weight further than the protocol's fraction from the last one.
+    weight_confirmed: bool = False
 
 
 class MethotrexateDoseRequest(BaseModel):
@@ -48,7 +54,9 @@ class MethotrexateDoseRequest(BaseModel):
 
 @router.get("/patients/{patient_id}/schedule")
 async def schedule(patient_id: str, who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]:
-    return schedule_view(*await commands.schedule(rt.store, patient_id, who))
+    found = await unless_lagging(rt, ENROLLMENT, patient_id,
+                                 lambda: commands.schedule(rt.store, patient_id, who))
+    return schedule_view(*found)
 
 
 def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str, object]:
@@ -71,6 +79,15 @@ def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str
     }
 
 
+async def _record(rt: Runtime, patient_id: str, who: Principal, command: domain.DoseCommand,
+                  protocol: ProtocolConfig) -> dict[str, object]:
+    """Record the dose; a patient dosing has not heard of yet is waited for, never "unknown"."""
+    new = await unless_lagging(rt, ENROLLMENT, patient_id, lambda: commands.record_dose(
+        rt.store, patient_id, who, command, protocol,
+        metadata_for(who, reason=command.deviation_reason)))
+    return _dose_body(new)
+
+
 def _dose_body(new: list[EventData]) -> dict[str, object]:
     body: dict[str, object] = {**new[0].model_dump(mode="json"), "status": "given"}
     for extra in new[1:]:
@@ -86,10 +103,9 @@ async def record_infusion(patient_id: str, body: InfusionRequest, who: CurrentPr
     command = domain.RecordInfusion(
         infusion_id=str(uuid.uuid4()), week=body.week, given_at=body.given_at,
         weight_kg=body.weight_kg, cells_administered=body.cells_administered,
-        lot_number=body.lot_number, deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await commands.record_dose(
-        rt.store, patient_id, who, command, protocol,
-        metadata_for(who, reason=body.deviation_reason)))
+        lot_number=body.lot_number, deviation_reason=body.deviation_reason, now=now.now(),
+        weight_confirmed=body.weight_confirmed)
+    return await _record(rt, patient_id, who, command, protocol)
 
 
 @router.post("/patients/{patient_id}/methotrexate-doses", status_code=201)
@@ -100,6 +116,4 @@ async def record_methotrexate_dose(patient_id: str, body: MethotrexateDoseReques
     command = domain.RecordMethotrexateDose(
         dose_id=str(uuid.uuid4()), week=body.week, dose_mg=body.dose_mg, given_at=body.given_at,
         deviation_reason=body.deviation_reason, now=now.now())
-    return _dose_body(await commands.record_dose(
-        rt.store, patient_id, who, command, protocol,
-        metadata_for(who, reason=body.deviation_reason)))
+    return await _record(rt, patient_id, who, command, protocol)

@@ -8,12 +8,20 @@ from services.dosing import holds as holding
 from shared.auth import Principal
 from shared.clock import Clock
 from shared.commands import Session, session
-from shared.consumer import Delivery
+from shared.consumer import Delivery, Unapplied
 from shared.errors import Refused
-from shared.events import ArmAssigned, ArmCrossedOver, EventData, PatientWithdrawn
+from shared.events import (
+    ArmAssigned,
+    ArmCrossedOver,
+    CloudEvent,
+    EventData,
+    PatientWithdrawn,
+    SafetyRecordResolved,
+    SafetyRecordUnapplied,
+)
 from shared.permissions import Action, authorize_patient
 from shared.protocol import ProtocolConfig
-from shared.store import EventStore, Metadata, Transaction
+from shared.store import EventStore, Metadata, Transaction, utcnow
 
 SWEEP_ACTOR = Metadata(actor="dosing-sweep", reason="visit window closed without a dose")
 
@@ -78,8 +86,11 @@ async def take_safety_event(tx: Transaction, delivery: Delivery) -> None:
     event = delivery.data
     assert isinstance(event, holding.SafetyEvent)
     s = Session(tx)
+    # A hold applies from when safety decided it (its record's time), not from when dosing
+    # heard of it: a dose given in between is refused; one given before, a late entry.
+    notice = holding.SafetyNotice(event, delivery.event.time)
     await s.append(holding.HOLDS_STREAM,
-                   holding.HOLDS.decide(await s.load(holding.HOLDS, holding.HOLDS_STREAM), event),
+                   holding.HOLDS.decide(await s.load(holding.HOLDS, holding.HOLDS_STREAM), notice),
                    delivery.caused_by())
 
 
@@ -96,7 +107,57 @@ async def sweep_missed_visits(store: EventStore, clock: Clock, protocol: Protoco
         if not stream.startswith(prefix):
             continue
         async with session(store) as s:
-            missed = records.decide(await s.load(records, stream), domain.MarkMissed(clock.now()))
+            record = await s.load(records, stream)
+            holds = await s.load(holding.HOLDS, holding.HOLDS_STREAM)
+            missed = records.decide(record, domain.MarkMissed(clock.now(), holds))
             await s.append(stream, missed, SWEEP_ACTOR)
             found += len(missed)
     return found
+
+
+# --- failing closed on trial.safety (D32) ----------------------------------------------------
+
+CONSUMER_ACTOR = Metadata(actor="dosing-consumer",
+                          reason="a trial.safety record could not be applied")
+
+
+async def fail_closed_on_safety_record(tx: Transaction, unapplied: Unapplied) -> None:
+    """A trial.safety record dosing could not apply: the doses it may concern are refused
+    (every dose when it names no one readable) until an operator resolves it."""
+    event_id: str | None = None
+    event_type: str | None = None
+    data: dict[str, object] = {}
+    try:
+        cloud = CloudEvent.from_bytes(unapplied.value or b"")
+        event_id, event_type, data = cloud.id, cloud.type, cloud.data
+    except ValueError:
+        pass  # unreadable: it concerns everyone
+    scope, target = holding.concerned(data)
+    s = Session(tx)
+    holds = await s.load(holding.HOLDS, holding.HOLDS_STREAM)
+    if unapplied.record_id in holds.unapplied:
+        return
+    await s.append(holding.HOLDS_STREAM, [SafetyRecordUnapplied.model_validate({
+        "record_id": unapplied.record_id, "event_id": event_id, "type": event_type,
+        "scope": scope, "target": target, "error": unapplied.error[:2000],
+        "detected_at": utcnow()})], CONSUMER_ACTOR)
+
+
+async def unapplied_safety_records(store: EventStore) -> list[SafetyRecordUnapplied]:
+    holds = holding.fold(e.payload() for e in await store.read_stream(holding.HOLDS_STREAM))
+    return sorted(holds.unapplied.values(), key=lambda u: u.record_id)
+
+
+async def resolve_safety_record(store: EventStore, record_id: str, by: str,
+                                reason: str) -> SafetyRecordResolved:
+    """An operator's resolution (`trial resolve-safety-record`): the block it caused ends."""
+    async with session(store) as s:
+        holds = await s.load(holding.HOLDS, holding.HOLDS_STREAM)
+        unapplied = holds.unapplied.get(record_id)
+        if unapplied is None:
+            raise Refused("no_such_unapplied_record", f"No unresolved safety record {record_id}")
+        resolved = SafetyRecordResolved(record_id=record_id, scope=unapplied.scope,
+                                        target=unapplied.target, resolved_by=by, reason=reason,
+                                        resolved_at=utcnow())
+        await s.append(holding.HOLDS_STREAM, [resolved], Metadata(actor=by, reason=reason))
+    return resolved

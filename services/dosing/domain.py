@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from services.dosing import calendar
@@ -29,13 +29,14 @@ from shared.events import (
     PatientWithdrawn,
     PlannedVisit,
     ProtocolDeviationRecorded,
+    VisitHeld,
     VisitMissed,
     VisitRef,
     VisitsCancelled,
 )
 from shared.protocol import ProtocolConfig
 
-Status = Literal["planned", "given", "missed", "cancelled"]
+Status = Literal["planned", "given", "missed", "held", "cancelled"]
 # A dose may be recorded a little ahead of the server's clock (site clocks drift), not more.
 CLOCK_SKEW = timedelta(minutes=5)
 MISMATCH_TOLERANCE = 0.10
@@ -81,6 +82,7 @@ class DosingRecord:
     calendars: tuple[Calendar, ...] = ()
     weight_kg: float = 0.0  # the latest known weight: baseline, then each infusion's
     withdrawn: bool = False
+    last_mtx_dose_mg: float | None = None  # the titration's last step
 
     @property
     def current(self) -> Calendar | None:
@@ -110,7 +112,10 @@ def evolve(state: DosingRecord, event: EventData) -> DosingRecord:
                            weight_kg=state.weight_kg or event.weight_kg or 0.0)
         case DosingScheduleReanchored():
             assert state.current is not None
-            statuses = {(s.visit.kind, s.visit.week): s.status for s in state.current.slots}
+            # Every visit not yet given is planned again, on its new date: a visit missed or
+            # held before day 0 was fixed may now lie ahead.
+            statuses = {(s.visit.kind, s.visit.week): s.status for s in state.current.slots
+                        if s.status in ("given", "cancelled")}
             slots = tuple(Slot(event.arm, v, statuses.get((v.kind, v.week), "planned"))
                           for v in event.visits)
             return _with_current(state, replace(state.current, anchor_date=event.anchor_date,
@@ -121,9 +126,11 @@ def evolve(state: DosingRecord, event: EventData) -> DosingRecord:
                                                       "given")), weight_kg=event.weight_kg)
         case MethotrexateDoseGiven():
             assert state.current is not None
-            return _with_current(state, _mark(state.current, "methotrexate", event.week, "given"))
-        case VisitMissed():
-            cals = tuple(_mark(c, event.kind, event.week, "missed")
+            return replace(_with_current(state, _mark(state.current, "methotrexate", event.week,
+                                                      "given")), last_mtx_dose_mg=event.dose_mg)
+        case VisitMissed() | VisitHeld():
+            status: Status = "missed" if isinstance(event, VisitMissed) else "held"
+            cals = tuple(_mark(c, event.kind, event.week, status)
                          if c.arm == event.arm and _open(c, event.kind, event.week) else c
                          for c in state.calendars)
             return replace(state, calendars=cals)
@@ -156,8 +163,9 @@ def fold(events: Iterable[EventData]) -> DosingRecord:
 
 
 def calendar_for(assigned: ArmAssigned, protocol: ProtocolConfig) -> DosingScheduleCreated:
-    """The first calendar: every dose and assessment, dated from randomization until day 0."""
-    anchor = assigned.assigned_at.date()
+    """The first calendar: every dose and assessment, dated from randomization until day 0
+    (the randomization's date at the patient's site)."""
+    anchor = protocol.site_date(assigned.site_id, assigned.assigned_at)
     return DosingScheduleCreated(
         patient_id=assigned.patient_id, site_id=assigned.site_id, arm=assigned.arm,
         anchor_date=anchor,
@@ -184,7 +192,7 @@ def decide_crossover(state: DosingRecord, crossed: ArmCrossedOver,
     cur = state.current
     if cur is None or state.withdrawn or cur.arm == crossed.to_arm:
         return []
-    day = crossed.crossed_over_at.date()
+    day = protocol.site_date(crossed.site_id, crossed.crossed_over_at)
     weight = state.weight_kg
     open_doses = [s for s in cur.slots if s.is_open and s.is_dose]
     return [
@@ -203,16 +211,25 @@ def _ref(v: PlannedVisit) -> VisitRef:
     return VisitRef(week=v.week, kind=v.kind, due_date=v.due_date)
 
 
-def decide_missed(state: DosingRecord, now: datetime) -> list[EventData]:
-    """Every open dosing visit whose window closed before today is missed."""
-    today = now.date()
+def decide_missed(state: DosingRecord, now: datetime, protocol: ProtocolConfig,
+                  holds: holding.Holds = holding.Holds()) -> list[EventData]:
+    """Every open dosing visit whose window closed before today (the site's today) is missed,
+    unless a safety hold in force stops its dose: then it is held, not missed."""
     if state.patient_id is None or state.site_id is None:
         return []
-    return [VisitMissed(patient_id=state.patient_id, site_id=state.site_id, arm=s.arm,
-                        week=s.visit.week, kind=s.visit.kind, due_date=s.visit.due_date,
-                        window_end=s.visit.window_end, detected_at=now)
-            for s in state.slots()
-            if s.is_open and s.is_dose and s.visit.window_end < today]
+    today = protocol.site_date(state.site_id, now)
+    found: list[EventData] = []
+    for s in state.slots():
+        if not (s.is_open and s.is_dose and s.visit.window_end < today):
+            continue
+        assert s.visit.kind != "assessment"
+        held = holding.covering(holds, state.patient_id, s.arm, s.visit.kind)
+        common = {"patient_id": state.patient_id, "site_id": state.site_id, "arm": s.arm,
+                  "week": s.visit.week, "kind": s.visit.kind, "due_date": s.visit.due_date,
+                  "window_end": s.visit.window_end, "detected_at": now}
+        found.append(VisitHeld(**common, hold_id=held[0].hold_id, rule_id=held[0].rule_id)
+                     if held else VisitMissed(**common))
+    return found
 
 
 # --- recording a dose -------------------------------------------------------------------------
@@ -228,6 +245,7 @@ class RecordInfusion:
     lot_number: str
     deviation_reason: str | None
     now: datetime
+    weight_confirmed: bool = False  # the site confirms a weight far from the last one
 
 
 @dataclass(frozen=True)
@@ -241,6 +259,27 @@ class RecordMethotrexateDose:
 
 
 DoseCommand = RecordInfusion | RecordMethotrexateDose
+Deviation = Literal["out_of_window", "dose_mismatch", "dose_step_exceeded"]
+
+
+def _step_exceeded(state: DosingRecord, slot: Slot, dose_mg: float,
+                   protocol: ProtocolConfig) -> str | None:
+    """Why a methotrexate dose escalates beyond the titration scheme, or None."""
+    planned = slot.visit.planned_dose_mg
+    if planned is not None and dose_mg > planned + 1e-9:
+        return f"{dose_mg:g} mg is above the week {slot.visit.week} dose of the titration " \
+               f"scheme ({planned:g} mg)"
+    last = state.last_mtx_dose_mg
+    if last is not None and dose_mg - last > protocol.mtx_max_step_mg + 1e-9:
+        return f"{dose_mg:g} mg rises more than {protocol.mtx_max_step_mg:g} mg from the " \
+               f"last dose ({last:g} mg)"
+    return None
+
+
+def _weight_changed(state: DosingRecord, weight_kg: float, protocol: ProtocolConfig) -> bool:
+    """Further from the last recorded weight than the protocol lets pass unconfirmed."""
+    last = state.weight_kg
+    return last > 0 and abs(weight_kg - last) > protocol.weight_change_confirm_fraction * last
 
 
 def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
@@ -265,21 +304,44 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
         raise Refused("already_given", f"The week {command.week} {kind} was given already")
     if slot.status == "cancelled":
         raise Refused("visit_cancelled", f"The week {command.week} {kind} was cancelled")
-    held = holding.blocking(holds, state.patient_id, cur.arm, kind)
+    given_at = command.given_at.astimezone(UTC)
+    if unapplied := holding.unapplied_over(holds, state.patient_id, cur.arm):
+        # Dosing cannot tell whether that record holds this dose: it refuses (fails closed).
+        raise Refused("safety_record_unapplied", "A safety record that may concern this dose "
+                      "could not be applied; dosing waits for an operator to resolve it",
+                      record_id=unapplied.record_id, scope=unapplied.scope,
+                      target=unapplied.target)
+    held = holding.blocking(holds, state.patient_id, cur.arm, kind, given_at)
     if held is not None:
         raise Refused("dosing_held", f"Dosing is held by safety rule {held.rule_id}",
                       rule_id=held.rule_id, hold_id=held.hold_id, scope=held.scope,
                       target=held.target)
+    # A hold in force that took effect after the dose was given: a late entry, accepted.
+    earlier = holding.covering(holds, state.patient_id, cur.arm, kind)
     if command.given_at > command.now + CLOCK_SKEW:
         raise Refused("given_in_future", "given_at lies in the future")
-    deviations: list[Literal["out_of_window", "dose_mismatch"]] = []
+    deviations: list[Deviation] = []
     if isinstance(command, RecordMethotrexateDose):
         low, high = protocol.mtx_dose_range_mg
         if not low <= command.dose_mg <= high:
             raise Refused("dose_out_of_range",
                           f"A methotrexate dose must lie in [{low:g}, {high:g}] mg",
                           dose_mg=command.dose_mg, range_mg=[low, high])
-    given_on = command.given_at.date()
+        if step := _step_exceeded(state, slot, command.dose_mg, protocol):
+            if command.deviation_reason is None:
+                raise Refused("dose_step_exceeded", step, dose_mg=command.dose_mg,
+                              planned_dose_mg=slot.visit.planned_dose_mg,
+                              last_dose_mg=state.last_mtx_dose_mg,
+                              max_step_mg=protocol.mtx_max_step_mg)
+            deviations.append("dose_step_exceeded")
+    elif _weight_changed(state, command.weight_kg, protocol) and not command.weight_confirmed:
+        raise Refused("weight_change_unconfirmed",
+                      f"{command.weight_kg:g} kg is more than "
+                      f"{protocol.weight_change_confirm_fraction:.0%} from the last recorded "
+                      f"{state.weight_kg:g} kg; confirm it (weight_confirmed) to record the dose",
+                      weight_kg=command.weight_kg, last_weight_kg=state.weight_kg)
+    # Windows are calendar days at the patient's site, whatever offset given_at was written in.
+    given_on = protocol.site_date(state.site_id, given_at)
     v = slot.visit
     if not calendar.in_window(v, given_on):
         if command.deviation_reason is None:
@@ -288,6 +350,8 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
                           "record it anyway", due_date=str(v.due_date),
                           window_start=str(v.window_start), window_end=str(v.window_end))
         deviations.append("out_of_window")
+    late = {"late_entry": bool(earlier),
+            "entered_after_hold": earlier[0].hold_id if earlier else None}
     events: list[EventData]
     if isinstance(command, RecordInfusion):
         assert arm.cells_per_kg is not None
@@ -303,21 +367,24 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
             infusion_id=command.infusion_id, patient_id=state.patient_id, site_id=state.site_id,
             arm=cur.arm, week=command.week, cells_administered=command.cells_administered,
             cells_per_kg=arm.cells_per_kg, weight_kg=command.weight_kg,
-            lot_number=command.lot_number, given_at=command.given_at,
-            deviation_reason=command.deviation_reason)]
+            lot_number=command.lot_number, given_at=given_at,
+            deviation_reason=command.deviation_reason,
+            weight_change_confirmed=_weight_changed(state, command.weight_kg, protocol),
+            **late)]
     else:
         dose_id = command.dose_id
         events = [MethotrexateDoseGiven(
             dose_id=command.dose_id, patient_id=state.patient_id, site_id=state.site_id,
-            week=command.week, dose_mg=command.dose_mg, given_at=command.given_at,
-            deviation_reason=command.deviation_reason)]
+            week=command.week, dose_mg=command.dose_mg, given_at=given_at,
+            deviation_reason=command.deviation_reason, **late)]
     if command.week == 0 and not cur.day_zero_fixed:
         events.append(DosingScheduleReanchored(
             patient_id=state.patient_id, site_id=state.site_id, arm=cur.arm,
             anchor_date=given_on,
             visits=calendar.reanchor(tuple(s.visit for s in cur.slots), given_on,
                                      min(cur.earliest, given_on), protocol.window_days)))
-    if command.deviation_reason is not None:
+    if deviations:  # a reason alone, on an on-time, on-target dose, is no deviation
+        assert command.deviation_reason is not None
         events.append(ProtocolDeviationRecorded(
             deviation_id=f"dev-{dose_id}", patient_id=state.patient_id, site_id=state.site_id,
             arm=cur.arm, week=command.week, kind=kind, dose_event_id=dose_id,
@@ -354,7 +421,10 @@ class CrossOver:
 
 @dataclass(frozen=True)
 class MarkMissed:
+    """The sweep: visits whose window closed, missed (or held, under the holds in force)."""
+
     now: datetime
+    holds: holding.Holds
 
 
 RecordCommand = GiveDose | StartCalendar | EndForWithdrawal | CrossOver | MarkMissed
@@ -375,6 +445,6 @@ def records(protocol: ProtocolConfig) -> Decider[DosingRecord, RecordCommand, Ev
             case CrossOver():
                 return decide_crossover(state, command.crossed, protocol)
             case MarkMissed():
-                return decide_missed(state, command.now)
+                return decide_missed(state, command.now, protocol, command.holds)
 
     return Decider(DosingRecord(), evolve, decide)

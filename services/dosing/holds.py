@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Literal
 
 from shared.decider import Decider
@@ -14,6 +15,8 @@ from shared.events import (
     EventData,
     PatientDosingHeld,
     SafetyHoldLifted,
+    SafetyRecordResolved,
+    SafetyRecordUnapplied,
     TrialHalted,
 )
 
@@ -23,10 +26,12 @@ DoseKind = Literal["infusion", "methotrexate"]
 
 @dataclass(frozen=True)
 class Holds:
-    """Holds in force by hold id, and every hold id ever seen (a lifted hold never returns)."""
+    """Holds in force by hold id, and every hold id ever seen (a lifted hold never returns);
+    and the safety records dosing could not apply and no operator has resolved yet (D32)."""
 
     active: dict[str, DosingHeld] = field(default_factory=dict)
     seen: frozenset[str] = frozenset()
+    unapplied: dict[str, SafetyRecordUnapplied] = field(default_factory=dict)
 
 
 def evolve(state: Holds, event: EventData) -> Holds:
@@ -36,6 +41,11 @@ def evolve(state: Holds, event: EventData) -> Holds:
         case DosingResumed():
             active = {k: v for k, v in state.active.items() if k != event.hold_id}
             return replace(state, active=active)
+        case SafetyRecordUnapplied():
+            return replace(state, unapplied={**state.unapplied, event.record_id: event})
+        case SafetyRecordResolved():
+            return replace(state, unapplied={k: v for k, v in state.unapplied.items()
+                                             if k != event.record_id})
     return state
 
 
@@ -47,8 +57,17 @@ def fold(events: Iterable[EventData]) -> Holds:
 SafetyEvent = PatientDosingHeld | ArmSuspended | TrialHalted | SafetyHoldLifted
 
 
-def decide(state: Holds, event: SafetyEvent) -> list[EventData]:
-    """A safety hold becomes a dosing hold; a lift resumes exactly the hold it names."""
+@dataclass(frozen=True)
+class SafetyNotice:
+    """A safety event as dosing takes it: `at` is when safety decided it (the record's time)."""
+
+    event: SafetyEvent
+    at: datetime | None = None
+
+
+def decide(state: Holds, event: SafetyEvent, at: datetime | None = None) -> list[EventData]:
+    """A safety hold becomes a dosing hold from the moment safety decided it (`at`; unknown:
+    from always, so every dose is stopped); a lift resumes exactly the hold it names."""
     match event:
         case SafetyHoldLifted():
             held = state.active.get(event.hold_id)
@@ -59,12 +78,13 @@ def decide(state: Holds, event: SafetyEvent) -> list[EventData]:
         case PatientDosingHeld() | ArmSuspended() | TrialHalted() if event.hold_id not in state.seen:
             product = event.product if isinstance(event, PatientDosingHeld) else "any"
             return [DosingHeld(scope=event.scope, target=event.target, rule_id=event.rule_id,
-                               hold_id=event.hold_id, product=product)]
+                               hold_id=event.hold_id, product=product, held_from=at)]
     return []
 
 
 # Commanded by trial.safety's events, each taken as it comes.
-HOLDS: Decider[Holds, SafetyEvent, EventData] = Decider(Holds(), evolve, decide)
+HOLDS: Decider[Holds, SafetyNotice, EventData] = Decider(
+    Holds(), evolve, lambda state, notice: decide(state, notice.event, notice.at))
 
 
 def applying_to(state: Holds, patient_id: str, arm: str) -> list[DosingHeld]:
@@ -74,7 +94,34 @@ def applying_to(state: Holds, patient_id: str, arm: str) -> list[DosingHeld]:
             or (h.scope == "patient" and h.target == patient_id)]
 
 
-def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> DosingHeld | None:
-    """The first hold in force that stops this dose, if any."""
-    return next((h for h in applying_to(state, patient_id, arm) if h.product in ("any", kind)),
-                None)
+def unapplied_over(state: Holds, patient_id: str, arm: str) -> SafetyRecordUnapplied | None:
+    """An unresolved safety record that may concern this patient: its own, its arm's, or one
+    naming the trial or no one readable (then every patient)."""
+    return next((u for u in state.unapplied.values()
+                 if u.scope == "trial" or (u.scope == "arm" and u.target == arm)
+                 or (u.scope == "patient" and u.target == patient_id)), None)
+
+
+def concerned(data: dict[str, object]) -> tuple[str, str]:
+    """Whom a safety record's data names (scope, target), as far as it can be read; a record
+    that names no one readable concerns the whole trial ("*")."""
+    scope, target = data.get("scope"), data.get("target")
+    if scope in ("patient", "arm", "trial") and isinstance(target, str):
+        return str(scope), target
+    for key, named in (("patient_id", "patient"), ("arm", "arm"), ("trial_id", "trial")):
+        if isinstance(data.get(key), str):
+            return named, str(data[key])
+    return "trial", "*"
+
+
+def covering(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> list[DosingHeld]:
+    """The holds in force over this patient that cover this product."""
+    return [h for h in applying_to(state, patient_id, arm) if h.product in ("any", kind)]
+
+
+def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind,
+             given_at: datetime | None = None) -> DosingHeld | None:
+    """The first hold in force that stops a dose given at `given_at`: every covering hold that
+    took effect before then, or whose start is unknown (fails closed)."""
+    return next((h for h in covering(state, patient_id, arm, kind)
+                 if h.held_from is None or given_at is None or given_at >= h.held_from), None)

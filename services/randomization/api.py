@@ -104,20 +104,14 @@ class CrossoverRequest(BaseModel):
     reason: Annotated[str, Field(min_length=3, max_length=2000)]
 
 
-def _impossible_dates(body: ScreeningRequest) -> list[dict[str, str]]:
-    """Dates no real screening can have: bad input (422), not an ineligible patient."""
-    now = utcnow()
-    errors = []
-    if body.birth_date > now.date():
-        errors.append(("birth_date", "is in the future"))
-    if body.diagnosis_date > now.date():
-        errors.append(("diagnosis_date", "is in the future"))
-    if body.diagnosis_date < body.birth_date:
-        errors.append(("diagnosis_date", "is before the birth date"))
+def _impossible_times(body: ScreeningRequest) -> list[dict[str, str]]:
+    """Times no real screening can have: bad input (422), not an ineligible patient. (Dates
+    against the site's today are the domain's: `domain.decide_screen`.)"""
     signed = body.consent_signed_at
-    if signed is not None and (signed.tzinfo is None or signed > now + CLOCK_SKEW):
-        errors.append(("consent_signed_at", "needs a time zone and must not be in the future"))
-    return [{"field": f, "message": m, "type": "value_error"} for f, m in errors]
+    if signed is not None and (signed.tzinfo is None or signed > utcnow() + CLOCK_SKEW):
+        return [{"field": "consent_signed_at", "type": "value_error",
+                 "message": "needs a time zone and must not be in the future"}]
+    return []
 
 
 def patient_view(state: domain.Patient) -> PatientResponse:
@@ -144,10 +138,10 @@ def assignment_body(a: ArmAssigned) -> AssignmentResponse:
 @router.post("/screenings", status_code=201, response_model=ScreeningResponse)
 async def screen(body: ScreeningRequest, who: CurrentPrincipal, rt: CurrentRuntime,
                  protocol: CurrentProtocol) -> ScreeningResponse:
-    if errors := _impossible_dates(body):
+    if errors := _impossible_times(body):
         raise Problem(422, "validation_error", "Request is not valid", errors=errors)
     facts = domain.ScreeningFacts(
-        **body.model_dump(exclude={"prior_biologic_targets", "consent_signed_at"}),
+        **body.model_dump(exclude={"prior_biologic_targets"}),
         prior_biologic_targets=tuple(body.prior_biologic_targets),
         consent_signed=body.consent_signed_at is not None)
     event = await commands.screen(rt.store, facts, who, protocol, metadata_for(who))

@@ -8,10 +8,10 @@ randomization holds (from trial.safety). No I/O: a refusal is a `Refused`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from types import MappingProxyType
 
-from services.randomization.allocation import Generator, minimize, slot_arm
+from services.randomization.allocation import Generator, minimize, sequence_id, slot_arm
 from services.randomization.eligibility import (  # re-exported: the domain's vocabulary
     ScreeningFacts,
     age_on,
@@ -22,6 +22,7 @@ from shared import decider
 from shared.decider import Decider
 from shared.errors import Refused
 from shared.events import (
+    ARMS,
     AllocationSlotUsed,
     Arm,
     ArmAssigned,
@@ -56,16 +57,34 @@ def evolve_screening(state: PatientScreened | None, event: EventData) -> Patient
     return event if isinstance(event, PatientScreened) else state
 
 
+def impossible_dates(facts: ScreeningFacts, today: date) -> list[dict[str, str]]:
+    """Dates no real screening can have on the site's `today`: bad input, not ineligibility."""
+    errors = []
+    if facts.birth_date > today:
+        errors.append(("birth_date", "is in the future"))
+    if facts.diagnosis_date > today:
+        errors.append(("diagnosis_date", "is in the future"))
+    if facts.diagnosis_date < facts.birth_date:
+        errors.append(("diagnosis_date", "is before the birth date"))
+    return [{"field": f, "message": m, "type": "value_error"} for f, m in errors]
+
+
 def decide_screen(state: PatientScreened | None, command: Screen,
                   protocol: ProtocolConfig) -> list[EventData]:
-    """Every eligibility criterion checked, every failing one reported; screened either way."""
-    facts, today = command.facts, command.at.date()
+    """Every eligibility criterion checked on the site's own date of the screening (ages too),
+    every failing one reported; screened either way."""
+    facts = command.facts
+    today = protocol.site_date(facts.site_id, command.at)
+    if errors := impossible_dates(facts, today):
+        raise Refused("validation_error", "Request is not valid", errors=errors)
     reasons = eligibility(facts, today, protocol.eligibility)
     return [PatientScreened(
         screening_id=command.screening_id, site_id=facts.site_id,
         screening_number=facts.screening_number, eligible=not reasons, reasons=tuple(reasons),
         age_years=age_on(facts.birth_date, today), weight_kg=facts.weight_kg, pasi=facts.pasi,
-        protocol_version=protocol.version, screened_at=command.at)]
+        protocol_version=protocol.version, screened_at=command.at, screened_on=today,
+        consent_signed_at=facts.consent_signed_at, bsa_percent=facts.bsa_percent,
+        dlqi=facts.dlqi)]
 
 
 def screenings(protocol: ProtocolConfig) -> Decider[PatientScreened | None, Screen, EventData]:
@@ -119,7 +138,8 @@ def decide_enrol(screening: PatientScreened | None, patient: Patient, patient_id
     return [PatientEnrolled(
         patient_id=patient_id, site_id=screening.site_id, screening_id=screening.screening_id,
         baseline_weight_kg=screening.weight_kg, baseline_pasi=screening.pasi,
-        enrolled_at=enrolled_at)]
+        enrolled_at=enrolled_at, baseline_bsa_percent=screening.bsa_percent,
+        baseline_dlqi=screening.dlqi)]
 
 
 def decide_withdraw(patient: Patient, reason: str, at: datetime) -> list[EventData]:
@@ -151,6 +171,7 @@ def factor_levels(site_id: str, band: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Allocation:
     assigned: int = 0  # randomizations so far, trial-wide: the next number is this + 1
+    # Slots used per sequence: a stratum's own, or its sequence over the open arms.
     slots: MappingProxyType[str, int] = field(default_factory=lambda: MappingProxyType({}))
     counts: MappingProxyType[str, MappingProxyType[Arm, int]] = field(
         default_factory=lambda: MappingProxyType({}))
@@ -166,7 +187,8 @@ def evolve_allocation(state: Allocation, event: EventData) -> Allocation:
         counts[level] = MappingProxyType(per_arm)
     return Allocation(
         assigned=event.randomization_number,
-        slots=MappingProxyType({**state.slots, event.stratum: event.stratum_slot}),
+        slots=MappingProxyType({**state.slots,
+                                event.sequence or event.stratum: event.stratum_slot}),
         counts=MappingProxyType(counts))
 
 
@@ -239,25 +261,45 @@ def refuse_if_held(holds: Holds, arm: Arm | None = None) -> None:
     if hold := holds.in_force("enrollment_paused"):
         raise Refused("enrollment_paused", "Enrolment is paused", rule_id=hold.rule_id)
     if arm is not None and (hold := holds.in_force("arm_suspended", arm)):
-        raise Refused("arm_suspended", "Randomization into this slot's arm is suspended",
-                      rule_id=hold.rule_id)
+        raise Refused("arm_suspended", "The arm is suspended", rule_id=hold.rule_id)
+
+
+def open_arms(holds: Holds) -> tuple[Arm, ...]:
+    """The arms no safety hold suspends, in the trial's order."""
+    return tuple(a for a in ARMS if holds.in_force("arm_suspended", a) is None)
 
 
 # --- randomization ----------------------------------------------------------------------------
 
 
-def next_arm(patient: Patient, allocation: Allocation, protocol: ProtocolConfig,
-             secret: bytes) -> Arm:
-    """The arm the next assignment of this patient's stratum would get; never leaves the service."""
+@dataclass(frozen=True)
+class Draw:
+    arm: Arm
+    sequence: str | None  # None: the stratum's own sequence
+    slot: int             # the slot's number within that sequence
+
+
+def next_arm(patient: Patient, allocation: Allocation, protocol: ProtocolConfig, secret: bytes,
+             arms: tuple[Arm, ...] = ARMS) -> Draw:
+    """The arm this patient gets among the open `arms`; never leaves the service.
+
+    Permuted blocks: the next slot of the stratum's own sequence, or, while an arm is
+    suspended, of the stratum's sequence over the open arms, drawn independently from the secret
+    (D30). Nothing is passed over or refused, so no answer tells which arm the stratum's own next
+    slot holds, and when the arm resumes its sequence goes on where it stopped.
+    """
     config = protocol.randomization
+    stratum = stratum_of(patient, protocol)
+    key = sequence_id(stratum, arms)
+    slot = allocation.slots.get(key, 0) + 1
+    sequence = None if arms == ARMS else key
     if config.method == "minimization":
         band = pasi_band(patient.baseline_pasi, protocol)
         # Keyed by the randomization number: fixed by the secret and the history, like blocks.
         rng = Generator(secret, f"minimization|{allocation.assigned + 1}")
-        return minimize(allocation.counts, factor_levels(patient.site_id or "", band),
-                        config.minimization, rng)
-    stratum = stratum_of(patient, protocol)
-    return slot_arm(secret, config, stratum, allocation.slots.get(stratum, 0) + 1)
+        return Draw(minimize(allocation.counts, factor_levels(patient.site_id or "", band),
+                             config.minimization, rng, arms), sequence, slot)
+    return Draw(slot_arm(secret, config, stratum, slot, arms), sequence, slot)
 
 
 def decide_randomize(patient: Patient, allocation: Allocation, holds: Holds,
@@ -273,19 +315,21 @@ def decide_randomize(patient: Patient, allocation: Allocation, holds: Holds,
     if allocation.assigned >= protocol.enrollment_cap:
         raise Refused("enrollment_closed", "The enrolment cap is reached",
                       cap=protocol.enrollment_cap)
-    arm = next_arm(patient, allocation, protocol, secret)
-    refuse_if_held(holds, arm)
+    arms = open_arms(holds)
+    if not arms:
+        raise Refused("arm_suspended", "Every arm is suspended")
+    draw = next_arm(patient, allocation, protocol, secret, arms)
     stratum = stratum_of(patient, protocol)
     number = allocation.assigned + 1
     assigned = ArmAssigned(
-        patient_id=patient.patient_id, site_id=patient.site_id, arm=arm,
+        patient_id=patient.patient_id, site_id=patient.site_id, arm=draw.arm,
         randomization_number=number, stratum=stratum,
         baseline_weight_kg=patient.baseline_weight_kg, assigned_at=at)
     used = AllocationSlotUsed(
-        randomization_number=number, stratum=stratum,
-        stratum_slot=allocation.slots.get(stratum, 0) + 1, patient_id=patient.patient_id,
-        site_id=patient.site_id, pasi_band=pasi_band(patient.baseline_pasi, protocol), arm=arm,
-        method=protocol.randomization.method)
+        randomization_number=number, stratum=stratum, stratum_slot=draw.slot,
+        patient_id=patient.patient_id, site_id=patient.site_id,
+        pasi_band=pasi_band(patient.baseline_pasi, protocol), arm=draw.arm,
+        method=protocol.randomization.method, sequence=draw.sequence)
     return [assigned, used]
 
 

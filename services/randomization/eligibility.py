@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 
 from shared.events import Reason
 from shared.protocol.eligibility import Check, EligibilityConfig
@@ -36,6 +36,7 @@ class ScreeningFacts:
     planning_pregnancy: bool
     can_attend_follow_up: bool
     consent_signed: bool
+    consent_signed_at: datetime | None = None  # when, in UTC (the record kept with the screening)
 
 
 def age_on(birth: date, day: date) -> int:

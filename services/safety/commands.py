@@ -81,12 +81,18 @@ async def report_lab_result(store: EventStore, protocol: ProtocolConfig, who: Pr
     return lab_result_id, await _reported(store, protocol, patient_id, who, command, meta)
 
 
-async def lift_holds(store: EventStore, protocol: ProtocolConfig, who: Principal,
-                     lift: domain.Lift, meta: Metadata) -> list[Emitted]:
-    """A DSMB decision (the role is checked by the route): every lift is the DSMB's own."""
+def new_decision_id() -> str:
+    """A DSMB decision's id: the holds it imposes are named after it."""
+    return "DEC-" + uuid.uuid4().hex[:16].upper()
+
+
+async def dsmb_decision(store: EventStore, protocol: ProtocolConfig,
+                        decision: domain.Lift | domain.Impose, meta: Metadata) -> list[Emitted]:
+    """A DSMB decision, to lift holds or to impose one (the role is checked by the route):
+    every event it makes is the DSMB's own."""
     decider = domain.safety(protocol)
     async with session(store) as s:
-        emitted = decider.decide(await state_for_write(s.tx, protocol.trial_id), lift)
+        emitted = decider.decide(await state_for_write(s.tx, protocol.trial_id), decision)
         await _append(s, emitted, meta, meta)
     return emitted
 
@@ -125,5 +131,15 @@ async def state(store: EventStore, protocol: ProtocolConfig) -> SafetyState:
     return await current_state(store, protocol.trial_id)
 
 
-__all__ = ["SAFETY_TYPES", "fired", "follow_up", "import_safety_event", "lift_holds",
-           "report_adverse_event", "report_lab_result", "state", "take_patient_fact"]
+__all__ = [
+    "SAFETY_TYPES",
+    "dsmb_decision",
+    "fired",
+    "follow_up",
+    "import_safety_event",
+    "new_decision_id",
+    "report_adverse_event",
+    "report_lab_result",
+    "state",
+    "take_patient_fact",
+]

@@ -17,7 +17,9 @@ from shared.events import (
     PatientDosingHeld,
     PatientSafetyFactRecorded,
     SafetyHoldLifted,
+    SeriousAdverseEventReportDue,
     StoppingRuleTriggered,
+    SusarFollowUpReportDue,
     SusarReportDue,
     TrialHalted,
 )
@@ -27,7 +29,7 @@ from shared.store import EventFilter, EventStore, RecordedEvent, Transaction
 SAFETY_TYPES = frozenset(cls.event_type() for cls in (
     PatientSafetyFactRecorded, AdverseEventReported, AdverseEventFollowedUp, LabResultReported,
     StoppingRuleTriggered, PatientDosingHeld, ArmSuspended, EnrollmentPaused, TrialHalted,
-    SafetyHoldLifted, SusarReportDue))
+    SafetyHoldLifted, SusarReportDue, SusarFollowUpReportDue, SeriousAdverseEventReportDue))
 _SAFETY_EVENTS = EventFilter(types=tuple(sorted(SAFETY_TYPES)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -22,7 +23,9 @@ from shared.events import (
     EnrollmentPaused,
     EventData,
     PatientDosingHeld,
+    SeriousAdverseEventReportDue,
     StoppingRuleTriggered,
+    SusarFollowUpReportDue,
     SusarReportDue,
     TrialHalted,
 )
@@ -59,26 +62,77 @@ def related(config: SafetyConfig, relatedness: str) -> bool:
     return RELATEDNESS_ORDER.index(relatedness) >= RELATEDNESS_ORDER.index(config.related_at_least)
 
 
+# A fact that a reading of the evidence rests on: its event id and its time.
+Fact = tuple[str, datetime]
+
+
+def within_infusion_window(config: SafetyConfig, onset: datetime, given: datetime) -> bool:
+    """Onset within the configured hours after an infusion."""
+    return timedelta(0) <= onset - given <= timedelta(hours=config.infusion_related_hours)
+
+
+def infusion_relation(config: SafetyConfig, state: SafetyState, ae: AdverseEventFile,
+                      v: AdverseEventView) -> tuple[bool, tuple[Fact, ...]]:
+    """Whether the event is infusion-related after this report, and the infusion fact that made
+    it so when the relation is derived from an infusion safety learnt of after the report.
+
+    A reporter's word stands, and so does a relation derived at intake; otherwise the first
+    infusion fact (in the order safety learnt of them) within the window is the evidence, so a
+    further one never changes it."""
+    if v.infusion_related or v.infusion_related_by_reporter:
+        return v.infusion_related, ()
+    patient = state.patients.get(ae.patient_id)
+    for given, fact_id in patient.infusion_facts if patient is not None else ():
+        if within_infusion_window(config, ae.onset_at, given):
+            return True, ((fact_id, given),)
+    return False, ()
+
+
 def ae_matches(config: SafetyConfig, c: AdverseEventCriteria, ae: AdverseEventFile,
-               v: AdverseEventView) -> bool:
+               v: AdverseEventView, infusion_related: bool) -> bool:
     return (v.grade >= c.min_grade
             and (c.related is None or related(config, v.relatedness) == c.related)
             and (c.serious is None or v.serious == c.serious)
             and (c.expected is None or v.expected == c.expected)
-            and (c.infusion_related is None or v.infusion_related == c.infusion_related)
+            and (c.infusion_related is None or infusion_related == c.infusion_related)
             and (c.outcomes is None or v.outcome in c.outcomes)
-            and (c.terms is None or ae.term.strip().lower() in {t.lower() for t in c.terms}))
+            and (c.terms is None or any(term_matches(ae.term, t) for t in c.terms)))
+
+
+def normal_term(term: str) -> str:
+    return " ".join(term.split()).casefold()
+
+
+def term_matches(term: str, configured: str) -> bool:
+    """Equal without regard to case or runs of spaces; a configured term ending in "*" also
+    matches any term that begins with it (CTCAE's "Other, specify" with what is specified)."""
+    if configured.endswith("*"):
+        return normal_term(term).startswith(normal_term(configured.rstrip("*")))
+    return normal_term(term) == normal_term(configured)
+
+
+@dataclass(frozen=True)
+class Qualified:
+    """How many of the event's reports it took to meet a criterion first, and the facts the
+    reading of those reports rested on (an infusion learnt of later)."""
+
+    reports: int
+    facts: tuple[Fact, ...] = ()
 
 
 def qualifying_prefix(config: SafetyConfig, criteria: tuple[AdverseEventCriteria, ...],
-                      ae: AdverseEventFile) -> int | None:
-    """How many of the event's reports it took to meet a criterion first (None: never met).
+                      ae: AdverseEventFile, state: SafetyState) -> Qualified | None:
+    """The first of the event's reports that met a criterion (None: never met).
 
-    The evidence is those reports: a later follow-up that changes nothing relevant is no new
-    evidence, so it never fires the rule again."""
+    The evidence is the reports up to it: a later follow-up that changes nothing relevant is no
+    new evidence, so it never fires the rule again. A fact joins the evidence only when the
+    criterion needed it, so an infusion learnt of later is new evidence for R4 but not for R2."""
     for i, view in enumerate(ae.views):
-        if any(ae_matches(config, c, ae, view) for c in criteria):
-            return i + 1
+        infusion, facts = infusion_relation(config, state, ae, view)
+        matched = [c for c in criteria if ae_matches(config, c, ae, view, infusion)]
+        if matched:
+            needed = all(c.infusion_related is not None for c in matched)
+            return Qualified(i + 1, facts if needed else ())
     return None
 
 
@@ -105,21 +159,56 @@ class Item:
     view: AdverseEventView | None = None
 
 
+def ae_item(ae: AdverseEventFile, arm: str | None, q: Qualified,
+            arm_facts: tuple[Fact, ...] = ()) -> Item:
+    """An adverse event as evidence: its reports up to the qualifying one, and the facts."""
+    view = ae.views[q.reports - 1]
+    facts = (*q.facts, *arm_facts)
+    return Item(ae.patient_id, arm,
+                tuple(v.event_id for v in ae.views[:q.reports]) + tuple(f for f, _ in facts),
+                max([view.reported_at, *(at for _, at in facts)]), ae, view)
+
+
+def arm_reading(state: SafetyState, patient_id: str, at: datetime,
+                recorded: str | None) -> tuple[str | None, tuple[Fact, ...]]:
+    """The arm an adverse event (at its onset) or a lab result (at collection) counts for: the
+    treatment the patient was on then (after a crossover, the arm crossed into), and the
+    assignment or crossover that says so when it is not the arm recorded with it.
+
+    One recorded without an arm (safety had not learnt of the assignment yet), or with an arm a
+    crossover learnt of later contradicts, counts for the arm in force at that time once the
+    fact arrives; the fact joins the evidence, so the arm rules fire on it then."""
+    patient = state.patients.get(patient_id)
+    spell = patient.spell_at(at) if patient is not None else None
+    if spell is None or spell.arm == recorded:
+        return recorded, ()
+    return spell.arm, ((spell.fact_id, spell.since),)
+
+
 def items_for(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Item]:
     found: list[Item] = []
+    by_arm = rule.scope == "arm" or rule.arms is not None  # else the arm is not the rule's
+
+    def arm_of(patient_id: str, at: datetime, recorded: str | None
+               ) -> tuple[str | None, tuple[Fact, ...]]:
+        return arm_reading(state, patient_id, at, recorded) if by_arm else (recorded, ())
+
     if rule.adverse_events:
         for ae in state.adverse_events.values():
-            if rule.arms is not None and ae.arm not in rule.arms:
+            arm, arm_facts = arm_of(ae.patient_id, ae.onset_at, ae.arm)
+            if rule.arms is not None and arm not in rule.arms:
                 continue
-            n = qualifying_prefix(config, rule.adverse_events, ae)
-            if n is not None:
-                found.append(Item(ae.patient_id, ae.arm, tuple(v.event_id for v in ae.views[:n]),
-                                  ae.views[n - 1].reported_at, ae, ae.views[n - 1]))
+            q = qualifying_prefix(config, rule.adverse_events, ae, state)
+            if q is not None:
+                found.append(ae_item(ae, arm, q, arm_facts))
     for lab in state.labs:
-        if rule.arms is not None and lab.arm not in rule.arms:
+        arm, arm_facts = arm_of(lab.patient_id, lab.collected_at, lab.arm)
+        if rule.arms is not None and arm not in rule.arms:
             continue
         if any(lab_matches(c, lab) for c in rule.labs):
-            found.append(Item(lab.patient_id, lab.arm, (lab.event_id,), lab.reported_at))
+            found.append(Item(lab.patient_id, arm,
+                              (lab.event_id, *(f for f, _ in arm_facts)),
+                              max([lab.reported_at, *(at for _, at in arm_facts)])))
     return found
 
 
@@ -134,18 +223,21 @@ class ArmToxicity:
 
 def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
                  arm: str) -> ArmToxicity:
-    """k = patients of the arm with a toxicity, n = patients dosed in the arm (a patient with a
-    treatment-related toxicity counts as dosed even before safety has seen the dose)."""
+    """k = patients with a toxicity while on the arm, n = patients who received a dose of the
+    arm (a patient with a treatment-related toxicity counts as dosed even before safety has seen
+    the dose); after a crossover a patient counts in each arm by the treatment received."""
     toxic: dict[str, list[str]] = {}
     times: list[datetime] = []
     for ae in state.adverse_events.values():
-        if ae.arm != arm:
+        ae_arm, arm_facts = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
+        if ae_arm != arm:
             continue
-        n = qualifying_prefix(config, (bayes.toxicity,), ae)
-        if n is not None:
-            toxic.setdefault(ae.patient_id, []).extend(v.event_id for v in ae.views[:n])
-            times.append(ae.views[n - 1].reported_at)
-    dosed = {p.patient_id for p in state.patients.values() if p.arm == arm and p.dosed}
+        q = qualifying_prefix(config, (bayes.toxicity,), ae, state)
+        if q is not None:
+            item = ae_item(ae, arm, q, arm_facts)
+            toxic.setdefault(ae.patient_id, []).extend(item.evidence)
+            times.append(item.at)
+    dosed = {p.patient_id for p in state.patients.values() if arm in p.dosed_arms}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)
     prob = posterior_above(k, n_patients, Fraction(str(bayes.rate)), bayes.prior_alpha,
@@ -202,12 +294,17 @@ def _action(rule: Rule, target: str, hold_id: str) -> EventData:
     return TrialHalted(hold_id=hold_id, trial_id=target, rule_id=rule.id)
 
 
+def grave(config: SafetyConfig, v: AdverseEventView) -> bool:
+    """Fatal or life-threatening: a SUSAR then has the shorter deadline."""
+    return v.grade >= config.susar.life_threatening_grade or v.outcome == "fatal"
+
+
 def susar_due(config: SafetyConfig, rule: Rule, item: Item) -> SusarReportDue | None:
     if item.ae is None or item.view is None:
         return None
     v = item.view
-    grave = v.grade >= config.susar.life_threatening_grade or v.outcome == "fatal"
-    days = (config.susar.fatal_or_life_threatening_days if grave else config.susar.other_days)
+    days = (config.susar.fatal_or_life_threatening_days if grave(config, v)
+            else config.susar.other_days)
     return SusarReportDue(adverse_event_id=item.ae.adverse_event_id, patient_id=item.patient_id,
                           rule_id=rule.id, days=days, aware_at=v.reported_at,
                           due_at=v.reported_at + timedelta(days=days))
@@ -235,4 +332,82 @@ def evaluate(config: SafetyConfig, state: SafetyState) -> list[Emitted]:
                     if due is not None:
                         emitted.append(Identified(derived_id(key, f"susar:{due.adverse_event_id}"),
                                                   due))
+    return emitted
+
+
+# --- reporting clocks -----------------------------------------------------------------------------
+
+
+def clock_id(kind: str, adverse_event_id: str) -> str:
+    """Each clock runs once per adverse event: its id is derived from both."""
+    return derived_id(f"clock|{kind}|{adverse_event_id}", kind)
+
+
+def _susar_upgrades(config: SafetyConfig, state: SafetyState,
+                    touched: Collection[str] | None) -> list[SusarReportDue]:
+    """A SUSAR on the longer deadline that a later report made fatal or life-threatening (and
+    still a SUSAR): due within the shorter one from that report, when the sponsor first knew
+    the case qualified (ICH E2A); the earlier deadline stays the one in force if it comes first."""
+    fast = config.susar.fatal_or_life_threatening_days
+    rules_by_id = {r.id: r for r in config.rules}
+    dues: dict[str, list[SusarReportDue]] = {}
+    for due in state.susars:
+        if touched is None or due.adverse_event_id in touched:
+            dues.setdefault(due.adverse_event_id, []).append(due)
+    found = []
+    for ae_id, clocks in dues.items():
+        ae, rule = state.adverse_events.get(ae_id), rules_by_id.get(clocks[0].rule_id)
+        if any(c.days == fast for c in clocks) or ae is None or rule is None:
+            continue
+        for v in ae.views:
+            infusion, _ = infusion_relation(config, state, ae, v)
+            if grave(config, v) and any(ae_matches(config, c, ae, v, infusion)
+                                        for c in rule.adverse_events):
+                found.append(SusarReportDue(
+                    adverse_event_id=ae_id, patient_id=ae.patient_id, rule_id=rule.id,
+                    days=fast, aware_at=v.reported_at,
+                    due_at=v.reported_at + timedelta(days=fast),
+                    previous_due_at=min(c.due_at for c in clocks)))
+                break
+    return found
+
+
+def clocks_due(config: SafetyConfig, state: SafetyState,
+               touched: Collection[str] | None = None) -> list[Emitted]:
+    """The reporting deadlines the state supports and has not recorded yet, each once per
+    adverse event: a serious event's initial report (from the first report that made it
+    serious), a SUSAR's shorter deadline when a follow-up made it fatal or life-threatening,
+    and the complete report that follows a fatal or life-threatening SUSAR's first one.
+    (A SUSAR's own deadline comes with R5's firing.)
+
+    `touched`: only these adverse events (those a decision just reported on), so a clock
+    starts with the report that starts it, and events recorded before clocks existed get none
+    in some later, unrelated transaction."""
+    emitted: list[Emitted] = []
+    with_clock = {c.adverse_event_id for c in state.sae_reports}
+    hours = config.sae.initial_report_hours
+    for ae in state.adverse_events.values():
+        if touched is not None and ae.adverse_event_id not in touched:
+            continue
+        serious = next((v for v in ae.views if v.serious), None)
+        if serious is None or ae.adverse_event_id in with_clock:
+            continue
+        emitted.append(Identified(clock_id("sae", ae.adverse_event_id),
+                                  SeriousAdverseEventReportDue(
+            adverse_event_id=ae.adverse_event_id, patient_id=ae.patient_id, hours=hours,
+            aware_at=serious.reported_at, due_at=serious.reported_at + timedelta(hours=hours))))
+    upgrades = _susar_upgrades(config, state, touched)
+    emitted += [Identified(clock_id("susar-upgrade", u.adverse_event_id), u) for u in upgrades]
+    fast, more = config.susar.fatal_or_life_threatening_days, config.susar.follow_up_days
+    followed = {c.adverse_event_id for c in state.susar_follow_ups}
+    for due in (*state.susars, *upgrades):
+        if (due.days != fast or due.adverse_event_id in followed
+                or (touched is not None and due.adverse_event_id not in touched)):
+            continue
+        followed.add(due.adverse_event_id)
+        emitted.append(Identified(clock_id("susar-follow-up", due.adverse_event_id),
+                                  SusarFollowUpReportDue(
+            adverse_event_id=due.adverse_event_id, patient_id=due.patient_id,
+            rule_id=due.rule_id, days=more, initial_due_at=due.due_at,
+            due_at=due.due_at + timedelta(days=more))))
     return emitted

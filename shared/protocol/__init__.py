@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from shared.events import ARMS, Arm
+from shared.errors import Refused
+from shared.events import ARMS, Arm, canonical_json
 from shared.protocol.eligibility import EligibilityConfig
 from shared.protocol.randomization import RandomizationConfig
 from shared.protocol.safety import SafetyConfig
@@ -29,6 +33,23 @@ class ArmConfig(BaseModel):
     mtx_titration_mg: tuple[float, ...] | None = None  # dose per dosing week, in order
 
 
+class SiteConfig(BaseModel):
+    """A trial site: visit windows, screening dates and ages are counted in its own dates."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1)
+    time_zone: str  # IANA, e.g. Asia/Shanghai
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA time zone {value!r}") from exc
+        return value
+
+
 class ProtocolConfig(BaseModel):
     """Read once at start-up; a protocol amendment is a new version of this file, never code."""
 
@@ -36,16 +57,36 @@ class ProtocolConfig(BaseModel):
     version: str
     trial_id: str
     enrollment_cap: int = Field(ge=1)
+    sites: dict[str, SiteConfig] = Field(min_length=1)
     arms: dict[Arm, ArmConfig]
     window_days: int = Field(ge=0)
     assessment_weeks: tuple[int, ...]
     mtx_dose_range_mg: tuple[float, float]
+    # The largest rise from one methotrexate dose to the next (the titration scheme is each
+    # arm's mtx_titration_mg); beyond it, or beyond the scheme's dose, only as a deviation.
+    mtx_max_step_mg: float = Field(gt=0)
+    # A weight at an infusion further than this fraction from the last recorded one must be
+    # confirmed (the cells are counted from it).
+    weight_change_confirm_fraction: float = Field(gt=0, lt=1)
     pasi_band_threshold: float
     # One file each (<section>.json), and every one is required: no section falls back to
     # values written into code, so a folder without safety.json cannot start without rules.
     eligibility: EligibilityConfig
     randomization: RandomizationConfig
     safety: SafetyConfig
+
+    def site_date(self, site_id: str, at: datetime) -> date:
+        """The calendar day `at` falls on at the site (its own time zone), whatever offset `at`
+        was written in. A site the protocol does not name has no dates: refused (fails closed)."""
+        site = self.sites.get(site_id)
+        if site is None:
+            raise Refused("unknown_site", f"Site {site_id} is not a site of this protocol version",
+                          site_id=site_id)
+        return at.astimezone(ZoneInfo(site.time_zone)).date()
+
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical JSON of the whole configuration: what a version really says."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
 
     @model_validator(mode="after")
     def _consistent(self) -> ProtocolConfig:

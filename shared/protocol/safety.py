@@ -27,7 +27,16 @@ class AdverseEventCriteria(_Frozen):
     expected: bool | None = None
     infusion_related: bool | None = None
     outcomes: tuple[str, ...] | None = None
-    terms: tuple[str, ...] | None = None  # matched case-insensitively
+    # Adverse event terms (CTCAE v5 and synonyms), matched without regard to case or runs of
+    # spaces; one ending in "*" matches any term it begins ("... - Other, specify: <what>").
+    terms: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _terms(self) -> AdverseEventCriteria:
+        for t in self.terms or ():
+            if not t.strip().rstrip("*").strip() or "*" in t.rstrip("*"):
+                raise ValueError(f"term {t!r}: text, with at most one trailing *")
+        return self
 
 
 class LabCriteria(_Frozen):
@@ -83,13 +92,26 @@ class SusarDeadlines(_Frozen):
     fatal_or_life_threatening_days: int = Field(ge=1)
     other_days: int = Field(ge=1)
     life_threatening_grade: int = Field(ge=1, le=5)
+    # The complete report of a fatal or life-threatening SUSAR: this many further days after
+    # its first report's deadline (ICH E2A: "within 8 additional calendar days").
+    follow_up_days: int = Field(ge=1)
+
+
+class SaeReporting(_Frozen):
+    """A serious adverse event's initial report: due this many hours after safety learnt it
+    was serious."""
+
+    initial_report_hours: int = Field(ge=1)
 
 
 class SafetyConfig(_Frozen):
     rule_set_version: str = Field(min_length=1)
     related_at_least: Relatedness
+    death_grade: int = Field(ge=1, le=5)  # the grade a fatal outcome must carry (CTCAE v5: 5)
+    dsmb_rule_id: str = Field(min_length=1)  # the rule id a hold the DSMB imposes carries
     infusion_related_hours: float = Field(gt=0)
     susar: SusarDeadlines
+    sae: SaeReporting
     rules: tuple[Rule, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -97,4 +119,6 @@ class SafetyConfig(_Frozen):
         ids = [r.id for r in self.rules]
         if len(ids) != len(set(ids)):
             raise ValueError("rule ids must be unique")
+        if self.dsmb_rule_id in ids:
+            raise ValueError("dsmb_rule_id must differ from every rule id")
         return self

@@ -49,11 +49,20 @@ class Trial:
     protocol_dir: Path
 
 
+# Sites of the test protocol besides S1 and S2: each test takes unused ones for fresh strata.
+TEST_SITES = tuple(f"T{n:04d}" for n in range(400))
+_unused_sites = iter(TEST_SITES)
+
+
 def protocol_copy(folder: Path, cap: int, crossover: dict[str, Any] | None = None) -> Path:
-    """A protocol version folder for a test: the built-in v1 with another cap (and crossover)."""
+    """A protocol version folder for a test: the built-in v1 with another cap (and crossover),
+    and the test sites."""
     shutil.copytree(DEFAULT_PATH, folder)
     trial = json.loads((folder / "trial.json").read_text())
-    (folder / "trial.json").write_text(json.dumps({**trial, "enrollment_cap": cap}))
+    sites = {**trial["sites"], **{s: {"name": f"Test site {s}", "time_zone": "Asia/Shanghai"}
+                                  for s in TEST_SITES}}
+    (folder / "trial.json").write_text(json.dumps({**trial, "enrollment_cap": cap,
+                                                   "sites": sites}))
     if crossover is not None:
         section = json.loads((folder / "randomization.json").read_text())
         section["crossover"].update(crossover)
@@ -100,8 +109,8 @@ def trial(own_trial_factory: Any) -> Trial:
 
 
 def fresh_site() -> str:
-    """A site id of its own gives a test fresh strata: their sequences start at slot 1."""
-    return "T" + uuid.uuid4().hex[:8].upper()
+    """A site of its own gives a test fresh strata: their sequences start at slot 1."""
+    return next(_unused_sites)
 
 
 async def enrol(site: httpx.AsyncClient, site_id: str, pasi: float = 14.2) -> str:
@@ -181,7 +190,7 @@ async def test_every_criterion_at_its_boundary_through_the_gateway(trial: Trial)
         data = screened[screening_id]
         assert [x["criterion"] for x in data["reasons"]] == expected, name
         assert data["eligible"] is (not expected)
-        assert data["protocol_version"] == "1.0.0"
+        assert data["protocol_version"] == "1.1.0"
 
 
 @pytest.mark.parametrize(("changes", "field"), [
@@ -363,8 +372,9 @@ async def test_nothing_before_assignment_predicts_the_next_arm(trial: Trial) -> 
     for e in events:
         if e.type == "AllocationSlotUsed" and e.data["patient_id"] == a["patient_id"]:
             assert set(e.data) == {"randomization_number", "stratum", "stratum_slot", "patient_id",
-                                   "site_id", "pasi_band", "arm", "method"}
+                                   "site_id", "pasi_band", "arm", "method", "sequence"}
             assert e.data["stratum_slot"] == 1 and e.data["arm"] == first_a
+            assert e.data["sequence"] is None  # the stratum's own: no arm was suspended
 
 
 # --- crossover and site scoping ---------------------------------------------------------------

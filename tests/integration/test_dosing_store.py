@@ -23,6 +23,7 @@ from shared.events import (
     ArmCrossedOver,
     CloudEvent,
     EventData,
+    InfusionGiven,
     PatientDosingHeld,
     PatientWithdrawn,
     SafetyHoldLifted,
@@ -153,7 +154,8 @@ async def test_a_consumed_hold_is_enforced_by_the_next_dose_and_a_lift_reenables
     assert [e.type for e in holds] == ["DosingHeld", "DosingResumed"]
     assert [e.metadata["causation_id"] for e in holds] == [hold.event.id, lift.event.id]
     assert holds[0].data == {"scope": "patient", "target": held, "rule_id":
-                             "R4-infusion-reaction", "hold_id": "H-int-1", "product": "any"}
+                             "R4-infusion-reaction", "hold_id": "H-int-1", "product": "any",
+                             "held_from": "2026-11-26T09:30:00Z"}  # safety's record time
 
 
 async def test_two_replicas_posting_the_same_visit_record_one_dose(
@@ -202,3 +204,18 @@ async def test_withdrawal_cancels_and_crossover_replans(store: EventStore) -> No
         cells_administered=210_000_000, lot_number="L-2", deviation_reason=None,
         now=RANDOMIZED + timedelta(days=3)))
     assert given[0].event_type() == "InfusionGiven"
+
+
+async def test_a_dose_given_before_a_consumed_hold_is_recorded_as_a_late_entry(
+        store: EventStore) -> None:
+    """Defect 5, through the consumer and the store: the hold applies from safety's decision
+    (the record's time), so a dose given an hour before it is recorded, marked late."""
+    patient = await assign(store, "msc_low")
+    await handle(store, PatientDosingHeld(hold_id="H-late", patient_id=patient,
+                                          rule_id="R4-infusion-reaction"), SAFETY)
+    with pytest.raises(Refused):
+        await record_dose(store, patient, NURSE, infusion(0, RANDOMIZED + timedelta(minutes=1)))
+    [given] = [e for e in await record_dose(store, patient, NURSE,
+                                            infusion(0, RANDOMIZED - timedelta(hours=1)))
+               if isinstance(e, InfusionGiven)]
+    assert (given.late_entry, given.entered_after_hold) == (True, "H-late")

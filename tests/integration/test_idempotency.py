@@ -79,7 +79,7 @@ async def api(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Even
 
 
 async def _things(store: EventStore, name: str) -> int:
-    return sum(1 for e in await store.read_all(limit=10_000) if e.data["path"] == f"/things/{name}")
+    return sum(1 for e in await store.read_all(limit=10_000) if e.data.get("path") == f"/things/{name}")
 
 
 async def _key_row(store: EventStore, key: str) -> sa.Row[tuple[object, ...]]:

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
 
-from services.safety.projection import SAFETY_TYPES
-from shared.settings import Settings
 from shared.store import utcnow
+from tests.integration.conftest import safety_events
 from tests.integration.test_safety_support import (
     SafetyService,
     ae_body,
-    running_safety,
     seed_patient,
 )
-
-
-@pytest.fixture
-async def safety(settings: Settings) -> AsyncIterator[SafetyService]:
-    # No relay and no consumers: these holds must not reach other tests' services on the
-    # shared broker, and the patients are handed to the consumer's handler directly.
-    quiet = settings.model_copy(update={"relay_enabled": False, "consumers_enabled": False,
-                                        "service_name": "safety"})
-    async with running_safety(quiet) as service:
-        yield service
-
-
-async def safety_events(service: SafetyService) -> list[str]:
-    return [e.event_id for e in await service.runtime.store.read_all(limit=100_000)
-            if e.type in SAFETY_TYPES]
 
 
 async def test_bad_adverse_event_reports_get_a_clear_4xx_and_write_nothing(
@@ -217,6 +199,6 @@ async def test_the_status_shows_arms_posteriors_and_hides_other_sites_patients(
     assert mtx["status"] == "suspended" and mtx["posterior_exceeded"] is True
     assert seen_by_dsmb["arms"]["msc_low"]["posterior_probability"] == pytest.approx(0.8)
     assert seen_by_dsmb["trial"] == {**seen_by_dsmb["trial"], "status": "active",
-                                     "enrollment": "open", "rule_set_version": "1.0.0"}
+                                     "enrollment": "open", "rule_set_version": "1.1.0"}
     rules = {f["rule_id"] for f in seen_by_dsmb["triggered_rules"]}
     assert rules == {"R8-mtx-marrow", "R6-bayes-toxicity"}

@@ -116,7 +116,7 @@ async def test_replaying_trial_safety_into_a_fresh_database_fires_no_rule_twice(
             assert r.status_code == 201 and len(r.json()["lifted"]) == 2
             r = await site.post(f"/v1/patients/{high[1]}/adverse-events",
                                 json=ae_body(grade=5, relatedness="not_related",
-                                             infusion_related=False))
+                                             serious=True, infusion_related=False))
             assert r.json()["triggered_rules"] == ["R1-death"]
         store = safety.runtime.store
         relay = safety.runtime.relay

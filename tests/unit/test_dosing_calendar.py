@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -100,10 +101,17 @@ def test_visits_are_in_week_order_with_the_assessment_first() -> None:
 
 
 def test_until_day_0_dates_count_from_the_randomization_day() -> None:
-    created = schedule("msc_low", assigned_at=datetime(2027, 2, 28, 23, 59, tzinfo=UTC))
+    late = datetime(2027, 2, 28, 23, 59, tzinfo=ZoneInfo("Asia/Shanghai"))
+    created = schedule("msc_low", assigned_at=late)
     assert created.anchor_date == D(2027, 2, 28)
     assert [v.due_date for v in of_kind(created, "infusion")][:2] == [D(2027, 2, 28),
                                                                       D(2027, 3, 7)]
+
+
+def test_the_randomization_day_is_the_sites_own_date() -> None:
+    """Defect 4: 23:59 UTC on 28 February is already 1 March at the sites (Asia/Shanghai)."""
+    created = schedule("msc_low", assigned_at=datetime(2027, 2, 28, 23, 59, tzinfo=UTC))
+    assert created.anchor_date == D(2027, 3, 1)
 
 
 def test_schedule_round_trips_as_event_data() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given as given_examples
@@ -47,10 +48,12 @@ def created(arm: Arm, weight_kg: float = 70.0) -> DosingScheduleCreated:
 
 
 def infusion(week: int, day: date, cells: int = 70_000_000, weight_kg: float = 70.0,
-             deviation: str | None = None, now: datetime = NOW) -> domain.RecordInfusion:
+             deviation: str | None = None, now: datetime = NOW,
+             weight_confirmed: bool = False) -> domain.RecordInfusion:
     return domain.RecordInfusion(infusion_id=f"inf-{week}", week=week, given_at=at(day),
                                  weight_kg=weight_kg, cells_administered=cells, lot_number="L-1",
-                                 deviation_reason=deviation, now=now)
+                                 deviation_reason=deviation, now=now,
+                                 weight_confirmed=weight_confirmed)
 
 
 def mtx(week: int, day: date, dose_mg: float = 10.0,
@@ -71,6 +74,11 @@ def refused(history: list[EventData],
     with pytest.raises(Refused) as caught:
         given(history, command, holds)
     return refusal_problem(caught.value)
+
+
+def missed_on(record: domain.DosingRecord, now: datetime) -> list[EventData]:
+    """The sweep on `now`, with no hold in force."""
+    return domain.decide_missed(record, now, PROTOCOL)
 
 
 def then(history: list[EventData], command: domain.RecordInfusion) -> list[EventData]:
@@ -157,10 +165,11 @@ def test_cells_more_than_10_percent_from_planned_are_a_mismatch(cells: int, ok: 
 
 def test_planned_cells_use_the_weight_at_the_visit() -> None:
     history: list[EventData] = [created("msc_high")]  # planned on 70 kg at baseline
-    event = given(history, infusion(1, date(2026, 12, 3), 360_000_000, weight_kg=120.0))[0]
+    event = given(history, infusion(1, date(2026, 12, 3), 360_000_000, weight_kg=120.0,
+                                    weight_confirmed=True))[0]
     assert isinstance(event, InfusionGiven) and event.weight_kg == 120.0
-    assert refused(history, infusion(1, date(2026, 12, 3), 210_000_000, weight_kg=120.0)
-                   ).code == "dose_mismatch"
+    assert refused(history, infusion(1, date(2026, 12, 3), 210_000_000, weight_kg=120.0,
+                                     weight_confirmed=True)).code == "dose_mismatch"
     events = given(history, infusion(1, date(2026, 12, 3), 1_000_000, deviation="short lot"))
     assert isinstance(events[1], ProtocolDeviationRecorded)
     assert events[1].deviations == ("dose_mismatch",)
@@ -195,8 +204,8 @@ def test_the_wrong_arm_and_a_week_without_a_dose_are_refused() -> None:
                                              (25.01, False), (-10.0, False)])
 def test_methotrexate_must_lie_in_5_to_25_mg(dose_mg: float, ok: bool) -> None:
     history: list[EventData] = [created("mtx")]
-    if ok:
-        event = given(history, mtx(3, date(2026, 12, 17), dose_mg))[0]
+    if ok:  # within the range; above the titration scheme only as a deviation (defect 7)
+        event = given(history, mtx(3, date(2026, 12, 17), dose_mg, "investigator's choice"))[0]
         assert isinstance(event, MethotrexateDoseGiven) and event.dose_mg == dose_mg
     else:
         for reason in (None, "investigator's choice"):  # no reason makes it acceptable
@@ -238,20 +247,22 @@ def test_a_hold_in_scope_refuses_the_dose_naming_its_rule(holds: holding.Holds,
 
 def test_a_closed_window_is_missed_once() -> None:
     history: list[EventData] = [created("msc_low")]
-    # Week 0's window ends 28 November: on that day it is still open.
-    assert domain.decide_missed(domain.fold(history), at(date(2026, 11, 28), 23)) == []
-    missed = domain.decide_missed(domain.fold(history), at(date(2026, 11, 29)))
+    # Week 0's window ends 28 November: on that day it is still open (15:00 UTC is 23:00 at
+    # the sites, Asia/Shanghai), and closed the next day at the site, not the next UTC day.
+    assert missed_on(domain.fold(history), at(date(2026, 11, 28), 15)) == []
+    assert missed_on(domain.fold(history), at(date(2026, 11, 28), 17)) != []
+    missed = missed_on(domain.fold(history), at(date(2026, 11, 29)))
     assert [(e.week, e.kind) for e in missed if isinstance(e, VisitMissed)] == [(0, "infusion")]
     history += missed
-    assert domain.decide_missed(domain.fold(history), at(date(2026, 11, 29), 23)) == []
+    assert missed_on(domain.fold(history), at(date(2026, 11, 29), 23)) == []
     # Assessments are not doses: they are never "missed" by this service.
-    later = domain.decide_missed(domain.fold(history), at(date(2027, 12, 31)))
+    later = missed_on(domain.fold(history), at(date(2027, 12, 31)))
     assert sorted(e.week for e in later if isinstance(e, VisitMissed)) == [1, 2, 3, 5, 7]
 
 
 def test_a_missed_visit_can_still_be_given_late_as_a_deviation() -> None:
     history: list[EventData] = [created("msc_low")]
-    history += domain.decide_missed(domain.fold(history), at(date(2026, 11, 29)))
+    history += missed_on(domain.fold(history), at(date(2026, 11, 29)))
     assert refused(history, infusion(0, date(2026, 11, 30))).code == "out_of_window"
     events = given(history, infusion(0, date(2026, 11, 30), deviation="patient was ill"))
     assert [type(e) for e in events] == [InfusionGiven, DosingScheduleReanchored,
@@ -270,7 +281,7 @@ def test_withdrawal_cancels_every_visit_not_done() -> None:
         "given", "cancelled", "cancelled", "cancelled", "cancelled", "cancelled"]
     assert domain.decide_withdrawal(record, PatientWithdrawn(
         patient_id="P1", site_id="S1", reason="again", withdrawn_at=RANDOMIZED)) == []
-    assert domain.decide_missed(record, at(date(2028, 1, 1))) == []
+    assert missed_on(record, at(date(2028, 1, 1))) == []
 
 
 def test_crossover_cancels_the_old_arms_doses_and_plans_the_new_arm() -> None:
@@ -307,10 +318,128 @@ def test_sweeps_in_any_order_miss_each_visit_not_given_once(given_weeks: set[int
         due = RANDOMIZED.date() + timedelta(days=7 * week)
         history = then(history, infusion(week, due, now=at(due, 23)))
     for day in sweep_days:
-        history += domain.decide_missed(domain.fold(history), RANDOMIZED + timedelta(days=day))
+        history += missed_on(domain.fold(history), RANDOMIZED + timedelta(days=day))
     missed = [e.week for e in history if isinstance(e, VisitMissed)]
     assert len(missed) == len(set(missed)) and not set(missed) & given_weeks
     last = RANDOMIZED.date() + timedelta(days=max(sweep_days))
     closed = {s.visit.week for s in domain.fold(history[:1]).slots()
               if s.visit.kind == "infusion" and s.visit.window_end < last}
     assert set(missed) == closed - given_weeks
+
+
+# --- the audit's dosing defects (issue 10, items 4 to 9) --------------------------------------
+
+
+def verdict(history: list[EventData], command: domain.DoseCommand,
+            holds: holding.Holds = NO_HOLDS) -> str:
+    try:
+        return given(history, command, holds)[0].event_type()
+    except Refused as refusal:
+        return refusal.code
+
+
+@settings(max_examples=300, deadline=None)
+@given_examples(minutes=st.integers(0, 60 * 24 * 14), offset=st.integers(-12 * 60, 14 * 60))
+def test_the_window_verdict_does_not_depend_on_the_offset_given_at_is_written_in(
+        minutes: int, offset: int) -> None:
+    """Defect 4: 2026-11-28T20:00Z was in window and 2026-11-29T04:00+08:00, the same instant,
+    out of it. Windows are calendar days at the site; given_at is kept in UTC."""
+    instant = RANDOMIZED + timedelta(minutes=minutes)
+    history: list[EventData] = [created("msc_low")]
+    written = [replace(infusion(1, date(2026, 12, 3)), given_at=instant.astimezone(zone))
+               for zone in (UTC, timezone(timedelta(minutes=offset)))]
+    assert verdict(history, written[0]) == verdict(history, written[1])
+    if verdict(history, written[1]) == "InfusionGiven":
+        recorded = given(history, written[1])[0]
+        assert isinstance(recorded, InfusionGiven)
+        assert recorded.given_at == instant and recorded.given_at.utcoffset() == timedelta(0)
+
+
+def test_the_audit_example_instant_is_judged_at_the_site() -> None:
+    history: list[EventData] = [created("msc_low")]  # week 0's window: 26 to 28 November
+    for written in ("2026-11-28T20:00:00+00:00", "2026-11-29T04:00:00+08:00"):
+        command = replace(infusion(0, date(2026, 11, 28)), given_at=datetime.fromisoformat(written))
+        assert verdict(history, command) == "out_of_window"  # 29 November at the sites
+    early = replace(infusion(0, date(2026, 11, 28)),
+                    given_at=datetime.fromisoformat("2026-11-28T15:00:00+00:00"))
+    assert verdict(history, early) == "InfusionGiven"  # 23:00 on the 28th at the sites
+
+
+def held_from(at_: datetime | None, scope: str = "patient", target: str = "P1") -> holding.Holds:
+    return holding.fold([DosingHeld.model_validate(
+        {"scope": scope, "target": target, "rule_id": "R4-infusion-reaction", "hold_id": "H9",
+         "held_from": at_})])
+
+
+def test_a_dose_given_before_a_hold_but_entered_after_it_is_a_late_entry() -> None:
+    """Defect 5: such a dose was refused (dosing_held) and could never be recorded."""
+    history: list[EventData] = [created("msc_low")]
+    hold = held_from(at(date(2026, 11, 27)))  # took effect at 10:00 UTC on the 27th
+    before = given(history, infusion(0, date(2026, 11, 26)), hold)[0]
+    assert isinstance(before, InfusionGiven)
+    assert (before.late_entry, before.entered_after_hold) == (True, "H9")
+    after = refused(history, infusion(0, date(2026, 11, 27)), hold)  # 10:00 too: held
+    assert (after.status, after.code) == (409, "dosing_held")
+    # A hold whose start is unknown stops every dose: the system cannot tell, so it refuses.
+    assert refused(history, infusion(0, date(2026, 11, 26)), held_from(None)).code == "dosing_held"
+    plain = given(history, infusion(0, date(2026, 11, 26)))[0]
+    assert isinstance(plain, InfusionGiven) and not plain.late_entry
+
+
+def test_a_visit_whose_window_closes_under_a_hold_is_held_not_missed() -> None:
+    """Defect 6: held visits turned into missed visits when the sweep passed them."""
+    history: list[EventData] = [created("msc_low")]
+    swept = domain.decide_missed(domain.fold(history), at(date(2026, 11, 29)), PROTOCOL,
+                                 held_from(at(date(2026, 11, 26))))
+    assert [(e.event_type(), e.week) for e in swept] == [("VisitHeld", 0)]  # type: ignore[attr-defined]
+    record = domain.fold(history + swept)
+    assert [s.status for s in record.slots() if s.visit.kind == "infusion"][:2] == [
+        "held", "planned"]
+    assert missed_on(record, at(date(2026, 11, 30))) == []  # once
+
+
+def test_re_anchoring_re_plans_every_visit_not_yet_given() -> None:
+    """Defect 6: a visit swept as missed stayed missed after a late week-0 dose re-dated it
+    into the future."""
+    history: list[EventData] = [created("msc_low")]
+    history += missed_on(domain.fold(history), at(date(2026, 12, 7)))  # weeks 0 and 1 missed
+    history = then(history, infusion(0, date(2026, 12, 7), deviation="patient was travelling"))
+    week_1 = next(s for s in domain.fold(history).slots()
+                  if (s.visit.kind, s.visit.week) == ("infusion", 1))
+    assert (week_1.status, week_1.visit.due_date) == ("planned", date(2026, 12, 14))
+    assert verdict(history, infusion(1, date(2026, 12, 14))) == "InfusionGiven"
+
+
+def test_methotrexate_escalation_beyond_the_titration_scheme_is_refused() -> None:
+    """Defect 7: 5 mg one week and 25 mg the next was accepted."""
+    history: list[EventData] = [created("mtx")]
+    history += given(history, mtx(0, date(2026, 11, 26), 5.0))
+    problem = refused(history, mtx(1, date(2026, 12, 3), 25.0))
+    assert (problem.status, problem.code, problem.extra["max_step_mg"]) == (
+        422, "dose_step_exceeded", 2.5)
+    assert refused(history, mtx(1, date(2026, 12, 3), 10.0)).code == "dose_step_exceeded"  # +5
+    assert verdict(history, mtx(1, date(2026, 12, 3), 7.5)) == "MethotrexateDoseGiven"  # +2.5
+    events = given(history, mtx(1, date(2026, 12, 3), 10.0, "investigator escalated faster"))
+    assert isinstance(events[-1], ProtocolDeviationRecorded)
+    assert events[-1].deviations == ("dose_step_exceeded",)
+    assert refused([created("mtx")], mtx(0, date(2026, 11, 26), 10.0)).code == \
+        "dose_step_exceeded"  # above week 0's 7.5 mg
+
+
+def test_a_weight_far_from_the_last_one_must_be_confirmed() -> None:
+    """Defect 8: a 70 kg patient recorded at 100 kg got 3 x 10^8 cells without a flag."""
+    history: list[EventData] = [created("msc_low")]  # 70 kg at baseline
+    problem = refused(history, infusion(0, date(2026, 11, 26), 100_000_000, weight_kg=100.0))
+    assert (problem.status, problem.code, problem.extra["last_weight_kg"]) == (
+        422, "weight_change_unconfirmed", 70.0)
+    confirmed = given(history, infusion(0, date(2026, 11, 26), 100_000_000, weight_kg=100.0,
+                                        weight_confirmed=True))[0]
+    assert isinstance(confirmed, InfusionGiven) and confirmed.weight_change_confirmed
+    near = given(history, infusion(0, date(2026, 11, 26), 75_000_000, weight_kg=75.0))[0]
+    assert isinstance(near, InfusionGiven) and not near.weight_change_confirmed  # within 10 %
+
+
+def test_a_deviation_reason_without_a_deviation_records_no_deviation() -> None:
+    """Defect 9: a reason on an on-time, on-target dose wrote an empty ProtocolDeviationRecorded."""
+    events = given([created("msc_low")], infusion(0, date(2026, 11, 26), deviation="just in case"))
+    assert [e.event_type() for e in events] == ["InfusionGiven", "DosingScheduleReanchored"]

@@ -116,6 +116,13 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "SusarReportDue": (parse_data("SusarReportDue", {
         "adverse_event_id": "ae-1", "patient_id": "p-1", "rule_id": "R5-susar", "days": 7,
         "aware_at": AT.isoformat(), "due_at": (AT + timedelta(days=7)).isoformat()}), "p-1"),
+    "SusarFollowUpReportDue": (parse_data("SusarFollowUpReportDue", {
+        "adverse_event_id": "ae-1", "patient_id": "p-1", "rule_id": "R5-susar", "days": 8,
+        "initial_due_at": (AT + timedelta(days=7)).isoformat(),
+        "due_at": (AT + timedelta(days=15)).isoformat()}), "p-1"),
+    "SeriousAdverseEventReportDue": (parse_data("SeriousAdverseEventReportDue", {
+        "adverse_event_id": "ae-1", "patient_id": "p-1", "hours": 24, "aware_at": AT.isoformat(),
+        "due_at": (AT + timedelta(hours=24)).isoformat()}), "p-1"),
     "PatientSafetyFactRecorded": (parse_data("PatientSafetyFactRecorded", {
         "patient_id": "p-1", "site_id": "S1", "fact": "infusion", "arm": "msc_low",
         "at": AT.isoformat(), "source_event_id": "ev-1"}), "p-1"),
@@ -138,6 +145,22 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
         "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "week": 2, "kind": "infusion",
         "due_date": "2026-12-10", "window_end": "2026-12-12",
         "detected_at": AT.isoformat()}), "p-1"),
+    "SafetyRecordUnapplied": (parse_data("SafetyRecordUnapplied", {
+        "record_id": "trial.safety:1:42", "event_id": "e-1", "type": "PatientDosingHeld",
+        "scope": "patient", "target": "p-1", "error": "RuntimeError: a bug",
+        "detected_at": AT.isoformat()}), "p-1"),
+    "SafetyRecordResolved": (parse_data("SafetyRecordResolved", {
+        "record_id": "trial.safety:1:42", "scope": "patient", "target": "p-1",
+        "resolved_by": "ops-1", "reason": "applied by hand", "resolved_at": AT.isoformat()}),
+        "p-1"),
+    "ProtocolVersionActivated": (parse_data("ProtocolVersionActivated", {
+        "service": "dosing", "trial_id": "NCT03424629", "version": "1.1.0",
+        "content_hash": "0" * 64, "activated_by": "service:dosing",
+        "activated_at": AT.isoformat()}), "dosing"),
+    "VisitHeld": (parse_data("VisitHeld", {
+        "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "week": 2, "kind": "infusion",
+        "due_date": "2026-12-10", "window_end": "2026-12-12", "hold_id": "h-1",
+        "rule_id": "R4-infusion-reaction", "detected_at": AT.isoformat()}), "p-1"),
     "VisitsCancelled": (parse_data("VisitsCancelled", {
         "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "cause": "withdrawn",
         "visits": [{"week": 3, "kind": "infusion", "due_date": "2026-12-17"}],

@@ -25,6 +25,8 @@ TABLE = {
     Action.READ_PATIENT: set(ROLES),
     Action.REPORT_SAFETY: {"site_coordinator", "investigator"},
     Action.READ_SAFETY_STATUS: set(ROLES),
+    Action.READ_RULE_FIRINGS: {"monitor", "dsmb", "admin"},
+    Action.READ_INTERIM_DATA: {"dsmb", "admin"},
     Action.DSMB_DECISION: {"dsmb"},
     Action.AUDIT: {"monitor", "dsmb", "admin"},
 }

@@ -74,3 +74,17 @@ def test_allocation_list_needs_the_secret() -> None:
     result = CliRunner().invoke(app, ["allocation-list", "--stratum", "S1:pasi_lt20"],
                                     env={"TRIAL_RANDOMIZATION_SECRET": None})
     assert result.exit_code != 0
+
+
+def test_allocation_list_reprints_a_sequence_over_the_open_arms() -> None:
+    result = CliRunner().invoke(app, ["allocation-list", "--secret", "k", "--stratum",
+                                      "S2:pasi_ge20|msc_low+mtx", "--count", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    expected = sequence(b"k", default_protocol().randomization, "S2:pasi_ge20", 12,
+                        ("msc_low", "mtx"))
+    assert [r["arm"] for r in rows] == [s.arm for s in expected]
+    assert {r["arm"] for r in rows} == {"msc_low", "mtx"}
+    bad = CliRunner().invoke(app, ["allocation-list", "--secret", "k", "--stratum",
+                                   "S2:pasi_ge20|placebo"])
+    assert bad.exit_code != 0 and "placebo" in bad.output

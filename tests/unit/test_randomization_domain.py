@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections import Counter
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -11,6 +13,7 @@ from services.randomization.domain import (
     Allocation,
     Holds,
     Patient,
+    Screen,
     decide_crossover,
     decide_enrol,
     decide_holds,
@@ -20,12 +23,15 @@ from services.randomization.domain import (
     fold,
     fold_allocation,
     fold_holds,
+    screenings,
     stratum_of,
 )
 from shared.errors import Refused
 from shared.events import (
+    ARMS,
     AdverseEventReported,
     AllocationSlotUsed,
+    Arm,
     ArmAssigned,
     ArmCrossedOver,
     ArmSuspended,
@@ -43,6 +49,7 @@ from shared.events import (
 )
 from shared.protocol import ProtocolConfig, default_protocol
 from shared.web import REFUSAL_STATUS
+from tests.unit.test_randomization_eligibility import EXAMPLE
 
 AT = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
 SECRET = b"unit-test-secret"
@@ -186,22 +193,63 @@ def test_a_lift_lifts_exactly_the_hold_it_names() -> None:
     assert early_lift.in_force("arm_suspended") is None
 
 
-def test_a_suspended_arm_refuses_its_slot_without_using_it_up() -> None:
+def randomize_many(count: int, holds: Holds, protocol: ProtocolConfig = PROTOCOL,
+                   sites: tuple[str, ...] = ("S1",)) -> list[AllocationSlotUsed]:
+    """`count` patients randomized one after the other under `holds`; none may be refused."""
+    allocation, used_slots = Allocation(), []
+    for n in range(1, count + 1):
+        _, used = randomized(enrolled(n, sites[n % len(sites)]), allocation, holds, protocol,
+                             SECRET, AT)
+        allocation = evolve_allocation(allocation, used)
+        used_slots.append(used)
+    return used_slots
+
+
+def test_an_arm_suspension_neither_leaks_the_next_slot_nor_stalls_the_stratum() -> None:
+    """Defect 1: a stratum whose next slot fell to a suspended arm answered 409 arm_suspended,
+    which told the caller that slot's arm, and stalled the stratum until the arm resumed."""
     stratum = "S1:pasi_lt20"
-    first = sequence(SECRET, PROTOCOL.randomization, stratum, 1)[0].arm
-    suspended = fold_holds([hold("arm_suspended", first)])
-    assert refusal(lambda: decide_randomize(enrolled(1), Allocation(), suspended, PROTOCOL, SECRET,
+    own = sequence(SECRET, PROTOCOL.randomization, stratum, 40)
+    suspended = fold_holds([hold("arm_suspended", own[0].arm)])  # the arm of the next slot
+    open_arms: tuple[Arm, ...] = tuple(a for a in ARMS if a != own[0].arm)
+    used = randomize_many(40, suspended)
+    # Every patient is randomized among the open arms, from the stratum's sequence over them:
+    # drawn from the secret alone, so it says nothing of the stratum's own slots.
+    restricted = f"{stratum}|{'+'.join(open_arms)}"
+    assert [u.arm for u in used] == [
+        s.arm for s in sequence(SECRET, PROTOCOL.randomization, stratum, 40, open_arms)]
+    assert {u.sequence for u in used} == {restricted}
+    assert [u.stratum_slot for u in used] == list(range(1, 41))
+    assert abs(sum(u.arm == open_arms[0] for u in used) - 20) <= 2  # 1:1 in blocks of 2 and 4
+    # The stratum's own sequence was not touched: after the lift it goes on at its slot 1.
+    lifted = fold_holds([hold("arm_suspended", own[0].arm),
+                         RandomizationHoldLifted(hold_id="h-1", scope="arm", target=own[0].arm)])
+    allocation = fold_allocation(list(used))
+    _, after = randomized(enrolled(41), allocation, lifted, PROTOCOL, SECRET, AT)
+    assert (after.arm, after.stratum_slot, after.sequence) == (own[0].arm, 1, None)
+
+
+def test_randomization_answers_alike_whether_or_not_an_arm_is_suspended() -> None:
+    suspended = fold_holds([hold("arm_suspended", "msc_high")])
+    free, held = randomized(enrolled(1), Allocation(), Holds(), PROTOCOL, SECRET, AT)[0], \
+        randomized(enrolled(1), Allocation(), suspended, PROTOCOL, SECRET, AT)[0]
+    assert free.model_dump().keys() == held.model_dump().keys()
+    assert held.arm != "msc_high"
+
+
+def test_every_arm_suspended_refuses_without_naming_a_slot() -> None:
+    every = fold_holds([hold("arm_suspended", a, f"h-{a}") for a in ("msc_low", "msc_high", "mtx")])
+    assert refusal(lambda: decide_randomize(enrolled(1), Allocation(), every, PROTOCOL, SECRET,
                                             AT)) == (409, "arm_suspended")
-    # Another stratum whose next slot is another arm is not held up.
-    other = next(s for s in ("S2", "S3", "S4", "S5", "S6")
-                 if sequence(SECRET, PROTOCOL.randomization, f"{s}:pasi_lt20", 1)[0].arm != first)
-    assigned, _ = randomized(enrolled(2, other), Allocation(), suspended, PROTOCOL, SECRET, AT)
-    assert assigned.arm != first
-    # Lifted: the same slot (slot 1 of the stratum) goes to the next patient.
-    lifted = fold_holds([hold("arm_suspended", first),
-                         RandomizationHoldLifted(hold_id="h-1", scope="arm", target=first)])
-    assigned, used = randomized(enrolled(1), Allocation(), lifted, PROTOCOL, SECRET, AT)
-    assert (assigned.arm, used.stratum_slot) == (first, 1)
+
+
+def test_minimization_minimizes_over_the_open_arms() -> None:
+    protocol = PROTOCOL.model_copy(update={"randomization": PROTOCOL.randomization.model_copy(
+        update={"method": "minimization"})})
+    used = randomize_many(30, fold_holds([hold("arm_suspended", "msc_high")]), protocol,
+                          sites=("S1", "S2"))
+    counts = Counter(u.arm for u in used)
+    assert set(counts) == {"msc_low", "mtx"} and abs(counts["msc_low"] - counts["mtx"]) <= 3
 
 
 def test_safety_events_become_randomization_holds() -> None:
@@ -295,3 +343,48 @@ def test_no_crossover_into_a_suspended_arm() -> None:
     held = fold_holds([hold("arm_suspended", "msc_high")])
     assert refusal(lambda: decide_crossover(MTX, "msc_high", "why", held, crossover_protocol(),
                                             AT + timedelta(weeks=17))) == (409, "arm_suspended")
+
+
+# --- screening: the site's own date, and what is kept --------------------------------------
+
+SHANGHAI_7AM = datetime(2026, 11, 29, 23, 0, tzinfo=UTC)  # 30 November, 07:00 at the sites
+
+
+def screen(at: datetime = SHANGHAI_7AM, site: str = "S1", **facts: object) -> PatientScreened:
+    command = Screen("scr-9", replace(EXAMPLE, site_id=site, **facts), at)  # type: ignore[arg-type]
+    [screened] = screenings(PROTOCOL).decide(None, command)
+    assert isinstance(screened, PatientScreened)
+    return screened
+
+
+def test_a_patient_screened_on_their_18th_birthday_at_7_local_is_18() -> None:
+    """Defect 4: ages and screening dates were counted on the server's UTC date (still the
+    29th in UTC when it is already the 30th, the birthday, at the site)."""
+    screened = screen(birth_date=date(2008, 11, 30))
+    assert (screened.age_years, screened.eligible, screened.screened_on) == (
+        18, True, date(2026, 11, 30))
+    assert screen(birth_date=date(2008, 12, 1)).age_years == 17  # one day short, at the site
+
+
+def test_a_date_that_is_today_at_the_site_is_not_in_the_future() -> None:
+    assert screen(diagnosis_date=date(2026, 5, 30)).eligible  # six months before, at the site
+    with pytest.raises(Refused) as refused:
+        screen(diagnosis_date=date(2026, 12, 1))
+    assert refused.value.code == "validation_error"
+    assert refused.value.details["errors"][0]["field"] == "diagnosis_date"
+
+
+def test_consent_time_screening_date_and_baseline_bsa_and_dlqi_are_kept() -> None:
+    """Defect 3: consent was kept as yes/no, and BSA and DLQI were thrown away."""
+    signed = datetime(2026, 11, 20, 1, 30, tzinfo=UTC)
+    screened = screen(consent_signed_at=signed)
+    assert (screened.consent_signed_at, screened.bsa_percent, screened.dlqi) == (signed, 12.0, 11)
+    [enrolled_event] = decide_enrol(screened, Patient(), "p-9", SHANGHAI_7AM)
+    assert isinstance(enrolled_event, PatientEnrolled)
+    assert (enrolled_event.baseline_bsa_percent, enrolled_event.baseline_dlqi) == (12.0, 11)
+
+
+def test_a_site_the_protocol_does_not_name_cannot_screen() -> None:
+    with pytest.raises(Refused) as refused:
+        screen(site="S9")
+    assert (REFUSAL_STATUS[refused.value.code], refused.value.code) == (422, "unknown_site")

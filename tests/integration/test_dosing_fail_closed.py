@@ -1,0 +1,120 @@
+"""Dosing fails closed on trial.safety (issue 10, defect 17): a safety record it cannot apply
+refuses the doses it may concern, on the real broker and database, until an operator resolves
+it; readiness and the record say so."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from services.dosing import commands
+from services.dosing.app import safety_records_applied, spec
+from shared.app import Runtime
+from shared.consumer import ConsumerRunner, Delivery
+from shared.errors import Refused
+from shared.events import PatientDosingHeld, dlq_topic
+from shared.kafka import ensure_topics
+from shared.settings import Settings
+from shared.store import EventStore, Transaction
+from tests.integration.test_consumer import produce
+from tests.integration.test_dosing_store import (
+    HANDLERS,
+    NURSE,
+    RANDOMIZED,
+    assign,
+    infusion,
+    record_dose,
+)
+from tests.integration.test_randomization_store import cloud
+from tests.support import eventually
+from tooling.cli import app
+
+
+async def broken_hold_handler(tx: Transaction, delivery: Delivery) -> None:
+    raise RuntimeError("a bug in applying the hold")
+
+
+async def consume(store: EventStore, settings: Settings, topic: str, records: int) -> None:
+    handlers = {**HANDLERS, "PatientDosingHeld": broken_hold_handler}
+    runner = ConsumerRunner(store, settings, [topic], handlers,
+                            group_id=f"g-{uuid.uuid4().hex[:8]}",
+                            fail_closed={topic: commands.fail_closed_on_safety_record})
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(lambda: runner.dead_lettered >= records, timeout=120,
+                         what=f"{records} records dead-lettered")
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_safety_record_dosing_cannot_apply_refuses_the_doses_it_concerns(
+        settings: Settings, store: EventStore) -> None:
+    """Defect 17: a valid hold that hit a handler error went to the DLQ and dosing went on."""
+    held, other = await assign(store, "msc_low"), await assign(store, "msc_low")
+    topic = f"test.safety.{uuid.uuid4().hex[:8]}"  # the session broker's trial.safety is shared
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    hold = cloud(PatientDosingHeld(hold_id="H-17", patient_id=held, rule_id="R4"))
+    await produce(settings, topic, hold.to_bytes())
+    await consume(store, settings, topic, 1)
+
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
+    assert refused.value.code == "safety_record_unapplied"
+    assert (refused.value.details["scope"], refused.value.details["target"]) == ("patient", held)
+    assert await record_dose(store, other, NURSE, infusion(0, RANDOMIZED))  # not concerned
+    [unapplied] = await commands.unapplied_safety_records(store)
+    assert (unapplied.event_id, unapplied.type) == (hold.id, "PatientDosingHeld")
+    assert "a bug in applying the hold" in unapplied.error
+
+    runtime = Runtime(spec, settings.model_copy(update={"database_url": store.url}))
+    try:
+        assert await safety_records_applied(runtime) == {"safety_records_applied": False}
+        await commands.resolve_safety_record(store, unapplied.record_id, "ops-on-call",
+                                             "applied the hold by hand after the fix")
+        assert await safety_records_applied(runtime) == {"safety_records_applied": True}
+    finally:
+        await runtime.store.close()
+    assert await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
+
+
+async def test_an_unreadable_safety_record_refuses_every_dose(
+        settings: Settings, store: EventStore) -> None:
+    patient = await assign(store, "msc_high")
+    topic = f"test.safety.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    await produce(settings, topic, b"\x00not a cloudevent")
+    await consume(store, settings, topic, 1)
+    [unapplied] = await commands.unapplied_safety_records(store)
+    assert (unapplied.scope, unapplied.target) == ("trial", "*")
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, patient, NURSE, infusion(0, RANDOMIZED))
+    assert refused.value.code == "safety_record_unapplied"
+    with pytest.raises(Refused):
+        await commands.resolve_safety_record(store, "no:such:record", "ops", "typo")
+
+
+async def test_operators_list_and_resolve_unapplied_records_from_the_command_line(
+        settings: Settings, store: EventStore) -> None:
+    topic = f"test.safety.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    await produce(settings, topic, b"\x00unreadable")
+    await consume(store, settings, topic, 1)
+    [unapplied] = await commands.unapplied_safety_records(store)
+
+    def trial(*args: str) -> Result:
+        return CliRunner().invoke(app, ["resolve-safety-record", store.url, *args])
+
+    listed = await asyncio.to_thread(trial)
+    assert listed.exit_code == 0 and unapplied.record_id in listed.output
+    assert (await asyncio.to_thread(trial, unapplied.record_id)).exit_code == 2  # who and why
+    done = await asyncio.to_thread(trial, unapplied.record_id, "--by", "ops-1", "--reason",
+                                   "garbage published by a test producer; no hold in it")
+    assert done.exit_code == 0, done.output
+    assert await commands.unapplied_safety_records(store) == []
+    assert (await asyncio.to_thread(trial, unapplied.record_id, "--by", "ops-1", "--reason",
+                                    "again")).exit_code == 1
