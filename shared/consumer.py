@@ -106,6 +106,7 @@ class ConsumerRunner:
         self.dead_lettered = 0
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
         self._consumer: AIOKafkaConsumer | None = None  # while a session runs
+        self.reading = asyncio.Event()  # set once the group has given it partitions to read
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
@@ -127,6 +128,8 @@ class ConsumerRunner:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             metadata_max_age_ms=5000,
+            session_timeout_ms=self.settings.kafka_session_timeout_ms,
+            heartbeat_interval_ms=max(100, self.settings.kafka_session_timeout_ms // 4),
             # How long a fetch may wait for data: a broker that waits it out (the embedded
             # one) adds it to every hop, so keep it short; Kafka answers as data arrives.
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
@@ -143,6 +146,8 @@ class ConsumerRunner:
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=200)
+            if not self.reading.is_set() and consumer.assignment():
+                self.reading.set()
             for tp, records in batches.items():
                 for record in records:
                     await self.handle_record(record)

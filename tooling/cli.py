@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 from shared.auth import issue_dev_token
 from shared.settings import SERVICES, Settings
 
+EMBEDDED_SESSION_TIMEOUT_MS = 2000
 app = typer.Typer(help="NCT03424629 trial backend", no_args_is_help=True)
 
 
@@ -57,8 +59,12 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
     bootstrap = infra.start_tansu(kafka_port)
     data_dir = settings.data_dir
     urls = {s: f"sqlite+aiosqlite:///{data_dir / f'{s}.db'}" for s in SERVICES}
+    # The embedded broker gives a joining consumer its partitions after half its session: a
+    # short session has every consumer reading within a second of start (unless set otherwise).
+    embedded = {"TRIAL_KAFKA_SESSION_TIMEOUT_MS": os.environ.get(
+        "TRIAL_KAFKA_SESSION_TIMEOUT_MS", str(EMBEDDED_SESSION_TIMEOUT_MS))}
     system = System(bootstrap=bootstrap, database_urls=urls, ports=settings.service_ports(),
-                    log_dir=data_dir.parent / "logs")
+                    log_dir=data_dir.parent / "logs", env=embedded)
     system.start()
     try:
         system.wait_ready()

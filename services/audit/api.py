@@ -12,9 +12,12 @@ from services.audit import query
 from services.audit.anchors import check_anchors, ledger_id, read_anchors
 from services.audit.export import export_stream
 from services.audit.query import Filters
+from shared.catchup import unless_lagging
 from shared.deps import CurrentPrincipal, CurrentRuntime
+from shared.errors import Refused
+from shared.events import ENROLLMENT
 from shared.permissions import Action, authorize
-from shared.web import IsoDateTime, Problem
+from shared.web import IsoDateTime
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
@@ -49,9 +52,14 @@ async def patient_history(patient_id: str, who: CurrentPrincipal,
                           rt: CurrentRuntime) -> dict[str, object]:
     """Everything about one patient across services, from screening on, causes before effects."""
     authorize(who, Action.AUDIT)
-    items = await query.patient_history(rt.store, patient_id)
-    if not items:
-        raise Problem(404, "patient_not_found", "The ledger holds nothing about this patient")
+    async def history() -> list[dict[str, object]]:
+        found = await query.patient_history(rt.store, patient_id)
+        if not found:
+            raise Refused("patient_not_found", "The ledger holds nothing about this patient")
+        return found
+
+    # The ledger learns of a patient from Kafka: it waits for its consumer before "unknown".
+    items = await unless_lagging(rt, ENROLLMENT, patient_id, history)
     return {"patient_id": patient_id, "order": "source time; a cause always before its effects",
             "items": items}
 

@@ -14,7 +14,8 @@ import pytest
 from deploy import infra
 from shared.auth import issue_dev_token
 from shared.settings import DEV_JWT_SECRET, SERVICES
-from tests.conftest import Broker, _new_broker
+from tests.conftest import REAL, Broker, _new_broker
+from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
 from tooling.launcher import System
 
 SECRET = "e2e-secret-" + uuid.uuid4().hex
@@ -43,6 +44,8 @@ def start_system(broker: Broker, pg_dsn: str | None, folder: Path,
                     ports={s: infra.free_port() for s in (*SERVICES, "gateway")},
                     log_dir=folder / "logs",
                     env={"TRIAL_JWT_SECRET": SECRET, "TRIAL_RELAY_POLL_INTERVAL_S": "0.1",
+                         **({} if REAL else {"TRIAL_KAFKA_SESSION_TIMEOUT_MS":
+                                             str(EMBEDDED_SESSION_TIMEOUT_MS)}),
                          "TRIAL_KAFKA_REQUEST_TIMEOUT_MS": "5000",
                          "TRIAL_AUDIT_ANCHOR_INTERVAL_S": "1", **(env or {})})
     system.start(services)
