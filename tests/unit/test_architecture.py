@@ -19,7 +19,7 @@ PURE = (
     *DOMAINS,
     "services.dosing.calendar", "services.dosing.holds",
     "services.randomization.allocation", "services.randomization.eligibility",
-    "services.safety.rules", "services.safety.state",
+    "services.safety.rules", "services.safety.state", "services.efficacy.scoring",
     # the kernel's pure parts, which the domains build on
     "shared.decider", "shared.errors", "shared.events", "shared.protocol", "shared.clock",
     "shared.permissions",

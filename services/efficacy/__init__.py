@@ -1,0 +1,1 @@
+"""The efficacy service (assessments, response, follow-up to week 52)."""
