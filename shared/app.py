@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
+from prometheus_client import Gauge
 
 from shared.access import access_router, refused_writes_logger
 from shared.idempotency import IdempotencyMiddleware
@@ -51,6 +52,10 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_service_metrics(app)
+    if (unapplied := spec.unapplied) is not None:
+        gauge_at_scrape(app, "trial_safety_records_unapplied", "trial.safety records this service "
+                        "could not apply and no operator has resolved: what they may concern is "
+                        "refused (D32)", lambda rt: _count(unapplied(rt.store)))
     install_problem_handlers(app, on_problem=refused_writes_logger(spec.name))
     app.include_router(health_router(ready))
     app.include_router(access_router())
@@ -77,4 +82,23 @@ def run_beside(app: FastAPI, start: Callable[[FastAPI], Loop]) -> None:
     app.router.lifespan_context = lifespan
 
 
-__all__ = ["Runtime", "ServiceSpec", "create_app", "run_beside"]
+async def _count(records: Awaitable[Sequence[object]]) -> float:
+    return float(len(await records))
+
+
+def gauge_at_scrape(app: FastAPI, name: str, documentation: str,
+                    read: Callable[[Runtime], Awaitable[float]]) -> None:
+    """A service's own gauge on `GET /metrics`, read from its running runtime at each scrape."""
+    gauge = Gauge(name, documentation, registry=app.state.metrics.registry)
+    refresh_before = app.state.refresh_metrics
+
+    async def refresh() -> None:
+        await refresh_before()
+        rt: Runtime | None = getattr(app.state, "runtime", None)
+        if rt is not None:
+            gauge.set(await read(rt))
+
+    app.state.refresh_metrics = refresh
+
+
+__all__ = ["Runtime", "ServiceSpec", "create_app", "gauge_at_scrape", "run_beside"]

@@ -64,6 +64,25 @@ class Unapplied:
     def record_id(self) -> str:
         return f"{self.topic}:{self.partition}:{self.offset}"
 
+    def names(self) -> dict[str, str | None]:
+        """Whom the record concerns, as far as it can be read: its event's id and type, and
+        the scope and target its data names; a record naming no one readable concerns the whole
+        trial ("*")."""
+        try:
+            cloud = CloudEvent.from_bytes(self.value or b"")
+        except ValueError:
+            return {"event_id": None, "type": None, "scope": "trial", "target": "*"}
+        data = cloud.data
+        scope, target = data.get("scope"), data.get("target")
+        if not (scope in ("patient", "arm", "trial") and isinstance(target, str)):
+            scope, target = "trial", "*"
+            for key, named in (("patient_id", "patient"), ("arm", "arm"), ("trial_id", "trial")):
+                if isinstance(data.get(key), str):
+                    scope, target = named, str(data[key])
+                    break
+        return {"event_id": cloud.id, "type": cloud.type, "scope": str(scope),
+                "target": str(target)}
+
 
 # What a service does, in its own store, with a record of a topic it must not simply skip:
 # the topics whose records it fails closed on (trial.safety for dosing, D32).

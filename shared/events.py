@@ -45,6 +45,36 @@ class EventData(BaseModel):
         return str(getattr(self, self.subject_field))
 
 
+# --- records a service could not apply (D32): the same shape on each service's own topic ---
+
+
+class _UnappliedRecord(EventData):
+    """A service could not apply a record of trial.safety (unreadable, or its handler failed
+    every try): it refuses what the record may concern until an operator resolves it (D32)."""
+
+    subject_field = "target"
+    record_id: str  # topic:partition:offset
+    event_id: str | None = None  # the safety event's id and type, when readable
+    type: str | None = None
+    scope: Literal["patient", "arm", "trial"]
+    target: str  # "*" when the record names no one readable: everyone
+    error: str
+    detected_at: datetime
+
+
+class _ResolvedRecord(EventData):
+    """An operator resolved an unapplied safety record (applied it by hand, or found it did not
+    concern the service): what it stopped may go on."""
+
+    subject_field = "target"
+    record_id: str
+    scope: Literal["patient", "arm", "trial"]
+    target: str
+    resolved_by: str
+    reason: str
+    resolved_at: datetime
+
+
 # --- trial.enrollment -------------------------------------------------------------------------
 
 
@@ -158,6 +188,19 @@ class RandomizationHoldLifted(EventData):
     target: str
 
 
+class RandomizationRecordUnapplied(_UnappliedRecord):
+    """Randomization could not apply a record of trial.safety: an arm it names counts as
+    suspended, and one naming the trial, or no one readable, stops every randomization."""
+
+    topic = ENROLLMENT
+
+
+class RandomizationRecordResolved(_ResolvedRecord):
+    """An operator resolved a record randomization could not apply."""
+
+    topic = ENROLLMENT
+
+
 # --- trial.dosing -----------------------------------------------------------------------------
 
 
@@ -241,34 +284,18 @@ class DosingResumed(_DosingHoldChange):
     """The hold `hold_id` was lifted by a DSMB decision: preparing may restart."""
 
 
-class SafetyRecordUnapplied(EventData):
-    """Dosing could not apply a record of trial.safety (unreadable, or its handler failed): it
-    refuses the doses the record may concern (every dose when it cannot tell whose) until an
-    operator resolves it. Pharmacies: stop preparing for the scope, as for DosingHeld."""
+class SafetyRecordUnapplied(_UnappliedRecord):
+    """Dosing could not apply a record of trial.safety: it refuses the doses the record may
+    concern (every dose when it cannot tell whose). Pharmacies: stop preparing for the scope, as
+    for DosingHeld."""
 
     topic = DOSING
-    subject_field = "target"
-    record_id: str  # topic:partition:offset
-    event_id: str | None = None  # the safety event's id and type, when readable
-    type: str | None = None
-    scope: Literal["patient", "arm", "trial"]
-    target: str  # "*" when the record names no one readable: every dose
-    error: str
-    detected_at: datetime
 
 
-class SafetyRecordResolved(EventData):
-    """An operator resolved an unapplied safety record (applied it by hand, or found it did not
-    concern dosing): the doses it stopped may go on."""
+class SafetyRecordResolved(_ResolvedRecord):
+    """An operator resolved a record dosing could not apply: the doses it stopped may go on."""
 
     topic = DOSING
-    subject_field = "target"
-    record_id: str
-    scope: Literal["patient", "arm", "trial"]
-    target: str
-    resolved_by: str
-    reason: str
-    resolved_at: datetime
 
 
 class DosingScheduleReanchored(EventData):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,10 +43,10 @@ class ServiceSpec:
     handlers: Handlers = no_handlers
     publishes: bool = True
     # Topics whose records must never just be skipped: what the service does when one cannot
-    # be applied (D32).
+    # be applied, and how it lists those still unresolved; while any is, the service is not
+    # ready and `trial_safety_records_unapplied` counts them (D32).
     fail_closed: Mapping[str, FailClosed] = field(default_factory=dict)
-    # Checks of the service's own, beside database and broker, for /readyz.
-    ready: Callable[[Runtime], Awaitable[dict[str, bool]]] | None = None
+    unapplied: Callable[[EventStore], Awaitable[Sequence[object]]] | None = None
 
 
 class Runtime:
@@ -99,8 +99,8 @@ class Runtime:
                 await conn.execute(sa.text("SELECT 1"))
                 checks["database"] = True
         checks["broker"] = await broker_reachable(self.settings.kafka_bootstrap_servers)
-        if self.spec.ready is not None and checks["database"]:
-            checks.update(await self.spec.ready(self))
+        if self.spec.unapplied is not None and checks["database"]:
+            checks["safety_records_applied"] = not await self.spec.unapplied(self.store)
         return checks
 
 

@@ -136,15 +136,23 @@ def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"),
 
 @app.command("resolve-safety-record")
 def resolve_safety_record(
-        database_url: str = typer.Argument(..., help="the dosing service's database URL"),
+        database_url: str = typer.Argument(..., help="the service's database URL"),
         record_id: str = typer.Argument(None, help="topic:partition:offset; omit to list them"),
+        service: str = typer.Option("dosing", help="dosing or randomization: whose store"),
         by: str = typer.Option(None, help="who resolves it (your name or user id)"),
         reason: str = typer.Option(None, help="how it was resolved")) -> None:
-    """List the trial.safety records dosing could not apply (each refuses the doses it may
-    concern), or resolve one once it has been applied by hand or found not to concern dosing."""
-    from services.dosing import commands
+    """List the trial.safety records a service could not apply (each refuses what it may
+    concern: doses, or randomizations), or resolve one once it has been applied by hand or found
+    not to concern the service."""
+    import importlib
+
     from shared.errors import Refused
     from shared.store import EventStore
+
+    if service not in ("dosing", "randomization"):
+        typer.echo("error: --service is dosing or randomization", err=True)
+        sys.exit(2)
+    commands = importlib.import_module(f"services.{service}.commands")
 
     async def _run() -> int:
         store = EventStore(database_url)

@@ -13,7 +13,6 @@ from shared.errors import Refused
 from shared.events import (
     ArmAssigned,
     ArmCrossedOver,
-    CloudEvent,
     EventData,
     PatientWithdrawn,
     SafetyRecordResolved,
@@ -124,22 +123,12 @@ CONSUMER_ACTOR = Metadata(actor="dosing-consumer",
 async def fail_closed_on_safety_record(tx: Transaction, unapplied: Unapplied) -> None:
     """A trial.safety record dosing could not apply: the doses it may concern are refused
     (every dose when it names no one readable) until an operator resolves it."""
-    event_id: str | None = None
-    event_type: str | None = None
-    data: dict[str, object] = {}
-    try:
-        cloud = CloudEvent.from_bytes(unapplied.value or b"")
-        event_id, event_type, data = cloud.id, cloud.type, cloud.data
-    except ValueError:
-        pass  # unreadable: it concerns everyone
-    scope, target = holding.concerned(data)
     s = Session(tx)
     holds = await s.load(holding.HOLDS, holding.HOLDS_STREAM)
     if unapplied.record_id in holds.unapplied:
         return
     await s.append(holding.HOLDS_STREAM, [SafetyRecordUnapplied.model_validate({
-        "record_id": unapplied.record_id, "event_id": event_id, "type": event_type,
-        "scope": scope, "target": target, "error": unapplied.error[:2000],
+        "record_id": unapplied.record_id, **unapplied.names(), "error": unapplied.error[:2000],
         "detected_at": utcnow()})], CONSUMER_ACTOR)
 
 

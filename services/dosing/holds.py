@@ -102,18 +102,6 @@ def unapplied_over(state: Holds, patient_id: str, arm: str) -> SafetyRecordUnapp
                  or (u.scope == "patient" and u.target == patient_id)), None)
 
 
-def concerned(data: dict[str, object]) -> tuple[str, str]:
-    """Whom a safety record's data names (scope, target), as far as it can be read; a record
-    that names no one readable concerns the whole trial ("*")."""
-    scope, target = data.get("scope"), data.get("target")
-    if scope in ("patient", "arm", "trial") and isinstance(target, str):
-        return str(scope), target
-    for key, named in (("patient_id", "patient"), ("arm", "arm"), ("trial_id", "trial")):
-        if isinstance(data.get(key), str):
-            return named, str(data[key])
-    return "trial", "*"
-
-
 def covering(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> list[DosingHeld]:
     """The holds in force over this patient that cover this product."""
     return [h for h in applying_to(state, patient_id, arm) if h.product in ("any", kind)]

@@ -9,9 +9,16 @@ from dataclasses import dataclass
 from services.randomization import domain
 from shared.auth import Principal
 from shared.commands import Session, session
-from shared.consumer import Delivery
+from shared.consumer import Delivery, Unapplied
 from shared.errors import Refused
-from shared.events import AllocationSlotUsed, Arm, ArmAssigned, PatientScreened
+from shared.events import (
+    AllocationSlotUsed,
+    Arm,
+    ArmAssigned,
+    PatientScreened,
+    RandomizationRecordResolved,
+    RandomizationRecordUnapplied,
+)
 from shared.permissions import Action, authorize_patient, authorize_site
 from shared.protocol import ProtocolConfig
 from shared.store import EventStore, Metadata, StreamReader, Transaction, utcnow
@@ -149,3 +156,40 @@ async def take_safety_event(tx: Transaction, delivery: Delivery) -> None:
     s = Session(tx)
     holds = await _holds(s)
     await s.append(HOLDS_STREAM, domain.HOLDS.decide(holds, delivery.data), delivery.caused_by())
+
+
+# --- failing closed on trial.safety (D32) ----------------------------------------------------
+
+CONSUMER_ACTOR = Metadata(actor="randomization-consumer",
+                          reason="a trial.safety record could not be applied")
+
+
+async def fail_closed_on_safety_record(tx: Transaction, unapplied: Unapplied) -> None:
+    """A trial.safety record randomization could not apply: an arm it names counts as
+    suspended, anything else stops randomization until an operator resolves it."""
+    s = Session(tx)
+    holds = await _holds(s)
+    if unapplied.record_id in holds.unapplied:
+        return
+    await s.append(HOLDS_STREAM, [RandomizationRecordUnapplied.model_validate({
+        "record_id": unapplied.record_id, **unapplied.names(), "error": unapplied.error[:2000],
+        "detected_at": utcnow()})], CONSUMER_ACTOR)
+
+
+async def unapplied_safety_records(store: EventStore) -> list[RandomizationRecordUnapplied]:
+    holds = domain.fold_holds([e.payload() for e in await store.read_stream(HOLDS_STREAM)])
+    return sorted(holds.unapplied.values(), key=lambda u: u.record_id)
+
+
+async def resolve_safety_record(store: EventStore, record_id: str, by: str,
+                                reason: str) -> RandomizationRecordResolved:
+    """An operator's resolution (`trial resolve-safety-record --service randomization`)."""
+    async with session(store) as s:
+        unapplied = (await _holds(s)).unapplied.get(record_id)
+        if unapplied is None:
+            raise Refused("no_such_unapplied_record", f"No unresolved safety record {record_id}")
+        resolved = RandomizationRecordResolved(
+            record_id=record_id, scope=unapplied.scope, target=unapplied.target, resolved_by=by,
+            reason=reason, resolved_at=utcnow())
+        await s.append(HOLDS_STREAM, [resolved], Metadata(actor=by, reason=reason))
+    return resolved

@@ -35,6 +35,8 @@ from shared.events import (
     PatientWithdrawn,
     RandomizationHoldApplied,
     RandomizationHoldLifted,
+    RandomizationRecordResolved,
+    RandomizationRecordUnapplied,
     SafetyHoldLifted,
     TrialHalted,
 )
@@ -206,8 +208,12 @@ ALLOCATION: Decider[Allocation, object, EventData] = Decider(
 
 @dataclass(frozen=True)
 class Holds:
+    """Holds from trial.safety, and the records of it randomization could not apply (D32)."""
+
     applied: tuple[RandomizationHoldApplied, ...] = ()
     lifted: frozenset[str] = frozenset()
+    unapplied: MappingProxyType[str, RandomizationRecordUnapplied] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     def in_force(self, kind: str, target: str | None = None) -> RandomizationHoldApplied | None:
         for hold in self.applied:
@@ -224,6 +230,12 @@ def evolve_holds(state: Holds, event: EventData) -> Holds:
         case RandomizationHoldLifted():
             # A lift names exactly one hold; it may even arrive first, and still counts.
             return replace(state, lifted=state.lifted | {event.hold_id})
+        case RandomizationRecordUnapplied():
+            return replace(state, unapplied=MappingProxyType(
+                {**state.unapplied, event.record_id: event}))
+        case RandomizationRecordResolved():
+            return replace(state, unapplied=MappingProxyType(
+                {k: v for k, v in state.unapplied.items() if k != event.record_id}))
     return state
 
 
@@ -262,11 +274,22 @@ def refuse_if_held(holds: Holds, arm: Arm | None = None) -> None:
         raise Refused("enrollment_paused", "Enrolment is paused", rule_id=hold.rule_id)
     if arm is not None and (hold := holds.in_force("arm_suspended", arm)):
         raise Refused("arm_suspended", "The arm is suspended", rule_id=hold.rule_id)
+    # A safety record it could not apply may be a halt or a pause: it cannot tell, so it
+    # refuses (fails closed) until an operator resolves it; one naming an arm only closes that
+    # arm (`open_arms`).
+    for unapplied in holds.unapplied.values():
+        if unapplied.scope != "arm" or unapplied.target == arm:
+            raise Refused("safety_record_unapplied", "A safety record that may concern this "
+                          "randomization could not be applied; it waits for an operator",
+                          record_id=unapplied.record_id, scope=unapplied.scope,
+                          target=unapplied.target)
 
 
 def open_arms(holds: Holds) -> tuple[Arm, ...]:
-    """The arms no safety hold suspends, in the trial's order."""
-    return tuple(a for a in ARMS if holds.in_force("arm_suspended", a) is None)
+    """The arms no safety hold suspends (nor an unapplied record names), in the trial's order."""
+    unsure = {u.target for u in holds.unapplied.values() if u.scope == "arm"}
+    return tuple(a for a in ARMS if holds.in_force("arm_suspended", a) is None
+                 and a not in unsure)
 
 
 # --- randomization ----------------------------------------------------------------------------

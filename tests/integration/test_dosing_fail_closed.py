@@ -5,21 +5,18 @@ it; readiness and the record say so."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 from typer.testing import CliRunner, Result
 
 from services.dosing import commands
-from services.dosing.app import safety_records_applied, spec
+from services.dosing.app import spec
 from shared.app import Runtime
-from shared.consumer import ConsumerRunner, Delivery
 from shared.errors import Refused
-from shared.events import PatientDosingHeld, dlq_topic
-from shared.kafka import ensure_topics
+from shared.events import PatientDosingHeld
 from shared.settings import Settings
-from shared.store import EventStore, Transaction
-from tests.integration.test_consumer import produce
+from shared.store import EventStore
+from tests.integration.conftest import broken, dead_letter_through
 from tests.integration.test_dosing_store import (
     HANDLERS,
     NURSE,
@@ -29,38 +26,20 @@ from tests.integration.test_dosing_store import (
     record_dose,
 )
 from tests.integration.test_randomization_store import cloud
-from tests.support import eventually
 from tooling.cli import app
 
 
-async def broken_hold_handler(tx: Transaction, delivery: Delivery) -> None:
-    raise RuntimeError("a bug in applying the hold")
-
-
-async def consume(store: EventStore, settings: Settings, topic: str, records: int) -> None:
-    handlers = {**HANDLERS, "PatientDosingHeld": broken_hold_handler}
-    runner = ConsumerRunner(store, settings, [topic], handlers,
-                            group_id=f"g-{uuid.uuid4().hex[:8]}",
-                            fail_closed={topic: commands.fail_closed_on_safety_record})
-    stop = asyncio.Event()
-    task = asyncio.create_task(runner.run(stop))
-    try:
-        await eventually(lambda: runner.dead_lettered >= records, timeout=120,
-                         what=f"{records} records dead-lettered")
-    finally:
-        stop.set()
-        await task
+async def consume(store: EventStore, settings: Settings, *records: bytes) -> None:
+    await dead_letter_through(store, settings, {**HANDLERS, "PatientDosingHeld": broken},
+                              commands.fail_closed_on_safety_record, *records)
 
 
 async def test_a_safety_record_dosing_cannot_apply_refuses_the_doses_it_concerns(
         settings: Settings, store: EventStore) -> None:
     """Defect 17: a valid hold that hit a handler error went to the DLQ and dosing went on."""
     held, other = await assign(store, "msc_low"), await assign(store, "msc_low")
-    topic = f"test.safety.{uuid.uuid4().hex[:8]}"  # the session broker's trial.safety is shared
-    await ensure_topics(settings, [topic, dlq_topic(topic)])
     hold = cloud(PatientDosingHeld(hold_id="H-17", patient_id=held, rule_id="R4"))
-    await produce(settings, topic, hold.to_bytes())
-    await consume(store, settings, topic, 1)
+    await consume(store, settings, hold.to_bytes())
 
     with pytest.raises(Refused) as refused:
         await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
@@ -73,10 +52,10 @@ async def test_a_safety_record_dosing_cannot_apply_refuses_the_doses_it_concerns
 
     runtime = Runtime(spec, settings.model_copy(update={"database_url": store.url}))
     try:
-        assert await safety_records_applied(runtime) == {"safety_records_applied": False}
+        assert (await runtime.ready())["safety_records_applied"] is False  # /readyz: 503
         await commands.resolve_safety_record(store, unapplied.record_id, "ops-on-call",
                                              "applied the hold by hand after the fix")
-        assert await safety_records_applied(runtime) == {"safety_records_applied": True}
+        assert (await runtime.ready())["safety_records_applied"] is True
     finally:
         await runtime.store.close()
     assert await record_dose(store, held, NURSE, infusion(0, RANDOMIZED))
@@ -85,10 +64,7 @@ async def test_a_safety_record_dosing_cannot_apply_refuses_the_doses_it_concerns
 async def test_an_unreadable_safety_record_refuses_every_dose(
         settings: Settings, store: EventStore) -> None:
     patient = await assign(store, "msc_high")
-    topic = f"test.safety.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [topic, dlq_topic(topic)])
-    await produce(settings, topic, b"\x00not a cloudevent")
-    await consume(store, settings, topic, 1)
+    await consume(store, settings, b"\x00not a cloudevent")
     [unapplied] = await commands.unapplied_safety_records(store)
     assert (unapplied.scope, unapplied.target) == ("trial", "*")
     with pytest.raises(Refused) as refused:
@@ -100,10 +76,7 @@ async def test_an_unreadable_safety_record_refuses_every_dose(
 
 async def test_operators_list_and_resolve_unapplied_records_from_the_command_line(
         settings: Settings, store: EventStore) -> None:
-    topic = f"test.safety.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [topic, dlq_topic(topic)])
-    await produce(settings, topic, b"\x00unreadable")
-    await consume(store, settings, topic, 1)
+    await consume(store, settings, b"\x00unreadable")
     [unapplied] = await commands.unapplied_safety_records(store)
 
     def trial(*args: str) -> Result:

@@ -153,6 +153,14 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
         "record_id": "trial.safety:1:42", "scope": "patient", "target": "p-1",
         "resolved_by": "ops-1", "reason": "applied by hand", "resolved_at": AT.isoformat()}),
         "p-1"),
+    "RandomizationRecordUnapplied": (parse_data("RandomizationRecordUnapplied", {
+        "record_id": "trial.safety:0:7", "event_id": "e-2", "type": "EnrollmentPaused",
+        "scope": "trial", "target": "NCT03424629", "error": "RuntimeError: a bug",
+        "detected_at": AT.isoformat()}), "NCT03424629"),
+    "RandomizationRecordResolved": (parse_data("RandomizationRecordResolved", {
+        "record_id": "trial.safety:0:7", "scope": "trial", "target": "NCT03424629",
+        "resolved_by": "ops-1", "reason": "applied by hand", "resolved_at": AT.isoformat()}),
+        "NCT03424629"),
     "ProtocolVersionActivated": (parse_data("ProtocolVersionActivated", {
         "service": "dosing", "trial_id": "NCT03424629", "version": "1.1.0",
         "content_hash": "0" * 64, "activated_by": "service:dosing",
