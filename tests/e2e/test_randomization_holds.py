@@ -7,7 +7,10 @@ acknowledge each hold on trial.enrollment before it tries to randomize.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -34,6 +37,8 @@ from tests.e2e.test_randomization_api import (  # noqa: F401 (a fixture)
     regenerate,
 )
 from tests.support import read_topic
+
+REPO = Path(__file__).resolve().parents[2]
 
 TRIAL_ID = "NCT03424629"
 
@@ -68,6 +73,23 @@ def lift(hold_id: str, scope: str, target: str) -> SafetyHoldLifted:
     return SafetyHoldLifted.model_validate({"hold_id": hold_id, "scope": scope, "target": target,
                                             "rationale": "DSMB reviewed the cases",
                                             "decided_by": "dsmb-1"})
+
+
+def resolve_unapplied(trial: Trial) -> list[str]:
+    """The operator's `trial resolve-safety-record`: list what randomization could not apply,
+    and resolve each (here: records with no hold in them)."""
+    url = trial.system.database_urls["randomization"]
+
+    def trial_cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "tooling.cli", "resolve-safety-record", url, *args,
+             "--service", "randomization"], cwd=REPO, capture_output=True, text=True, check=True,
+            timeout=120).stdout
+
+    record_ids = [line.split("\t")[0] for line in trial_cli().splitlines() if line]
+    for record_id in record_ids:
+        trial_cli(record_id, "--by", "ops-1", "--reason", "unreadable test records, no hold")
+    return record_ids
 
 
 def problem(r: Any) -> tuple[int, str]:
@@ -111,6 +133,11 @@ async def test_holds_from_trial_safety_are_enforced_and_the_cap_closes_enrolment
             409, "enrollment_paused")
         await publish(trial, lift(h["p2"], "trial", TRIAL_ID))
         await acknowledged(trial, "RandomizationHoldLifted", h["p2"])
+        # The two records it could not apply might have been a halt: it still refuses (it fails
+        # closed, D32) until an operator, having read them in the DLQ, resolves them.
+        r = await site.post(f"/v1/patients/{p1}/randomization")
+        assert problem(r) == (409, "safety_record_unapplied")
+        assert len(resolve_unapplied(trial)) == 2
         r = await site.post(f"/v1/patients/{p1}/randomization")
         assert r.status_code == 201 and r.json()["arm"] == slots[0].arm
 
