@@ -3,6 +3,8 @@ briefly, until it has read what was published about one before it says it does n
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -13,24 +15,36 @@ from shared.web import Problem
 T = TypeVar("T")
 # How long a request may wait for the consumer; the answer after it is 503, never 404.
 CATCH_UP_S = 2.0
+# How long a patient may stay unknown after the consumer has caught up before "unknown" is the
+# answer: the service that created the patient publishes a moment after its answer (its relay
+# runs after the commit), so what the broker holds at the first look can lack it.
+PUBLISH_GRACE_S = 0.3
 UNKNOWN = frozenset({"patient_not_found"})
 
 
 async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
                          command: Callable[[], Awaitable[T]]) -> T:
-    """Run `command`; if it finds no such patient, wait until this service's consumer has read
-    the patient's partition of `topic` to the end it had now, and run it again. If the consumer
-    cannot get there in `CATCH_UP_S`, the answer is 503 `not_caught_up` with Retry-After: the
-    patient may well exist (D33)."""
-    try:
-        return await command()
-    except Refused as refused:
-        if (refused.code not in UNKNOWN or rt.consumer is None
-                or not rt.settings.consumers_enabled):  # nothing consumed, nothing to wait for
-            raise
-        if not await rt.consumer.caught_up(topic, patient_id, CATCH_UP_S):
-            problem = Problem(503, "not_caught_up", "This service has not yet read every event "
-                              "about this patient; retry shortly", retry_after_s=1)
-            problem.headers = {"Retry-After": "1"}
-            raise problem from refused
-    return await command()  # caught up: now it knows, or the patient truly is unknown here
+    """Run `command`; while it finds no such patient, wait until this service's consumer has
+    read the patient's partition of `topic` to its end as of now, and run it again. Once caught
+    up and past `PUBLISH_GRACE_S`, the patient is unknown (404). If the consumer cannot catch up
+    within `CATCH_UP_S`, the answer is 503 `not_caught_up` with Retry-After: the patient may well
+    exist (D33)."""
+    started = time.monotonic()
+    while True:
+        try:
+            return await command()
+        except Refused as refused:
+            consumer = rt.consumer
+            if (refused.code not in UNKNOWN or consumer is None
+                    or not rt.settings.consumers_enabled):  # nothing consumed: nothing to wait for
+                raise
+            waited = time.monotonic() - started
+            if waited >= PUBLISH_GRACE_S:
+                raise  # caught up, and nothing about the patient arrived since: unknown
+            if not await consumer.caught_up(topic, patient_id, max(CATCH_UP_S - waited, 0.0)):
+                problem = Problem(503, "not_caught_up", "This service has not yet read every "
+                                  "event about this patient; retry shortly", retry_after_s=1)
+                problem.headers = {"Retry-After": "1"}
+                raise problem from refused
+            if time.monotonic() - started < PUBLISH_GRACE_S:
+                await asyncio.sleep(0.05)  # a publish may still be on its way: look again
