@@ -62,6 +62,7 @@ SERVICE_DATABASES: dict[str, str] = {
     "randomization": "trial_randomization",
     "dosing": "trial_dosing",
     "safety": "trial_safety",
+    "efficacy": "trial_efficacy",
     "audit": "trial_audit",
 }
 

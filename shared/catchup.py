@@ -23,19 +23,20 @@ UNKNOWN = frozenset({"patient_not_found"})
 
 
 async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
-                         command: Callable[[], Awaitable[T]]) -> T:
+                         command: Callable[[], Awaitable[T]],
+                         unknown: frozenset[str] = UNKNOWN) -> T:
     """Run `command`; while it finds no such patient, wait until this service's consumer has
     read the patient's partition of `topic` to its end as of now, and run it again. Once caught
     up and past `PUBLISH_GRACE_S`, the patient is unknown (404). If the consumer cannot catch up
     within `CATCH_UP_S`, the answer is 503 `not_caught_up` with Retry-After: the patient may well
-    exist (D33)."""
+    exist (D33). `unknown` names the refusals that mean "not heard of yet"."""
     started = time.monotonic()
     while True:
         try:
             return await command()
         except Refused as refused:
             consumer = rt.consumer
-            if (refused.code not in UNKNOWN or consumer is None
+            if (refused.code not in unknown or consumer is None
                     or not rt.settings.consumers_enabled):  # nothing consumed: nothing to wait for
                 raise
             waited = time.monotonic() - started

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from shared.auth import Principal
+from shared.clock import Clock, SystemClock
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
 from shared.store import Metadata
@@ -33,7 +34,14 @@ def principal(request: Request) -> Principal:
     return who
 
 
+def clock(request: Request) -> Clock:
+    """The app's clock: the wall clock, unless the app was given another (`app.state.clock`)."""
+    found: Clock = getattr(request.app.state, "clock", None) or SystemClock()
+    return found
+
+
 CurrentPrincipal = Annotated[Principal, Depends(principal)]
+CurrentClock = Annotated[Clock, Depends(clock)]
 CurrentRuntime = Annotated[Runtime, Depends(runtime)]
 CurrentProtocol = Annotated[ProtocolConfig, Depends(protocol)]
 

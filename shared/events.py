@@ -15,9 +15,10 @@ ACCESS = "trial.access"  # refused write attempts, so monitors see probing (issu
 # The audit ledger's chain heads, published outside its database as witnesses (D27).
 AUDIT_ANCHORS = "trial.audit.anchors"
 PROTOCOL = "trial.protocol"  # which protocol version each service runs, from when (issue 10)
-TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, PROTOCOL, AUDIT_ANCHORS)
+EFFICACY = "trial.efficacy"  # assessments, assessment visits missed, dispositions (issue 11)
+TOPICS = (ENROLLMENT, DOSING, SAFETY, EFFICACY, ACCESS, PROTOCOL, AUDIT_ANCHORS)
 # What the audit ledger records: everything but its own anchors (which witness the ledger itself).
-LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, ACCESS, PROTOCOL)
+LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, EFFICACY, ACCESS, PROTOCOL)
 
 Arm = Literal["msc_low", "msc_high", "mtx"]
 ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")
@@ -43,6 +44,15 @@ class EventData(BaseModel):
 
     def subject(self) -> str:
         return str(getattr(self, self.subject_field))
+
+    @classmethod
+    def topics(cls) -> tuple[str, ...]:
+        """Every topic an event of this type may go to (one, but for VisitMissed)."""
+        return (cls.topic,)
+
+    def topic_of(self) -> str:
+        """The topic this event goes to."""
+        return self.topic
 
 
 # --- records a service could not apply (D32): the same shape on each service's own topic ---
@@ -73,6 +83,22 @@ class _ResolvedRecord(EventData):
     resolved_by: str
     reason: str
     resolved_at: datetime
+
+
+Disposition = Literal["treatment_discontinued", "withdrawn", "lost_to_follow_up", "died",
+                      "completed"]
+
+
+class _DispositionNoted(EventData):
+    """A service learnt of a patient's disposition (from trial.efficacy, or a withdrawal): the
+    same fact in its own store, so what it shows and refuses follows it (D37)."""
+
+    patient_id: str
+    site_id: str
+    disposition: Disposition
+    at: datetime
+    reason: str | None = None
+    source_event_id: str
 
 
 # --- trial.enrollment -------------------------------------------------------------------------
@@ -197,6 +223,12 @@ class RandomizationRecordUnapplied(_UnappliedRecord):
 
 class RandomizationRecordResolved(_ResolvedRecord):
     """An operator resolved a record randomization could not apply."""
+
+    topic = ENROLLMENT
+
+
+class PatientDispositionNoted(_DispositionNoted):
+    """Randomization learnt of a disposition from trial.efficacy (GET /v1/patients/{id})."""
 
     topic = ENROLLMENT
 
@@ -340,7 +372,17 @@ class _ClosedVisit(EventData):
 
 
 class VisitMissed(_ClosedVisit):
-    """A dosing visit whose window closed without a dose."""
+    """A visit whose window closed without it being done: a dose (on trial.dosing, from dosing)
+    or an assessment (kind "assessment", on trial.efficacy, from efficacy)."""
+
+    kind: Literal["infusion", "methotrexate", "assessment"]  # type: ignore[assignment]
+
+    @classmethod
+    def topics(cls) -> tuple[str, ...]:
+        return (DOSING, EFFICACY)
+
+    def topic_of(self) -> str:
+        return EFFICACY if self.kind == "assessment" else DOSING
 
 
 class VisitHeld(_ClosedVisit):
@@ -365,9 +407,32 @@ class VisitsCancelled(EventData):
     patient_id: str
     site_id: str
     arm: Arm
-    cause: Literal["withdrawn", "crossover"]
+    # Added: a treatment discontinuation ends the doses; the end of the study (lost to
+    # follow-up, death, completion) ends every visit.
+    cause: Literal["withdrawn", "crossover", "treatment_discontinued", "lost_to_follow_up",
+                   "died", "completed"]
     visits: tuple[VisitRef, ...]
     cancelled_at: datetime
+
+
+class AssessmentVisitNoted(EventData):
+    """Dosing learnt from trial.efficacy that an assessment visit was done or missed: the
+    schedule shows it."""
+
+    topic = DOSING
+    patient_id: str
+    site_id: str
+    week: int
+    status: Literal["done", "missed"]
+    at: datetime
+    source_event_id: str
+
+
+class DosingDispositionNoted(_DispositionNoted):
+    """Dosing learnt of a disposition from trial.efficacy: after a treatment discontinuation no
+    dose is given (409 treatment_discontinued); after the study ends no visit is due."""
+
+    topic = DOSING
 
 
 # --- trial.safety -----------------------------------------------------------------------------
@@ -557,6 +622,132 @@ class PatientSafetyFactRecorded(EventData):
     source_event_id: str
 
 
+# --- trial.efficacy ---------------------------------------------------------------------------
+
+
+class PasiRegionScores(BaseModel):
+    """One region's signs (erythema, induration, desquamation: 0-4) and area score (0-6)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    erythema: int = Field(ge=0, le=4)
+    induration: int = Field(ge=0, le=4)
+    desquamation: int = Field(ge=0, le=4)
+    area: int = Field(ge=0, le=6)
+
+
+PasiRegionName = Literal["head", "upper_limbs", "trunk", "lower_limbs"]
+
+
+class _Measurements(EventData):
+    """What an assessment measured, every component kept: the PASI from its four regions (or
+    only its total, when a site's system sends only that), BSA, DLQI and sPGA."""
+
+    topic = EFFICACY
+    pasi_regions: dict[PasiRegionName, PasiRegionScores] | None = None
+    pasi_total: float = Field(ge=0, le=72)  # exact to 0.1 when from regions; as sent otherwise
+    bsa_percent: float | None = Field(None, ge=0, le=100)
+    # The ten answers as recorded (a score 0-3, an answer's name, question 7's two parts, or
+    # null when unanswered), or None when only the total was sent.
+    dlqi_items: tuple[Any, ...] | None = None
+    dlqi_total: int | None = Field(None, ge=0, le=30)  # None: not scored (2+ unanswered)
+    spga: int | None = Field(None, ge=0, le=5)
+
+
+class AssessmentRecorded(_Measurements):
+    """A site assessed a patient: at a scheduled assessment week, or unscheduled (week None)."""
+
+    assessment_id: str
+    patient_id: str
+    site_id: str
+    arm: Arm  # the randomized arm (the analysis is by intention to treat)
+    week: int | None
+    unscheduled: bool
+    assessed_at: datetime  # UTC
+    assessed_on: date  # the site's own date
+    # Assessed after the patient's treatment was discontinued: counted, and a non-response
+    # under non-responder imputation.
+    after_treatment_discontinued: bool = False
+    late_entry: bool = False  # recorded after its window closed and the visit was marked missed
+
+
+class AssessmentCorrected(_Measurements):
+    """A correction of an assessment, with its reason: the measurements as they now stand (the
+    recorded ones are never changed) and which of them changed."""
+
+    correction_id: str
+    assessment_id: str
+    patient_id: str
+    site_id: str
+    week: int | None
+    changed: tuple[str, ...]
+    reason: str
+    corrected_at: datetime
+
+
+class FollowUpFactRecorded(EventData):
+    """What efficacy learnt from trial.enrollment and trial.dosing about a patient's follow-up:
+    its own evidence trail (screening baseline, arm, withdrawal, assessment visits and dates)."""
+
+    topic = EFFICACY
+    patient_id: str
+    site_id: str
+    fact: Literal["enrolled", "randomized", "crossed_over", "withdrawn", "assessment_visits"]
+    at: datetime
+    source_event_id: str
+    arm: Arm | None = None
+    screening_pasi: float | None = None
+    screening_bsa_percent: float | None = None
+    screening_dlqi: int | None = None
+    visits: tuple[PlannedVisit, ...] = ()  # the assessment visits, dated (assessment_visits)
+    reason: str | None = None
+
+
+class TreatmentDiscontinued(EventData):
+    """The investigator stopped the patient's treatment: no more doses; the assessments go on to
+    week 52 (stopping treatment is not leaving the study)."""
+
+    topic = EFFICACY
+    patient_id: str
+    site_id: str
+    reason: str
+    discontinued_at: datetime
+    decided_by: str
+
+
+class LostToFollowUp(EventData):
+    """The patient left the study without a word: `missed_in_a_row` assessments in a row were
+    missed (by the sweep), or the investigator declared it."""
+
+    topic = EFFICACY
+    patient_id: str
+    site_id: str
+    declared_by: str  # the investigator's subject, or "efficacy-sweep"
+    reason: str
+    missed_weeks: tuple[int, ...] = ()
+    at: datetime
+
+
+class DeathRecorded(EventData):
+    """Safety reported a fatal adverse event: the patient's study ends."""
+
+    topic = EFFICACY
+    patient_id: str
+    site_id: str
+    adverse_event_id: str
+    reported_at: datetime
+    source_event_id: str
+
+
+class StudyCompleted(EventData):
+    """The patient's week-52 assessment was done: the study is complete for them."""
+
+    topic = EFFICACY
+    patient_id: str
+    site_id: str
+    assessment_id: str
+    completed_at: datetime
+
+
 # --- trial.access -----------------------------------------------------------------------------
 
 
@@ -689,7 +880,8 @@ def catalogue_document() -> dict[str, Any]:
         "$comment": "Generated by `trial schemas`; do not edit by hand.",
         "envelope": CloudEvent.model_json_schema(),
         "events": {
-            name: {"topic": cls.topic, "schemaversion": cls.schema_version,
+            name: {"topic": cls.topic, "topics": list(cls.topics()),
+                   "schemaversion": cls.schema_version,
                    "subject": cls.subject_field, "data": cls.model_json_schema()}
             for name, cls in sorted(CATALOGUE.items())
         },

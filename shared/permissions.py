@@ -20,6 +20,11 @@ class Action(StrEnum):
     READ_INTERIM_DATA = "read_interim_data"    # per-arm counts, posteriors, the rules' evidence
     DSMB_DECISION = "dsmb_decision"
     AUDIT = "audit"                      # audit events, verify, export
+    RECORD_ASSESSMENT = "record_assessment"    # assessments and their corrections
+    DISCONTINUE_TREATMENT = "discontinue_treatment"  # and declaring a patient lost
+    READ_PATIENT_EFFICACY = "read_patient_efficacy"  # one patient's efficacy trajectory
+    READ_EFFICACY_SUMMARY = "read_efficacy_summary"  # per-arm response rates, sustainability
+    READ_WORKLIST = "read_worklist"      # a site's patients and visits due
 
 
 ALL_ROLES = frozenset({*SITE_ROLES, "monitor", "dsmb", "admin"})
@@ -38,6 +43,15 @@ MATRIX: dict[Action, frozenset[str]] = {
     Action.READ_INTERIM_DATA: frozenset({"dsmb", "admin"}),
     Action.DSMB_DECISION: frozenset({"dsmb"}),
     Action.AUDIT: frozenset({"monitor", "dsmb", "admin"}),
+    Action.RECORD_ASSESSMENT: frozenset({"site_coordinator", "investigator"}),
+    Action.DISCONTINUE_TREATMENT: frozenset({"investigator"}),
+    # The contract's "own site": the site's clinical staff (pharmacists prepare doses; they
+    # have no need of efficacy data).
+    Action.READ_PATIENT_EFFICACY: frozenset({"site_coordinator", "investigator", "monitor",
+                                             "dsmb", "admin"}),
+    Action.READ_EFFICACY_SUMMARY: frozenset({"investigator", "monitor", "dsmb", "admin"}),
+    Action.READ_WORKLIST: frozenset({"site_coordinator", "investigator", "pharmacist",
+                                     "monitor", "admin"}),
 }
 
 

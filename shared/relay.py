@@ -6,7 +6,6 @@ import asyncio
 import logging
 from typing import Any
 
-from shared.events import model_for
 from shared.kafka import LazyProducer, ensure_topics
 from shared.retry import Stopped, retry
 from shared.settings import Settings
@@ -94,7 +93,7 @@ class Relay:
     def _record(self, event: RecordedEvent) -> dict[str, Any]:
         cloud = event.to_cloudevent(self.source)
         return {
-            "topic": model_for(event.type).topic,
+            "topic": event.payload().topic_of(),
             "value": cloud.to_bytes(),
             "key": cloud.subject.encode(),
             "headers": [("content-type", b"application/cloudevents+json"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SERVICES = ("randomization", "dosing", "safety", "audit")
+SERVICES = ("randomization", "dosing", "safety", "efficacy", "audit")
 DEV_JWT_SECRET = "dev-only-secret-change-me-in-production"
 DEV_RANDOMIZATION_SECRET = "dev-only-randomization-secret-change-me"
 
@@ -54,10 +54,12 @@ class Settings(BaseSettings):
     dosing_port: int = 8002
     safety_port: int = 8003
     audit_port: int = 8004
+    efficacy_port: int = 8005
     randomization_url: str = "http://127.0.0.1:8001"
     dosing_url: str = "http://127.0.0.1:8002"
     safety_url: str = "http://127.0.0.1:8003"
     audit_url: str = "http://127.0.0.1:8004"
+    efficacy_url: str = "http://127.0.0.1:8005"
     upstream_timeout_s: float = Field(10.0, gt=0)
     # The gateway's token bucket per principal: generous, so bursts of real work never trip it.
     rate_limit_per_s: float = Field(50.0, gt=0)
@@ -72,6 +74,11 @@ class Settings(BaseSettings):
     audit_anchor_interval_s: float = Field(60.0, gt=0)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).
     dosing_sweep_interval_s: float = Field(300.0, gt=0)
+    # How often efficacy looks for assessment visits whose window closed (VisitMissed).
+    efficacy_sweep_interval_s: float = Field(300.0, gt=0)
+    # Tests and demonstrations only: dosing and efficacy read "now" from this file (an RFC 3339
+    # instant) instead of the wall clock, so a test can move time for running processes.
+    clock_file: Path | None = None
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -81,7 +88,7 @@ class Settings(BaseSettings):
     def service_ports(self) -> dict[str, int]:
         return {"gateway": self.gateway_port, "randomization": self.randomization_port,
                 "dosing": self.dosing_port, "safety": self.safety_port,
-                "audit": self.audit_port}
+                "audit": self.audit_port, "efficacy": self.efficacy_port}
 
     def service_urls(self) -> dict[str, str]:
         return {
@@ -89,6 +96,7 @@ class Settings(BaseSettings):
             "dosing": self.dosing_url,
             "safety": self.safety_url,
             "audit": self.audit_url,
+            "efficacy": self.efficacy_url,
         }
 
 

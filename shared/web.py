@@ -87,6 +87,12 @@ REFUSAL_STATUS: dict[str, int] = {
     "resolved_before_onset": 422, "validation_error": 422, "collected_in_future": 422,
     "hold_not_found": 404, "no_active_hold": 409, "inconsistent_adverse_event": 422,
     "hold_target_not_found": 404,
+    # efficacy
+    "assessed_in_future": 422, "not_an_assessment_week": 422, "already_assessed": 409,
+    "assessment_visits_unknown": 409, "study_ended": 409, "assessment_not_found": 404,
+    "nothing_to_correct": 422, "already_discontinued": 409,
+    # dosing, after a disposition; worklists
+    "treatment_discontinued": 409, "bad_cursor": 422,
 }
 
 
@@ -243,8 +249,11 @@ async def reject_unknown_query(request: Request) -> None:
         raise Problem(422, "validation_error", "Request is not valid", errors=errors[:20])
 
 
-def health_router(ready: Callable[[Request], Awaitable[dict[str, bool]]]) -> APIRouter:
-    """`/healthz` (the process answers) and `/readyz` (every dependency `ready` checks is up)."""
+def health_router(ready: Callable[[Request], Awaitable[dict[str, bool]]],
+                  report: Callable[[Request], Awaitable[dict[str, Any]]] | None = None
+                  ) -> APIRouter:
+    """`/healthz` (the process answers) and `/readyz` (every dependency `ready` checks is up;
+    `report` adds what else the answer shows, without deciding it)."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
@@ -254,9 +263,10 @@ def health_router(ready: Callable[[Request], Awaitable[dict[str, bool]]]) -> API
     @router.get("/readyz")
     async def readyz(request: Request) -> dict[str, object]:
         checks = await ready(request)
+        extra = await report(request) if report is not None else {}
         if not all(checks.values()):
-            raise Problem(503, "not_ready", "Not ready", checks=checks)
-        return {"status": "ready", "checks": checks}
+            raise Problem(503, "not_ready", "Not ready", checks=checks, **extra)
+        return {"status": "ready", "checks": checks, **extra}
 
     return router
 

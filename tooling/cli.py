@@ -51,7 +51,7 @@ def token(role: str = typer.Option(..., help="site_coordinator, investigator, ph
 @app.command()
 def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
                                      help="port of the embedded broker")) -> None:
-    """Start the embedded broker and all five services; stop them on Ctrl-C."""
+    """Start the embedded broker, the gateway and every service; stop them on Ctrl-C."""
     from deploy import infra
     from tooling.launcher import System
 
@@ -69,6 +69,8 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
     try:
         system.wait_ready()
         typer.echo(f"Gateway:          {system.url()}  (docs: {system.url()}/docs)")
+        for service in SERVICES:  # each one answered its /readyz (database and broker)
+            typer.echo(f"  {service + ':':<16}{system.url(service)}  ready")
         typer.echo(f"Kafka bootstrap:  {bootstrap}")
         typer.echo(f"Logs:             {system.log_dir}/   Ctrl-C stops everything.")
         # sigwait needs the signals blocked, or Python's own SIGINT handler (and SIGTERM's

@@ -1,4 +1,4 @@
-"""Starts the five services as uvicorn processes and waits until each is ready (make run, e2e)."""
+"""Starts the six services as uvicorn processes and waits until each is ready (make run, e2e)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import httpx
 from shared.settings import SERVICES
 
 DEFAULT_PORTS = {"gateway": 8000, "randomization": 8001, "dosing": 8002, "safety": 8003,
-                 "audit": 8004}
+                 "audit": 8004, "efficacy": 8005}
 
 
 @dataclass

@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.dosing import commands, domain
+from services.dosing import commands, domain, worklist
 from services.dosing import holds as holding
 from shared.auth import Principal
 from shared.catchup import unless_lagging
-from shared.clock import Clock, SystemClock
-from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
+from shared.deps import (
+    CurrentClock,
+    CurrentPrincipal,
+    CurrentProtocol,
+    CurrentRuntime,
+    metadata_for,
+)
+from shared.errors import Refused
 from shared.events import ENROLLMENT, EventData
+from shared.permissions import Action, authorize
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
-from shared.web import IsoAwareDateTime
+from shared.web import IsoAwareDateTime, IsoDate
 
 router = APIRouter(prefix="/v1", tags=["dosing"])
 Reason = Annotated[str, Field(min_length=3, max_length=2000)]
-
-
-def clock(request: Request) -> Clock:
-    """The app's clock: the wall clock, unless a test put another one in `app.state.clock`."""
-    found: Clock = getattr(request.app.state, "clock", None) or SystemClock()
-    return found
-
-
-CurrentClock = Annotated[Clock, Depends(clock)]
+PatientStatus = Literal["active", "treatment_discontinued", "withdrawn", "lost_to_follow_up",
+                        "died", "completed"]
 
 
 class InfusionRequest(BaseModel):
@@ -50,6 +50,56 @@ class MethotrexateDoseRequest(BaseModel):
     dose_mg: Annotated[float, Field(allow_inf_nan=False)]  # the range is a domain guard
     given_at: IsoAwareDateTime
     deviation_reason: Reason | None = None
+
+
+Limit = Annotated[int, Query(ge=1, le=500)]
+Cursor = Annotated[str | None, Query(max_length=500)]
+SiteId = Annotated[str | None, Query(max_length=40)]
+
+
+def _worklist_site(who: Principal, site: str | None, protocol: ProtocolConfig) -> str | None:
+    """Site roles see their own site only (named or not); monitors and admins any, or all."""
+    authorize(who, Action.READ_WORKLIST)
+    if who.is_site_role:
+        if site is not None and site != who.site:
+            raise Refused("forbidden", "Site roles see only their own site's worklists")
+        site = who.site
+    if site is not None and site not in protocol.sites:
+        raise Refused("unknown_site", f"Site {site} is not a site of this protocol version",
+                      site_id=site)
+    return site
+
+
+@router.get("/patients")
+async def patient_worklist(who: CurrentPrincipal, rt: CurrentRuntime, protocol: CurrentProtocol,
+                           now: CurrentClock, site: SiteId = None,
+                           status: Annotated[PatientStatus | None, Query()] = None,
+                           limit: Limit = 100, cursor: Cursor = None) -> dict[str, object]:
+    """A site's patients with their arm, status and next visit (the site's dates)."""
+    chosen = _worklist_site(who, site, protocol)
+    at = now.now()
+    found = worklist.patients(await commands.records_at(rt.store, chosen),
+                              lambda s: protocol.site_date(s, at), status, limit, cursor)
+    return {"items": found.items, "next_cursor": found.next_cursor}
+
+
+@router.get("/visits")
+async def visit_worklist(who: CurrentPrincipal, rt: CurrentRuntime, protocol: CurrentProtocol,
+                         now: CurrentClock, site: SiteId = None,
+                         start: Annotated[IsoDate | None, Query(alias="from")] = None,
+                         end: Annotated[IsoDate | None, Query(alias="to")] = None,
+                         status: Annotated[worklist.VisitFilter | None, Query()] = None,
+                         limit: Limit = 100, cursor: Cursor = None) -> dict[str, object]:
+    """Doses and assessments due, overdue or missed, by due date in [from, to] (the site's
+    dates); `overdue` takes in the missed ones too (D37)."""
+    chosen = _worklist_site(who, site, protocol)
+    if start is not None and end is not None and end < start:
+        raise Refused("validation_error", "`to` is before `from`", field="to")
+    at = now.now()
+    found = worklist.visits(await commands.records_at(rt.store, chosen),
+                            lambda s: protocol.site_date(s, at), start, end, status, limit,
+                            cursor)
+    return {"items": found.items, "next_cursor": found.next_cursor}
 
 
 @router.get("/patients/{patient_id}/schedule")

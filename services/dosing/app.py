@@ -5,16 +5,20 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.dosing.api import router
-from services.dosing.commands import fail_closed_on_safety_record, unapplied_safety_records
+from services.dosing.commands import (
+    fail_closed_on_safety_record,
+    sweep_missed_visits,
+    unapplied_safety_records,
+)
 from services.dosing.handlers import handlers
-from services.dosing.sweep import Sweeper
 from shared.app import create_app, run_beside
-from shared.clock import SystemClock
-from shared.events import ENROLLMENT, SAFETY
+from shared.clock import clock_for
+from shared.events import EFFICACY, ENROLLMENT, SAFETY
 from shared.runtime import Loop, ServiceSpec
 from shared.settings import Settings
+from shared.sweep import Sweeper
 
-spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY], handlers=handlers,
+spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY, EFFICACY], handlers=handlers,
                    fail_closed={SAFETY: fail_closed_on_safety_record},
                    unapplied=unapplied_safety_records)
 
@@ -23,12 +27,13 @@ def create_dosing_app(settings: Settings | None = None) -> FastAPI:
     """The service app plus its missed-visit sweep, which runs beside the relay and consumer."""
     settings = settings or Settings(service_name="dosing")
     app = create_app(spec, settings)  # reads the protocol: a bad version folder stops the start
-    app.state.clock = SystemClock()
+    app.state.clock = clock_for(settings.clock_file)
 
     def start_sweeper(app: FastAPI) -> Loop:
         rt = app.state.runtime
-        app.state.sweeper = Sweeper(rt.store, app.state.clock, rt.protocol,
-                                    settings.dosing_sweep_interval_s)
+        app.state.sweeper = Sweeper(
+            lambda clock: sweep_missed_visits(rt.store, clock, rt.protocol), app.state.clock,
+            settings.dosing_sweep_interval_s, "missed-visit")
         return app.state.sweeper.run
 
     run_beside(app, start_sweeper)

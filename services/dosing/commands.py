@@ -79,6 +79,33 @@ async def take_enrollment_event(tx: Transaction, delivery: Delivery,
                    delivery.caused_by())
 
 
+async def take_efficacy_event(tx: Transaction, delivery: Delivery,
+                              protocol: ProtocolConfig) -> None:
+    """An assessment done or missed, or a disposition: the schedule shows it, and after a
+    treatment discontinuation (or the study's end) no dose is given."""
+    event = delivery.data
+    if event is None:
+        return
+    records = domain.records(protocol)
+    s = Session(tx)
+    stream = domain.schedule_stream(event.subject())
+    notice = domain.EfficacyNotice(event, delivery.event.id)
+    await s.append(stream, records.decide(await s.load(records, stream), notice),
+                   delivery.caused_by())
+
+
+async def records_at(store: EventStore, site_id: str | None) -> list[domain.DosingRecord]:
+    """Every patient's dosing record (at one site, or everywhere)."""
+    prefix = domain.schedule_stream("")
+    found = []
+    for stream in await store.stream_ids("DosingScheduleCreated"):
+        if stream.startswith(prefix):
+            record = domain.fold(e.payload() for e in await store.read_stream(stream))
+            if site_id is None or record.site_id == site_id:
+                found.append(record)
+    return found
+
+
 async def take_safety_event(tx: Transaction, delivery: Delivery) -> None:
     """PatientDosingHeld, ArmSuspended, TrialHalted and SafetyHoldLifted, in one holds stream
     that every dose reads in its own transaction."""

@@ -21,14 +21,22 @@ from shared.events import (
     Arm,
     ArmAssigned,
     ArmCrossedOver,
+    AssessmentRecorded,
+    AssessmentVisitNoted,
+    DeathRecorded,
+    Disposition,
+    DosingDispositionNoted,
     DosingScheduleCreated,
     DosingScheduleReanchored,
     EventData,
     InfusionGiven,
+    LostToFollowUp,
     MethotrexateDoseGiven,
     PatientWithdrawn,
     PlannedVisit,
     ProtocolDeviationRecorded,
+    StudyCompleted,
+    TreatmentDiscontinued,
     VisitHeld,
     VisitMissed,
     VisitRef,
@@ -36,7 +44,8 @@ from shared.events import (
 )
 from shared.protocol import ProtocolConfig
 
-Status = Literal["planned", "given", "missed", "held", "cancelled"]
+# "done": an assessment efficacy recorded (dosing learns it from trial.efficacy).
+Status = Literal["planned", "given", "done", "missed", "held", "cancelled"]
 # A dose may be recorded a little ahead of the server's clock (site clocks drift), not more.
 CLOCK_SKEW = timedelta(minutes=5)
 MISMATCH_TOLERANCE = 0.10
@@ -83,6 +92,17 @@ class DosingRecord:
     weight_kg: float = 0.0  # the latest known weight: baseline, then each infusion's
     withdrawn: bool = False
     last_mtx_dose_mg: float | None = None  # the titration's last step
+    treatment_discontinued: bool = False  # no dose after it; the assessments go on
+    study_ended: Disposition | None = None  # lost to follow-up, died, completed: no visit after
+
+    @property
+    def status(self) -> str:
+        """The patient's status on a site's worklist."""
+        if self.withdrawn:
+            return "withdrawn"
+        if self.study_ended is not None:
+            return self.study_ended
+        return "treatment_discontinued" if self.treatment_discontinued else "active"
 
     @property
     def current(self) -> Calendar | None:
@@ -136,6 +156,16 @@ def evolve(state: DosingRecord, event: EventData) -> DosingRecord:
             return replace(state, calendars=cals)
         case VisitsCancelled():
             return _cancel(state, event)
+        case AssessmentVisitNoted():
+            cals = tuple(_mark(c, "assessment", event.week, event.status)
+                         if any(s.visit.kind == "assessment" for s in c.slots) else c
+                         for c in state.calendars)
+            return replace(state, calendars=cals)
+        case DosingDispositionNoted():
+            if event.disposition == "treatment_discontinued":
+                return replace(state, treatment_discontinued=True)
+            if event.disposition != "withdrawn":
+                return replace(state, study_ended=event.disposition)
     return state
 
 
@@ -148,6 +178,15 @@ def _cancel(state: DosingRecord, event: VisitsCancelled) -> DosingRecord:
         cals = tuple(replace(c, slots=tuple(replace(s, status="cancelled") if s.is_open else s
                                             for s in c.slots)) for c in state.calendars)
         return replace(state, calendars=cals, withdrawn=True)
+    if event.cause in ("lost_to_follow_up", "died", "completed"):  # the study ends: every visit
+        cals = tuple(replace(c, slots=tuple(replace(s, status="cancelled") if s.is_open else s
+                                            for s in c.slots)) for c in state.calendars)
+        return replace(state, calendars=cals)
+    if event.cause == "treatment_discontinued":  # every dose, whichever calendar; not the rest
+        cals = tuple(replace(c, slots=tuple(replace(s, status="cancelled")
+                                            if s.is_open and s.is_dose else s
+                                            for s in c.slots)) for c in state.calendars)
+        return replace(state, calendars=cals)
     assert state.current is not None  # a crossover ends the current arm's open doses
     cur = state.current
     slots = tuple(replace(s, status="cancelled") if s.is_open and s.is_dose else s
@@ -205,6 +244,46 @@ def decide_crossover(state: DosingRecord, crossed: ArmCrossedOver,
                                                    assessments=False),
                               weight_kg=weight),
     ]
+
+
+def decide_followup(state: DosingRecord, noted: EfficacyNotice) -> list[EventData]:
+    """What efficacy recorded, as the schedule must show it: an assessment visit done or
+    missed; a disposition, and the visits it cancels."""
+    e, source = noted.event, noted.event_id
+    if state.patient_id is None or state.site_id is None or state.current is None:
+        return []
+    common = {"patient_id": state.patient_id, "site_id": state.site_id}
+    match e:
+        case AssessmentRecorded() if e.week is not None:
+            return [AssessmentVisitNoted(**common, week=e.week, status="done",
+                                         at=e.assessed_at, source_event_id=source)]
+        case VisitMissed() if e.kind == "assessment":
+            return [AssessmentVisitNoted(**common, week=e.week, status="missed",
+                                         at=e.detected_at, source_event_id=source)]
+    disposition: Disposition
+    reason: str | None
+    match e:
+        case TreatmentDiscontinued() if not state.treatment_discontinued:
+            disposition, at, reason = "treatment_discontinued", e.discontinued_at, e.reason
+        case LostToFollowUp():
+            disposition, at, reason = "lost_to_follow_up", e.at, e.reason
+        case DeathRecorded():
+            disposition, at, reason = "died", e.reported_at, None
+        case StudyCompleted():
+            disposition, at, reason = "completed", e.completed_at, None
+        case _:
+            return []
+    if state.withdrawn or state.study_ended is not None:
+        return []
+    ends_study = disposition != "treatment_discontinued"
+    closing = [s for s in state.slots() if s.is_open and (ends_study or s.is_dose)]
+    found: list[EventData] = [DosingDispositionNoted(**common, disposition=disposition, at=at,
+                                                     reason=reason, source_event_id=source)]
+    if closing:
+        found.append(VisitsCancelled(**common, arm=state.current.arm, cause=disposition,
+                                     visits=tuple(_ref(s.visit) for s in closing),
+                                     cancelled_at=at))
+    return found
 
 
 def _ref(v: PlannedVisit) -> VisitRef:
@@ -291,6 +370,12 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
         raise Refused("patient_not_found", "No such patient")
     if state.withdrawn:
         raise Refused("withdrawn", "The patient has withdrawn; no further doses")
+    if state.study_ended is not None:
+        raise Refused("study_ended", f"The patient's study has ended ({state.study_ended})",
+                      disposition=state.study_ended)
+    if state.treatment_discontinued:
+        raise Refused("treatment_discontinued", "The patient's treatment was discontinued; no "
+                      "further doses (the assessments go on)")
     arm = protocol.arms[cur.arm]
     if arm.kind != kind:
         raise Refused("wrong_arm", f"The patient's arm {cur.arm} receives no {kind}",
@@ -427,7 +512,16 @@ class MarkMissed:
     holds: holding.Holds
 
 
-RecordCommand = GiveDose | StartCalendar | EndForWithdrawal | CrossOver | MarkMissed
+@dataclass(frozen=True)
+class EfficacyNotice:
+    """An event of trial.efficacy (an assessment, a missed assessment, a disposition)."""
+
+    event: EventData
+    event_id: str
+
+
+RecordCommand = (GiveDose | StartCalendar | EndForWithdrawal | CrossOver | MarkMissed
+                 | EfficacyNotice)
 
 
 def records(protocol: ProtocolConfig) -> Decider[DosingRecord, RecordCommand, EventData]:
@@ -446,5 +540,7 @@ def records(protocol: ProtocolConfig) -> Decider[DosingRecord, RecordCommand, Ev
                 return decide_crossover(state, command.crossed, protocol)
             case MarkMissed():
                 return decide_missed(state, command.now, protocol, command.holds)
+            case EfficacyNotice():
+                return decide_followup(state, command)
 
     return Decider(DosingRecord(), evolve, decide)

@@ -1,5 +1,6 @@
 """Dosing's consumer handlers: assignments, withdrawals and crossovers shape calendars; safety
-events become dosing holds. Each is one command (services/dosing/commands.py)."""
+events become dosing holds; efficacy's assessments and dispositions mark and end visits. Each is
+one command (services/dosing/commands.py)."""
 
 from __future__ import annotations
 
@@ -20,4 +21,11 @@ def handlers(protocol: ProtocolConfig) -> Mapping[str, Handler]:
     found.update(dict.fromkeys(
         ("PatientDosingHeld", "ArmSuspended", "TrialHalted", "SafetyHoldLifted"),
         commands.take_safety_event))
+
+    async def efficacy(tx: Transaction, delivery: Delivery) -> None:
+        await commands.take_efficacy_event(tx, delivery, protocol)
+
+    found.update(dict.fromkeys(
+        ("AssessmentRecorded", "VisitMissed", "TreatmentDiscontinued", "LostToFollowUp",
+         "DeathRecorded", "StudyCompleted"), efficacy))
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -54,6 +55,21 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         # answered per request with a clear 503, not by taking the whole API out of rotation.
         return {}
 
+    async def services(request: Request) -> dict[str, Any]:
+        """Every service's own /readyz, side by side: what an operator looks at first."""
+        client: httpx.AsyncClient = request.app.state.client
+
+        async def one(name: str, url: str) -> tuple[str, dict[str, Any]]:
+            try:
+                r = await client.get(f"{url}/readyz", timeout=2.0)
+                body = r.json()
+                return name, {"ready": r.status_code == 200, "checks": body.get("checks", {})}
+            except (httpx.HTTPError, ValueError) as exc:
+                return name, {"ready": False, "error": type(exc).__name__}
+
+        found = await asyncio.gather(*(one(n, u) for n, u in sorted(upstreams.items())))
+        return {"services": dict(found)}
+
     app = FastAPI(title="NCT03424629 trial API", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
@@ -62,7 +78,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, label=_public_route)
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_problem_handlers(app)
-    app.include_router(health_router(ready))
+    app.include_router(health_router(ready, services))
 
     @app.get("/asyncapi.json", include_in_schema=False)
     async def asyncapi_json() -> JSONResponse:

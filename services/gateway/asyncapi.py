@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from shared.events import CATALOGUE, DOSING, ENROLLMENT, SAFETY, TOPICS, CloudEvent, dlq_topic
+from shared.events import CATALOGUE, DOSING, EFFICACY, ENROLLMENT, SAFETY, TOPICS, CloudEvent, dlq_topic
 
 CONTENT_TYPE = "application/cloudevents+json"
 KAFKA_BINDING = "0.5.0"
@@ -21,6 +21,10 @@ TOPIC_NOTES = {
             "or the arm or trial id for holds of that scope, so each patient's events stay ordered.",
     SAFETY: "Adverse events, stopping rules, holds and DSMB decisions; key: the patient, arm or "
             "trial id.",
+    EFFICACY: "Assessments (PASI with every component, BSA, DLQI, sPGA) and their corrections, "
+              "assessment visits missed (VisitMissed with kind assessment), and dispositions: "
+              "treatment discontinued, lost to follow-up, death, study completed. Key: the "
+              "patient id.",
 }
 
 
@@ -77,7 +81,7 @@ def asyncapi_document() -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     for topic in TOPICS:
-        names = sorted(n for n, cls in CATALOGUE.items() if cls.topic == topic)
+        names = sorted(n for n, cls in CATALOGUE.items() if topic in cls.topics())
         cid = channel_id(topic)
         channels[cid] = {
             "address": topic,

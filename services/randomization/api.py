@@ -75,6 +75,16 @@ class CrossoverView(BaseModel):
     crossed_over_at: datetime
 
 
+class DispositionView(BaseModel):
+    """Treatment: ongoing or discontinued; study: ongoing, or how it ended for the patient."""
+
+    treatment: Literal["ongoing", "discontinued"]
+    treatment_discontinued_at: datetime | None = None
+    study: Literal["ongoing", "withdrawn", "lost_to_follow_up", "died", "completed"]
+    study_ended_at: datetime | None = None
+    study_end_reason: str | None = None
+
+
 class PatientResponse(BaseModel):
     """`arm` is the current arm; `assigned_arm` and `crossovers` appear after a crossover."""
 
@@ -86,6 +96,8 @@ class PatientResponse(BaseModel):
     stratum: str | None
     assigned_arm: Arm | None = None
     crossovers: list[CrossoverView] | None = None
+    # Added (efficacy issue): stopping treatment is not leaving the study.
+    disposition: DispositionView | None = None
 
 
 class EnrolRequest(BaseModel):
@@ -121,12 +133,30 @@ def patient_view(state: domain.Patient) -> PatientResponse:
         "patient_id": state.patient_id, "site_id": state.site_id, "status": state.status,
         "arm": state.arm, "randomization_number": a.randomization_number if a else None,
         "stratum": a.stratum if a else None}
+    if a is not None:
+        view["disposition"] = disposition_view(state)
     if state.crossovers:
         view["assigned_arm"] = a.arm if a else None
         view["crossovers"] = [{"from_arm": c.from_arm, "to_arm": c.to_arm,
                                "crossed_over_at": c.crossed_over_at} for c in state.crossovers]
     # Validated, so fields left out (no crossover) stay out of the response.
     return PatientResponse.model_validate(view)
+
+
+def disposition_view(state: domain.Patient) -> DispositionView:
+    stopped = next((d for d in state.dispositions if d.disposition == "treatment_discontinued"),
+                   None)
+    ended = next((d for d in state.dispositions if d.disposition != "treatment_discontinued"),
+                 None)
+    study: dict[str, object] = {"study": "ongoing"}
+    if state.status == "withdrawn":
+        study = {"study": "withdrawn"}
+    elif ended is not None:
+        study = {"study": ended.disposition, "study_ended_at": ended.at,
+                 "study_end_reason": ended.reason}
+    return DispositionView.model_validate({
+        "treatment": "discontinued" if stopped else "ongoing",
+        "treatment_discontinued_at": stopped.at if stopped else None, **study})
 
 
 def assignment_body(a: ArmAssigned) -> AssignmentResponse:

@@ -8,11 +8,11 @@ from services.randomization.commands import (
 from services.randomization.config import warn_if_development_secret
 from services.randomization.handlers import handlers
 from shared.app import create_app
-from shared.events import SAFETY
+from shared.events import EFFICACY, SAFETY
 from shared.runtime import ServiceSpec
 from shared.settings import Settings
 
-spec = ServiceSpec(name="randomization", router=router, consumes=[SAFETY], handlers=handlers,
+spec = ServiceSpec(name="randomization", router=router, consumes=[SAFETY, EFFICACY], handlers=handlers,
                    fail_closed={SAFETY: fail_closed_on_safety_record},
                    unapplied=unapplied_safety_records)
 settings = Settings(service_name=spec.name)

@@ -158,6 +158,19 @@ async def take_safety_event(tx: Transaction, delivery: Delivery) -> None:
     await s.append(HOLDS_STREAM, domain.HOLDS.decide(holds, delivery.data), delivery.caused_by())
 
 
+async def take_efficacy_event(tx: Transaction, delivery: Delivery,
+                              protocol: ProtocolConfig) -> None:
+    """A disposition from trial.efficacy, noted in the patient's stream (GET shows it)."""
+    if delivery.data is None:
+        return
+    patients = domain.patients(protocol)
+    s = Session(tx)
+    stream = patient_stream(delivery.data.subject())
+    command = domain.NoteDisposition(delivery.data, delivery.event.id)
+    await s.append(stream, patients.decide(await s.load(patients, stream), command),
+                   delivery.caused_by())
+
+
 # --- failing closed on trial.safety (D32) ----------------------------------------------------
 
 CONSUMER_ACTOR = Metadata(actor="randomization-consumer",

@@ -28,8 +28,12 @@ from shared.events import (
     ArmAssigned,
     ArmCrossedOver,
     ArmSuspended,
+    DeathRecorded,
+    Disposition,
     EnrollmentPaused,
     EventData,
+    LostToFollowUp,
+    PatientDispositionNoted,
     PatientEnrolled,
     PatientScreened,
     PatientWithdrawn,
@@ -38,6 +42,8 @@ from shared.events import (
     RandomizationRecordResolved,
     RandomizationRecordUnapplied,
     SafetyHoldLifted,
+    StudyCompleted,
+    TreatmentDiscontinued,
     TrialHalted,
 )
 from shared.protocol import ProtocolConfig
@@ -107,6 +113,7 @@ class Patient:
     assignment: ArmAssigned | None = None
     arm: Arm | None = None  # the current arm: the assigned one until a crossover
     crossovers: tuple[ArmCrossedOver, ...] = ()
+    dispositions: tuple[PatientDispositionNoted, ...] = ()  # from trial.efficacy
 
 
 def evolve(state: Patient, event: EventData) -> Patient:
@@ -120,7 +127,32 @@ def evolve(state: Patient, event: EventData) -> Patient:
             return replace(state, arm=event.to_arm, crossovers=(*state.crossovers, event))
         case PatientWithdrawn():
             return replace(state, status="withdrawn")
+        case PatientDispositionNoted():
+            return replace(state, dispositions=(*state.dispositions, event))
     return state
+
+
+def decide_disposition(patient: Patient, event: EventData, event_id: str) -> list[EventData]:
+    """A disposition efficacy recorded (trial.efficacy), noted once so GET shows it."""
+    if patient.patient_id is None or patient.site_id is None:
+        return []
+    found: tuple[Disposition, datetime, str | None]
+    match event:
+        case TreatmentDiscontinued():
+            found = ("treatment_discontinued", event.discontinued_at, event.reason)
+        case LostToFollowUp():
+            found = ("lost_to_follow_up", event.at, event.reason)
+        case DeathRecorded():
+            found = ("died", event.reported_at, None)
+        case StudyCompleted():
+            found = ("completed", event.completed_at, None)
+        case _:
+            return []
+    if any(d.disposition == found[0] for d in patient.dispositions):
+        return []
+    return [PatientDispositionNoted(patient_id=patient.patient_id, site_id=patient.site_id,
+                                    disposition=found[0], at=found[1], reason=found[2],
+                                    source_event_id=event_id)]
 
 
 def fold(events: list[EventData]) -> Patient:
@@ -421,7 +453,15 @@ class CrossOver:
     at: datetime
 
 
-PatientCommand = Enrol | Randomize | Withdraw | CrossOver
+@dataclass(frozen=True)
+class NoteDisposition:
+    """A disposition efficacy recorded on trial.efficacy."""
+
+    event: EventData
+    event_id: str
+
+
+PatientCommand = Enrol | Randomize | Withdraw | CrossOver | NoteDisposition
 
 
 def patients(protocol: ProtocolConfig) -> Decider[Patient, PatientCommand, EventData]:
@@ -440,6 +480,8 @@ def patients(protocol: ProtocolConfig) -> Decider[Patient, PatientCommand, Event
             case CrossOver():
                 return decide_crossover(state, command.to_arm, command.reason, command.holds,
                                         protocol, command.at)
+            case NoteDisposition():
+                return decide_disposition(state, command.event, command.event_id)
 
     return Decider(Patient(), evolve, decide)
 

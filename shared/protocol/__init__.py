@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from shared.errors import Refused
 from shared.events import ARMS, Arm, canonical_json
+from shared.protocol.efficacy import EfficacyConfig
 from shared.protocol.eligibility import EligibilityConfig
 from shared.protocol.randomization import RandomizationConfig
 from shared.protocol.safety import SafetyConfig
@@ -74,6 +75,7 @@ class ProtocolConfig(BaseModel):
     eligibility: EligibilityConfig
     randomization: RandomizationConfig
     safety: SafetyConfig
+    efficacy: EfficacyConfig
 
     def site_date(self, site_id: str, at: datetime) -> date:
         """The calendar day `at` falls on at the site (its own time zone), whatever offset `at`
@@ -103,10 +105,12 @@ class ProtocolConfig(BaseModel):
                     raise ValueError(f"{arm_id}: one titration dose per dose week")
                 if any(not low <= d <= high for d in doses):
                     raise ValueError(f"{arm_id}: titration doses must lie in [{low}, {high}] mg")
+        if self.efficacy.responders_at_week not in self.assessment_weeks:
+            raise ValueError("efficacy.responders_at_week must be an assessment week")
         return self
 
 
-SECTIONS = ("eligibility", "randomization", "safety")
+SECTIONS = ("eligibility", "randomization", "safety", "efficacy")
 
 
 class ProtocolError(ValueError):

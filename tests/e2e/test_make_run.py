@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from deploy import infra
+from shared.settings import SERVICES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,7 +26,7 @@ def test_run_starts_everything_prints_the_gateway_and_kafka_and_stops_everything
         tmp_path: Path, command: list[str], stop: str) -> None:
     gateway, kafka = infra.free_port(), infra.free_port()
     ports = {f"TRIAL_{s.upper()}_PORT": str(infra.free_port())
-             for s in ("randomization", "dosing", "safety", "audit")}
+             for s in SERVICES}
     env = {**os.environ, "TRIAL_GATEWAY_PORT": str(gateway), "TRIAL_RUN_KAFKA_PORT": str(kafka),
            "TRIAL_DATA_DIR": str(tmp_path / "data"), **ports}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -42,7 +43,13 @@ def test_run_starts_everything_prints_the_gateway_and_kafka_and_stops_everything
         out = "".join(lines)
         assert re.search(rf"Gateway:\s+http://127\.0\.0\.1:{gateway}\b", out), out
         assert re.search(rf"Kafka bootstrap:\s+127\.0\.0\.1:{kafka}\b", out), out
-        assert httpx.get(f"http://127.0.0.1:{gateway}/readyz", timeout=10).status_code == 200
+        for service in SERVICES:  # the new efficacy service among the others
+            port = ports[f"TRIAL_{service.upper()}_PORT"]
+            assert re.search(rf"{service}:\s+http://127\.0\.0\.1:{port}\s+ready", out), out
+        ready = httpx.get(f"http://127.0.0.1:{gateway}/readyz", timeout=10)
+        assert ready.status_code == 200
+        assert {s: v["ready"] for s, v in ready.json()["services"].items()} == dict.fromkeys(
+            SERVICES, True)
         assert infra.kafka_ready(f"127.0.0.1:{kafka}")
     finally:
         if stop == "ctrl-c":

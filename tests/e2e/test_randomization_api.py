@@ -190,7 +190,7 @@ async def test_every_criterion_at_its_boundary_through_the_gateway(trial: Trial)
         data = screened[screening_id]
         assert [x["criterion"] for x in data["reasons"]] == expected, name
         assert data["eligible"] is (not expected)
-        assert data["protocol_version"] == "1.1.0"
+        assert data["protocol_version"] == "1.2.0"
 
 
 @pytest.mark.parametrize(("changes", "field"), [

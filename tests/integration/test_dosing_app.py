@@ -10,12 +10,12 @@ from aiokafka import ConsumerRecord
 
 from services.dosing import domain
 from services.dosing.app import create_dosing_app
-from services.dosing.sweep import Sweeper
 from shared.auth import issue_dev_token
 from shared.clock import FixedClock
 from shared.events import DOSING, CloudEvent
 from shared.settings import Settings
 from shared.store import EventStore
+from shared.sweep import Sweeper
 from tests.integration.test_dosing_store import assign
 from tests.support import eventually, read_topic
 

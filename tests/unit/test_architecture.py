@@ -20,6 +20,7 @@ PURE = (
     "services.dosing.calendar", "services.dosing.holds",
     "services.randomization.allocation", "services.randomization.eligibility",
     "services.safety.rules", "services.safety.state", "services.efficacy.scoring",
+    "services.efficacy.analysis",
     # the kernel's pure parts, which the domains build on
     "shared.decider", "shared.errors", "shared.events", "shared.protocol", "shared.clock",
     "shared.permissions",
@@ -46,7 +47,8 @@ def import_blocked(module: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_service_but_the_gateway_has_a_domain() -> None:
     assert DOMAINS == ["services.audit.domain", "services.dosing.domain",
-                       "services.randomization.domain", "services.safety.domain"]
+                       "services.efficacy.domain", "services.randomization.domain",
+                       "services.safety.domain"]
 
 
 @pytest.mark.parametrize("module", PURE)

@@ -41,13 +41,16 @@ def test_every_topic_is_a_channel_carrying_exactly_its_events() -> None:
     for topic in TOPICS:
         channel = doc["channels"][channel_id(topic)]
         assert channel["address"] == topic
-        expected = {n for n, cls in CATALOGUE.items() if cls.topic == topic}
+        expected = {n for n, cls in CATALOGUE.items() if topic in cls.topics()}
         assert set(channel["messages"]) == expected
         assert doc["channels"][channel_id(dlq_topic(topic))]["address"] == dlq_topic(topic)
     dosing = doc["channels"]["trialDosing"]
     assert {"DosingScheduleCreated", "InfusionGiven", "MethotrexateDoseGiven", "DosingHeld",
             "DosingResumed", "VisitMissed", "VisitsCancelled"} <= set(dosing["messages"])
     assert dosing["address"] == DOSING
+    efficacy = doc["channels"]["trialEfficacy"]
+    assert {"AssessmentRecorded", "AssessmentCorrected", "VisitMissed", "TreatmentDiscontinued",
+            "LostToFollowUp", "DeathRecorded", "StudyCompleted"} <= set(efficacy["messages"])
 
 
 def test_every_reference_resolves_and_every_operation_receives_its_channel() -> None:

@@ -173,6 +173,44 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
         "patient_id": "p-1", "site_id": "S1", "arm": "msc_low", "cause": "withdrawn",
         "visits": [{"week": 3, "kind": "infusion", "due_date": "2026-12-17"}],
         "cancelled_at": AT.isoformat()}), "p-1"),
+    # efficacy (issue 11)
+    "AssessmentRecorded": (parse_data("AssessmentRecorded", {
+        "assessment_id": "as-1", "patient_id": "p-1", "site_id": "S1", "arm": "msc_low",
+        "week": 0, "unscheduled": False, "assessed_at": AT.isoformat(),
+        "assessed_on": "2026-11-27", "pasi_total": 23.8,
+        "pasi_regions": {r: {"erythema": 2, "induration": 1, "desquamation": 1, "area": 2}
+                         for r in ("head", "upper_limbs", "trunk", "lower_limbs")},
+        "bsa_percent": 18.0, "dlqi_items": [2, 1, 1, 0, 2, 1, 0, 1, 1, 0], "dlqi_total": 9,
+        "spga": 3}), "p-1"),
+    "AssessmentCorrected": (parse_data("AssessmentCorrected", {
+        "correction_id": "c-1", "assessment_id": "as-1", "patient_id": "p-1", "site_id": "S1",
+        "week": 0, "changed": ["spga"], "reason": "transcription error", "pasi_total": 23.8,
+        "spga": 2, "corrected_at": AT.isoformat()}), "p-1"),
+    "FollowUpFactRecorded": (parse_data("FollowUpFactRecorded", {
+        "patient_id": "p-1", "site_id": "S1", "fact": "enrolled", "at": AT.isoformat(),
+        "source_event_id": "e-1", "screening_pasi": 14.2, "screening_bsa_percent": 12.0,
+        "screening_dlqi": 11}), "p-1"),
+    "TreatmentDiscontinued": (parse_data("TreatmentDiscontinued", {
+        "patient_id": "p-1", "site_id": "S1", "reason": "intolerance",
+        "discontinued_at": AT.isoformat(), "decided_by": "inv-1"}), "p-1"),
+    "LostToFollowUp": (parse_data("LostToFollowUp", {
+        "patient_id": "p-1", "site_id": "S1", "declared_by": "efficacy-sweep",
+        "reason": "2 missed", "missed_weeks": [24, 36], "at": AT.isoformat()}), "p-1"),
+    "DeathRecorded": (parse_data("DeathRecorded", {
+        "patient_id": "p-1", "site_id": "S1", "adverse_event_id": "ae-1",
+        "reported_at": AT.isoformat(), "source_event_id": "e-9"}), "p-1"),
+    "StudyCompleted": (parse_data("StudyCompleted", {
+        "patient_id": "p-1", "site_id": "S1", "assessment_id": "as-8",
+        "completed_at": AT.isoformat()}), "p-1"),
+    "AssessmentVisitNoted": (parse_data("AssessmentVisitNoted", {
+        "patient_id": "p-1", "site_id": "S1", "week": 4, "status": "done",
+        "at": AT.isoformat(), "source_event_id": "e-3"}), "p-1"),
+    "DosingDispositionNoted": (parse_data("DosingDispositionNoted", {
+        "patient_id": "p-1", "site_id": "S1", "disposition": "treatment_discontinued",
+        "at": AT.isoformat(), "reason": "intolerance", "source_event_id": "e-4"}), "p-1"),
+    "PatientDispositionNoted": (parse_data("PatientDispositionNoted", {
+        "patient_id": "p-1", "site_id": "S1", "disposition": "died",
+        "at": AT.isoformat(), "source_event_id": "e-5"}), "p-1"),
     # audit: the ledger's chain heads, witnessed on the broker (D27)
     "AuditChainAnchored": (parse_data("AuditChainAnchored", {
         "ledger": "a" * 64, "position": 42, "hash": "b" * 64,
@@ -189,7 +227,15 @@ EXPECTED_TOPIC = {
     "PatientDosingHeld": "trial.safety", "ArmSuspended": "trial.safety",
     "EnrollmentPaused": "trial.safety", "TrialHalted": "trial.safety",
     "SafetyHoldLifted": "trial.safety",
+    "AssessmentRecorded": "trial.efficacy", "AssessmentCorrected": "trial.efficacy",
 }
+
+
+def test_visit_missed_goes_to_dosing_for_doses_and_to_efficacy_for_assessments() -> None:
+    dose, _ = SAMPLES["VisitMissed"]
+    assessment = dose.model_copy(update={"kind": "assessment"})
+    assert (dose.topic_of(), assessment.topic_of()) == ("trial.dosing", "trial.efficacy")
+    assert CATALOGUE["VisitMissed"].topics() == ("trial.dosing", "trial.efficacy")
 
 
 def test_catalogue_names_every_contract_event_and_every_sample() -> None:

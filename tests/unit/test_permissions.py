@@ -29,6 +29,14 @@ TABLE = {
     Action.READ_INTERIM_DATA: {"dsmb", "admin"},
     Action.DSMB_DECISION: {"dsmb"},
     Action.AUDIT: {"monitor", "dsmb", "admin"},
+    # the efficacy issue's contract: assessments by the site's clinical staff, discontinuation
+    # by the investigator, the summary to investigators and the trial-wide roles, worklists to
+    # the site's staff, monitors and admins (not the DSMB: it reads no site's to-do list)
+    Action.RECORD_ASSESSMENT: {"site_coordinator", "investigator"},
+    Action.DISCONTINUE_TREATMENT: {"investigator"},
+    Action.READ_PATIENT_EFFICACY: {"site_coordinator", "investigator", "monitor", "dsmb", "admin"},
+    Action.READ_EFFICACY_SUMMARY: {"investigator", "monitor", "dsmb", "admin"},
+    Action.READ_WORKLIST: {"site_coordinator", "investigator", "pharmacist", "monitor", "admin"},
 }
 
 

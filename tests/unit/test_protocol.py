@@ -35,7 +35,7 @@ def trial_keys() -> dict[str, Any]:
 def test_default_protocol_loads_the_registry_facts() -> None:
     protocol = default_protocol()
     assert protocol.trial_id == "NCT03424629"
-    assert protocol.version == "1.1.0"
+    assert protocol.version == "1.2.0"
     assert protocol.enrollment_cap == 57
     assert set(protocol.arms) == set(ARMS)
     assert protocol.arms["msc_low"].cells_per_kg == 1_000_000
