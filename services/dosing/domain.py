@@ -135,7 +135,7 @@ def evolve(state: DosingRecord, event: EventData) -> DosingRecord:
             # Every visit not yet given is planned again, on its new date: a visit missed or
             # held before day 0 was fixed may now lie ahead.
             statuses = {(s.visit.kind, s.visit.week): s.status for s in state.current.slots
-                        if s.status in ("given", "cancelled")}
+                        if s.status in ("given", "done", "cancelled")}
             slots = tuple(Slot(event.arm, v, statuses.get((v.kind, v.week), "planned"))
                           for v in event.visits)
             return _with_current(state, replace(state.current, anchor_date=event.anchor_date,

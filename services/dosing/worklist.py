@@ -54,7 +54,9 @@ def page(rows: Iterable[tuple[tuple[Any, ...], dict[str, Any]]], limit: int,
     after = decode_cursor(cursor)
     ordered = sorted(rows, key=lambda r: r[0])
     if after is not None:
-        ordered = [r for r in ordered if list(r[0]) > list(after)]
+        if ordered and [type(v) for v in after] != [type(v) for v in ordered[0][0]]:
+            raise Refused("bad_cursor", "The cursor is not one this API gave")
+        ordered = [r for r in ordered if r[0] > after]
     chosen = ordered[:limit]
     more = len(ordered) > limit
     return Page([item for _, item in chosen], encode_cursor(chosen[-1][0]) if more else None)

@@ -104,6 +104,7 @@ class FollowUp:
 
     patient_id: str | None = None
     site_id: str | None = None
+    enrolled: bool = False  # the screening baseline is known
     randomized_arm: Arm | None = None  # the analysis arm (intention to treat)
     arm: Arm | None = None  # the arm now (after a crossover)
     randomized_at: datetime | None = None
@@ -158,7 +159,7 @@ def _learn(state: FollowUp, fact: FollowUpFactRecorded) -> FollowUp:
     state = replace(state, patient_id=fact.patient_id, site_id=fact.site_id)
     match fact.fact:
         case "enrolled":
-            return replace(state, screening_pasi=fact.screening_pasi,
+            return replace(state, enrolled=True, screening_pasi=fact.screening_pasi,
                            screening_bsa_percent=fact.screening_bsa_percent,
                            screening_dlqi=fact.screening_dlqi)
         case "randomized":
@@ -240,7 +241,7 @@ def _fact(learn: Learn, fact: str, at: datetime | None = None, **fields: Any
 def decide_learn(state: FollowUp, learn: Learn, protocol: ProtocolConfig) -> list[EventData]:
     e = learn.event
     match e:
-        case PatientEnrolled() if state.patient_id is None:
+        case PatientEnrolled() if not state.enrolled:
             return [_fact(learn, "enrolled", e.enrolled_at, screening_pasi=e.baseline_pasi,
                           screening_bsa_percent=e.baseline_bsa_percent,
                           screening_dlqi=e.baseline_dlqi)]

@@ -123,9 +123,13 @@ def patient(fuzz_system: System) -> str:
             # A follow-up of no adverse event: refused for the event, not the patient, once
             # safety has heard of the patient.
             probe = c.post(f"/v1/patients/{patient}/adverse-events/AE-NONE/follow-ups", json={})
-            return schedule.status_code == 200 and probe.json().get("code") != "patient_not_found"
+            # Efficacy knows the patient, and the assessment visits from dosing's calendar.
+            efficacy = c.get(f"/v1/patients/{patient}/efficacy")
+            return (schedule.status_code == 200 and probe.json().get("code") != "patient_not_found"
+                    and efficacy.status_code == 200 and bool(efficacy.json()["visits"]))
 
-        asyncio.run(eventually(known_everywhere, 120, "dosing and safety to know the patient"))
+        asyncio.run(eventually(known_everywhere, 120,
+                               "dosing, safety and efficacy to know the patient"))
         return patient
 
 

@@ -65,11 +65,13 @@ class Fixtures:
             async def ready() -> bool:
                 schedule = await self.site.get(f"/v1/patients/{patient}/schedule")
                 ledger = await self.monitor.get(f"/v1/audit/patients/{patient}/history")
+                efficacy = await self.site.get(f"/v1/patients/{patient}/efficacy")
                 # An empty follow-up of no adverse event: refused for the event, not the patient,
                 # once safety has heard of the patient.
                 probe = await self.site.post(f"/v1/patients/{patient}/adverse-events/AE-NONE/"
                                              "follow-ups", json={})
                 return (schedule.status_code == 200 and ledger.status_code == 200
+                        and efficacy.status_code == 200
                         and probe.json().get("code") != "patient_not_found")
 
             await eventually(ready, 120, "every service to know the shared patient")
@@ -140,6 +142,19 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/safety/decisions"): Case(_fixed(
         {"scope": "trial", "target": "NCT03424629", "decision": "resume",
          "rationale": "no hold to lift: checks only the permission"}), AUTHORIZED | {404}),
+    ("POST", "/v1/patients/{patient_id}/assessments"): Case(_fixed(
+        {"week": 0, "assessed_at": NOW, "pasi": {"total": 12.0}, "spga": 3}), AUTHORIZED),
+    ("POST", "/v1/patients/{patient_id}/assessments/{assessment_id}/corrections"): Case(
+        _fixed({"reason": "transcription error", "spga": 2}), AUTHORIZED | {404}),
+    ("POST", "/v1/patients/{patient_id}/treatment-discontinuation"): Case(
+        _fixed({"reason": "intolerance"}), frozenset({200}), fresh_patient=True),
+    ("POST", "/v1/patients/{patient_id}/lost-to-follow-up"): Case(
+        _fixed({"reason": "no answer to calls or letters"}), frozenset({200}),
+        fresh_patient=True),
+    ("GET", "/v1/patients/{patient_id}/efficacy"): Case(_none, frozenset({200})),
+    ("GET", "/v1/efficacy/summary"): Case(_none, frozenset({200})),
+    ("GET", "/v1/patients"): Case(_none, frozenset({200})),
+    ("GET", "/v1/visits"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/events"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/verify"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/export"): Case(_none, frozenset({200})),
@@ -216,7 +231,8 @@ async def test_route_answers_every_role_and_site_as_the_matrix_says(system: Syst
                            else await fixtures.shared_patient())
                 adverse_event = (await fixtures.adverse_event()
                                  if "{adverse_event_id}" in route.template else "")
-                path = route.template.format(patient_id=patient, adverse_event_id=adverse_event)
+                path = route.template.format(patient_id=patient, adverse_event_id=adverse_event,
+                                             assessment_id="AS-NONE")
                 body = await case.body(fixtures) if route.method == "POST" else None
                 async with _client(system, role, site, via) as caller:
                     r = await caller.request(route.method, path, json=body)
