@@ -43,9 +43,26 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
             if waited >= PUBLISH_GRACE_S:
                 raise  # caught up, and nothing about the patient arrived since: unknown
             if not await consumer.caught_up(topic, patient_id, max(CATCH_UP_S - waited, 0.0)):
-                problem = Problem(503, "not_caught_up", "This service has not yet read every "
-                                  "event about this patient; retry shortly", retry_after_s=1)
-                problem.headers = {"Retry-After": "1"}
-                raise problem from refused
+                raise _not_caught_up() from refused
             if time.monotonic() - started < PUBLISH_GRACE_S:
                 await asyncio.sleep(0.05)  # a publish may still be on its way: look again
+
+
+async def having_read(rt: Runtime, topic: str, patient_id: str) -> None:
+    """Before a write that a fact on `topic` may forbid (a withdrawal refuses an assessment, a
+    treatment discontinuation a dose): wait until this service has handled every record of the
+    patient's partition that the broker holds now, or answer 503 `not_caught_up`. What a
+    service published a moment ago is then known here; only a fact still on its way from the
+    other service's relay (milliseconds) can be missed (D37)."""
+    consumer = rt.consumer
+    if consumer is None or not rt.settings.consumers_enabled:
+        return
+    if not await consumer.caught_up(topic, patient_id, CATCH_UP_S):
+        raise _not_caught_up()
+
+
+def _not_caught_up() -> Problem:
+    problem = Problem(503, "not_caught_up", "This service has not yet read every event about "
+                      "this patient; retry shortly", retry_after_s=1)
+    problem.headers = {"Retry-After": "1"}
+    return problem

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.dosing import commands, domain, worklist
 from services.dosing import holds as holding
 from shared.auth import Principal
-from shared.catchup import unless_lagging
+from shared.catchup import having_read, unless_lagging
 from shared.deps import (
     CurrentClock,
     CurrentPrincipal,
@@ -20,7 +20,7 @@ from shared.deps import (
     metadata_for,
 )
 from shared.errors import Refused
-from shared.events import ENROLLMENT, EventData
+from shared.events import EFFICACY, ENROLLMENT, EventData
 from shared.permissions import Action, authorize
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
@@ -132,9 +132,12 @@ def schedule_view(record: domain.DosingRecord, holds: holding.Holds) -> dict[str
 async def _record(rt: Runtime, patient_id: str, who: Principal, command: domain.DoseCommand,
                   protocol: ProtocolConfig) -> dict[str, object]:
     """Record the dose; a patient dosing has not heard of yet is waited for, never "unknown"."""
-    new = await unless_lagging(rt, ENROLLMENT, patient_id, lambda: commands.record_dose(
-        rt.store, patient_id, who, command, protocol,
-        metadata_for(who, reason=command.deviation_reason)))
+    async def record() -> list[EventData]:
+        await having_read(rt, EFFICACY, patient_id)  # a discontinuation published a moment ago
+        return await commands.record_dose(rt.store, patient_id, who, command, protocol,
+                                          metadata_for(who, reason=command.deviation_reason))
+
+    new = await unless_lagging(rt, ENROLLMENT, patient_id, record)
     return _dose_body(new)
 
 

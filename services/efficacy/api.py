@@ -4,7 +4,6 @@ loss to follow-up, a patient's efficacy, and the trial's efficacy summary."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable
 from decimal import Decimal
 from typing import Annotated, Any, Self
 
@@ -13,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.efficacy import analysis, commands, domain, scoring
 from shared.auth import Principal
-from shared.catchup import unless_lagging
+from shared.catchup import having_read, unless_lagging
 from shared.deps import CurrentClock, CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
 from shared.events import ARMS, DOSING, ENROLLMENT, EventData
 from shared.permissions import Action
@@ -96,8 +95,9 @@ async def _command(rt: Runtime, patient_id: str, who: Principal, action: Action,
                    reason: str | None = None) -> list[EventData]:
     """A patient efficacy has not heard of yet is waited for (enrolment), and so are their
     assessment visits (dosing's calendar): never "unknown" because a consumer lags."""
-    def run() -> Awaitable[list[EventData]]:
-        return commands.command_patient(rt.store, patient_id, who, action, command, protocol,
+    async def run() -> list[EventData]:
+        await having_read(rt, ENROLLMENT, patient_id)  # a withdrawal published a moment ago
+        return await commands.command_patient(rt.store, patient_id, who, action, command, protocol,
                                         metadata_for(who, reason=reason))
 
     async def with_calendar() -> list[EventData]:

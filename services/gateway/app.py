@@ -61,7 +61,8 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
 
         async def one(name: str, url: str) -> tuple[str, dict[str, Any]]:
             try:
-                r = await client.get(f"{url}/readyz", timeout=2.0)
+                # Short: a caller's own readiness probe must not wait on a hung service.
+                r = await client.get(f"{url}/readyz", timeout=0.5)
                 body = r.json()
                 return name, {"ready": r.status_code == 200, "checks": body.get("checks", {})}
             except (httpx.HTTPError, ValueError) as exc:

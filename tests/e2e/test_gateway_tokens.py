@@ -17,7 +17,8 @@ from tooling.launcher import System
 
 # One read route per service, so each service's own verifier answers.
 PROBES = {"randomization": "/v1/patients/PT-NONE", "dosing": "/v1/patients/PT-NONE/schedule",
-          "safety": "/v1/safety/status", "audit": "/v1/audit/verify"}
+          "safety": "/v1/safety/status", "audit": "/v1/audit/verify",
+          "efficacy": "/v1/efficacy/summary"}
 
 
 def _b64(value: dict[str, Any]) -> str:

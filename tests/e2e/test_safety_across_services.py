@@ -189,6 +189,15 @@ async def test_a_death_halts_enrolment_and_all_dosing_and_only_the_dsmb_lifts_it
         await wait_in_ledger(monitor, "DosingHeld", {hold})
         await wait_in_ledger(monitor, "RandomizationHoldApplied", {hold})
 
+        # The patient who died: their study has ended (efficacy's DeathRecorded, D37), before
+        # and after the DSMB lifts the halt; everyone else: held by the halt until it lifts.
+        dead = patients.pop("mtx")
+
+        async def study_ended() -> bool:
+            refused = await dose(site, dead, "mtx")
+            return (refused.status_code, refused.json()["code"]) == (409, "study_ended")
+
+        await eventually(study_ended, what="dosing to learn of the death from trial.efficacy")
         for arm, patient in patients.items():
             refused = await dose(site, patient, arm)
             assert (refused.status_code, refused.json()["code"]) == (409, "dosing_held"), arm
@@ -211,6 +220,7 @@ async def test_a_death_halts_enrolment_and_all_dosing_and_only_the_dsmb_lifts_it
         for arm, patient in patients.items():
             given = await dose(site, patient, arm)
             assert given.status_code == 201, (arm, given.text)
+        assert (await dose(site, dead, "mtx")).json()["code"] == "study_ended"
         r = await site.post(f"/v1/patients/{newcomer}/randomization")
         assert r.status_code == 201, r.text
         assert (await monitor.get("/v1/safety/status")).json()["trial"]["status"] == "active"

@@ -54,8 +54,9 @@ async def test_screen_enrol_randomize_schedule_and_audit(system: System) -> None
         items = await eventually(ledger, what="the ledger to hold the patient's events")
         by_type = {i["type"]: i for i in items}
         assert sum(i["type"] in expected for i in items) == 4
-        # Safety's own record of the facts its rules need names the patient too (D16).
-        assert set(by_type) - expected <= {"PatientSafetyFactRecorded"}
+        # Safety's own record of the facts its rules need names the patient too (D16), and so
+        # does efficacy's of what it learnt for the follow-up (D37).
+        assert set(by_type) - expected <= {"PatientSafetyFactRecorded", "FollowUpFactRecorded"}
         # Across topics and keys the ledger keeps arrival order; within one source's topic and
         # key (one partition), the source's order.
         randomization = [i["type"] for i in items if i["source"] == "/services/randomization"
