@@ -276,6 +276,16 @@ def _apt_install(packages: Sequence[str]) -> None:
                 raise InfraError(f"{' '.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr}")
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> Path:
+    """Debian's headless-capable Chromium (the DSMB report's browser test), installed if missing."""
+    if not CHROMIUM.exists():
+        _apt_install(["chromium"])
+    return CHROMIUM
+
+
 # --------------------------------------------------------------------------------------------
 # Kafka wire protocol readiness probe (shared by Tansu and Apache Kafka)
 # --------------------------------------------------------------------------------------------

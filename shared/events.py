@@ -129,6 +129,8 @@ class PatientScreened(EventData):
     consent_signed_at: datetime | None = None
     bsa_percent: float | None = None
     dlqi: int | None = None
+    # Added (reporting): the sex the site recorded (SDTM DM.SEX); no direct identifier.
+    sex: Literal["female", "male", "other"] | None = None
 
 
 class PatientEnrolled(EventData):

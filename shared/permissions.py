@@ -25,6 +25,7 @@ class Action(StrEnum):
     READ_PATIENT_EFFICACY = "read_patient_efficacy"  # one patient's efficacy trajectory
     READ_EFFICACY_SUMMARY = "read_efficacy_summary"  # per-arm response rates, sustainability
     READ_WORKLIST = "read_worklist"      # a site's patients and visits due
+    READ_REPORTS = "read_reports"        # the DSMB report, SDTM exports, FHIR views
 
 
 ALL_ROLES = frozenset({*SITE_ROLES, "monitor", "dsmb", "admin"})
@@ -52,6 +53,7 @@ MATRIX: dict[Action, frozenset[str]] = {
     Action.READ_EFFICACY_SUMMARY: frozenset({"investigator", "monitor", "dsmb", "admin"}),
     Action.READ_WORKLIST: frozenset({"site_coordinator", "investigator", "pharmacist",
                                      "monitor", "admin"}),
+    Action.READ_REPORTS: frozenset({"monitor", "dsmb", "admin"}),
 }
 
 

@@ -93,6 +93,8 @@ REFUSAL_STATUS: dict[str, int] = {
     "nothing_to_correct": 422, "already_discontinued": 409,
     # dosing, after a disposition; worklists
     "treatment_discontinued": 409, "bad_cursor": 422,
+    # reports
+    "resource_not_found": 404,
 }
 
 

@@ -91,6 +91,64 @@ def schemas(out: Path = typer.Option(Path("docs/events.schema.json"), help="wher
     _write(out, catalogue_document())
 
 
+@app.command("report-dsmb")
+def report_dsmb(database_url: str = typer.Argument(..., help="the audit ledger's database URL"),
+                out: Path = typer.Option(Path("dsmb-report.html"), help="where to write"),
+                open_report: bool = typer.Option(
+                    False, "--open", help="the monitors' open report (no interim data by arm)")
+                ) -> None:
+    """Write the DSMB report (the page GET /v1/reports/dsmb serves) from an audit ledger."""
+    from services.audit import dsmb_report, query
+    from shared.protocol import load_protocol
+    from shared.store import EventStore, utcnow
+
+    async def made() -> tuple[str, int]:
+        store = EventStore(database_url)
+        try:
+            history = await query.history(store)
+        finally:
+            await store.close()
+        page = dsmb_report.render(history, load_protocol(Settings().protocol_dir), utcnow(),
+                                  interim=not open_report)
+        return page, history.position
+
+    page, position = asyncio.run(made())
+    out.write_text(page)
+    typer.echo(f"wrote {out} (ledger position {position})")
+
+
+@app.command("export-sdtm")
+def export_sdtm(database_url: str = typer.Argument(..., help="the audit ledger's database URL"),
+                domain: str = typer.Argument(..., help="DM, EX, AE, DS, QS or SV"),
+                fmt: str = typer.Option("csv", "--format", help="csv or xpt"),
+                out: Path | None = typer.Option(None, help="default: <domain>.<format>")) -> None:
+    """Write one CDISC SDTM domain from an audit ledger (and metadata.json beside it)."""
+    from services.audit import query, sdtm
+    from shared.protocol import load_protocol
+    from shared.store import EventStore
+
+    domain = domain.upper()
+    if domain not in sdtm.DOMAINS or fmt not in ("csv", "xpt"):
+        typer.echo(f"error: domain one of {', '.join(sdtm.DOMAINS)}, format csv or xpt", err=True)
+        raise typer.Exit(2)
+
+    async def read() -> query.History:
+        store = EventStore(database_url)
+        try:
+            return await query.history(store)
+        finally:
+            await store.close()
+
+    data = sdtm.dataset(asyncio.run(read()), domain, load_protocol(Settings().protocol_dir).trial_id)
+    target = out or Path(f"{domain.lower()}.{fmt}")
+    if fmt == "csv":
+        target.write_text(sdtm.to_csv(data))
+    else:
+        sdtm.to_xpt(data, target)
+    _write(target.with_name("metadata.json"), sdtm.metadata())
+    typer.echo(f"wrote {target} ({len(data.rows)} rows) and {target.with_name('metadata.json')}")
+
+
 @app.command()
 def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")) -> None:
     """Bring a service database to the newest schema."""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import Gauge
 
+from services.audit import api, reports
 from services.audit.anchors import Anchorer
-from services.audit.api import router
 from services.audit.handlers import handlers
 from shared.app import create_app, run_beside
 from shared.events import LEDGER_TOPICS
 from shared.runtime import Loop, ServiceSpec
 from shared.settings import Settings
 
+# The ledger's queries (/v1/audit/...) and what is made of it (/v1/reports, /v1/exports, /v1/fhir).
+router = APIRouter(routes=[*api.router.routes, *reports.router.routes])
 spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS), handlers=handlers,
                    publishes=False)
 

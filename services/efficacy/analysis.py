@@ -42,6 +42,9 @@ from typing import Any
 from scipy import stats
 
 from services.efficacy import scoring
+from services.efficacy.domain import FollowUp
+from shared.events import ARMS
+from shared.protocol import ProtocolConfig
 
 Json = dict[str, Any]
 _CONFIDENCE = 0.95
@@ -201,3 +204,28 @@ def summarize(courses: Iterable[PatientCourse], arms: Sequence[str], weeks: Sequ
                                  last_week)
             for arm, read in by_arm.items()},
     }
+
+
+# --- from the follow-ups --------------------------------------------------------------------
+
+
+def course(f: FollowUp) -> PatientCourse:
+    """A follow-up as the analysis reads it: by randomized arm, scheduled assessments only."""
+    assert f.patient_id is not None and f.randomized_arm is not None
+    return PatientCourse(
+        patient_id=f.patient_id, arm=f.randomized_arm,
+        screening_pasi=None if f.screening_pasi is None else Decimal(repr(f.screening_pasi)),
+        observations=tuple(
+            Observation(week=a.week, pasi=a.measured.pasi_total, dlqi=a.measured.dlqi_total,
+                        spga=a.measured.spga, after_discontinuation=a.after_treatment_discontinued)
+            for a in f.assessments if a.week is not None))
+
+
+def summary_of(followups: Iterable[FollowUp], protocol: ProtocolConfig) -> Json:
+    """The trial's efficacy summary under the protocol's efficacy section: what GET
+    /v1/efficacy/summary answers and the DSMB report draws, from one place."""
+    e, weeks = protocol.efficacy, protocol.assessment_weeks
+    return summarize([course(f) for f in followups if f.randomized_arm is not None], ARMS,
+                     weeks, responders_at_week=e.responders_at_week,
+                     responder_threshold=e.responder_threshold,
+                     kept_threshold=e.kept_threshold, last_week=max(weeks))

@@ -4,7 +4,6 @@ loss to follow-up, a patient's efficacy, and the trial's efficacy summary."""
 from __future__ import annotations
 
 import uuid
-from decimal import Decimal
 from typing import Annotated, Any, Self
 
 from fastapi import APIRouter
@@ -14,7 +13,7 @@ from services.efficacy import analysis, commands, domain, scoring
 from shared.auth import Principal
 from shared.catchup import having_read, unless_lagging
 from shared.deps import CurrentClock, CurrentPrincipal, CurrentProtocol, CurrentRuntime, metadata_for
-from shared.events import ARMS, DOSING, ENROLLMENT, EventData
+from shared.events import DOSING, ENROLLMENT, EventData
 from shared.permissions import Action
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
@@ -185,31 +184,13 @@ async def patient_efficacy(patient_id: str, who: CurrentPrincipal,
 @router.get("/efficacy/summary")
 async def summary(who: CurrentPrincipal, rt: CurrentRuntime,
                   protocol: CurrentProtocol) -> dict[str, Any]:
-    followups = await commands.all_followups(rt.store, who)
-    e = protocol.efficacy
-    found = analysis.summarize(
-        [course(f) for f in followups], ARMS, protocol.assessment_weeks,
-        responders_at_week=e.responders_at_week, responder_threshold=e.responder_threshold,
-        kept_threshold=e.kept_threshold, last_week=max(protocol.assessment_weeks))
+    found = analysis.summary_of(await commands.all_followups(rt.store, who), protocol)
     return {"generated_at": utcnow().isoformat(), "protocol_version": protocol.version,
             "rules": {"nri": "everyone randomized; a missing assessment, or one after treatment "
                              "discontinuation, counts as no response",
                       "observed": "the patients assessed at that week",
                       "ci95": "exact (Clopper-Pearson)"},
             **found}
-
-
-def course(f: domain.FollowUp) -> analysis.PatientCourse:
-    """A follow-up as the analysis reads it: by randomized arm, scheduled assessments only."""
-    assert f.patient_id is not None and f.randomized_arm is not None
-    return analysis.PatientCourse(
-        patient_id=f.patient_id, arm=f.randomized_arm,
-        screening_pasi=None if f.screening_pasi is None else Decimal(repr(f.screening_pasi)),
-        observations=tuple(
-            analysis.Observation(week=a.week, pasi=a.measured.pasi_total,
-                                 dlqi=a.measured.dlqi_total, spga=a.measured.spga,
-                                 after_discontinuation=a.after_treatment_discontinued)
-            for a in f.assessments if a.week is not None))
 
 
 def assessment_view(state: domain.FollowUp, a: domain.Assessment) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from shared.web import (
 __all__ = ["ROUTES", "app", "create_gateway", "route_for"]
 log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "idempotency-key")
-RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-replayed")
+RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-replayed",
+                    "content-disposition", "cache-control", "x-ledger-position")
 
 
 def create_gateway(settings: Settings | None = None) -> FastAPI:

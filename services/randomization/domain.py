@@ -92,7 +92,7 @@ def decide_screen(state: PatientScreened | None, command: Screen,
         age_years=age_on(facts.birth_date, today), weight_kg=facts.weight_kg, pasi=facts.pasi,
         protocol_version=protocol.version, screened_at=command.at, screened_on=today,
         consent_signed_at=facts.consent_signed_at, bsa_percent=facts.bsa_percent,
-        dlqi=facts.dlqi)]
+        dlqi=facts.dlqi, sex=facts.sex)]
 
 
 def screenings(protocol: ProtocolConfig) -> Decider[PatientScreened | None, Screen, EventData]:

@@ -363,11 +363,13 @@ def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int,
     bayes = next((r.bayes for r in config.rules if r.bayes is not None), None)
     bayes_id = next((r.id for r in config.rules if r.bayes is not None), None)
     arms: dict[str, object] = {}
+    adverse_events = rules.adverse_events_by_arm(state)
     for arm in ARMS:
         arm_holds = [h for h in holds if h.scope == "arm" and h.target == arm]
         view: dict[str, object] = {
             "status": "suspended" if arm_holds else "active",
             "patients_dosed": sum(1 for p in state.patients.values() if arm in p.dosed_arms),
+            "adverse_events": adverse_events.get(arm, 0),
             "holds": [_hold_view(h) for h in arm_holds]}
         if bayes is not None:
             tox = rules.arm_toxicity(config, bayes, state, arm)
@@ -484,7 +486,7 @@ def safety(protocol: ProtocolConfig) -> Decider[SafetyState, SafetyCommand, Emit
 
 
 # Per arm, the figures that compare the arms: interim data, for the DSMB (and admins) only.
-INTERIM_ARM_FIELDS = frozenset({"patients_dosed", "toxicities", "posterior_n",
+INTERIM_ARM_FIELDS = frozenset({"patients_dosed", "adverse_events", "toxicities", "posterior_n",
                                 "posterior_probability", "posterior_rule", "posterior_threshold",
                                 "posterior_rate", "posterior_exceeded"})
 

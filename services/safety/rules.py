@@ -169,6 +169,17 @@ def ae_item(ae: AdverseEventFile, arm: str | None, q: Qualified,
                 max([view.reported_at, *(at for _, at in facts)]), ae, view)
 
 
+def adverse_events_by_arm(state: SafetyState) -> dict[str, int]:
+    """How many adverse events count for each arm: the arm the patient was on at onset
+    (`arm_reading`), each event once. The status and the DSMB report both count so."""
+    counts: dict[str, int] = {}
+    for ae in state.adverse_events.values():
+        arm, _ = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
+        if arm is not None:
+            counts[arm] = counts.get(arm, 0) + 1
+    return counts
+
+
 def arm_reading(state: SafetyState, patient_id: str, at: datetime,
                 recorded: str | None) -> tuple[str | None, tuple[Fact, ...]]:
     """The arm an adverse event (at its onset) or a lab result (at collection) counts for: the

@@ -155,6 +155,12 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/efficacy/summary"): Case(_none, frozenset({200})),
     ("GET", "/v1/patients"): Case(_none, frozenset({200})),
     ("GET", "/v1/visits"): Case(_none, frozenset({200})),
+    ("GET", "/v1/reports/dsmb"): Case(_none, frozenset({200})),
+    ("GET", "/v1/exports/sdtm"): Case(_none, frozenset({200})),
+    ("GET", "/v1/exports/sdtm/{domain}"): Case(_none, frozenset({200})),
+    ("GET", "/v1/fhir/ResearchStudy/{study_id}"): Case(_none, frozenset({200})),
+    ("GET", "/v1/fhir/ResearchSubject"): Case(_none, frozenset({200})),
+    ("GET", "/v1/fhir/AdverseEvent"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/events"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/verify"): Case(_none, frozenset({200})),
     ("GET", "/v1/audit/export"): Case(_none, frozenset({200})),
@@ -232,7 +238,8 @@ async def test_route_answers_every_role_and_site_as_the_matrix_says(system: Syst
                 adverse_event = (await fixtures.adverse_event()
                                  if "{adverse_event_id}" in route.template else "")
                 path = route.template.format(patient_id=patient, adverse_event_id=adverse_event,
-                                             assessment_id="AS-NONE")
+                                             assessment_id="AS-NONE", study_id="NCT03424629",
+                                             domain="AE")
                 body = await case.body(fixtures) if route.method == "POST" else None
                 async with _client(system, role, site, via) as caller:
                     r = await caller.request(route.method, path, json=body)

@@ -20,7 +20,8 @@ PURE = (
     "services.dosing.calendar", "services.dosing.holds",
     "services.randomization.allocation", "services.randomization.eligibility",
     "services.safety.rules", "services.safety.state", "services.efficacy.scoring",
-    "services.efficacy.analysis",
+    "services.efficacy.analysis", "services.audit.history", "services.audit.sdtm",
+    "services.audit.ctcae", "services.audit.fhir", "services.audit.dsmb_report",
     # the kernel's pure parts, which the domains build on
     "shared.decider", "shared.errors", "shared.events", "shared.protocol", "shared.clock",
     "shared.permissions",

@@ -37,6 +37,7 @@ TABLE = {
     Action.READ_PATIENT_EFFICACY: {"site_coordinator", "investigator", "monitor", "dsmb", "admin"},
     Action.READ_EFFICACY_SUMMARY: {"investigator", "monitor", "dsmb", "admin"},
     Action.READ_WORKLIST: {"site_coordinator", "investigator", "pharmacist", "monitor", "admin"},
+    Action.READ_REPORTS: {"monitor", "dsmb", "admin"},  # the reporting issue's contract
 }
 
 
