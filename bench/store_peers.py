@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.store_peers                      # 8 writers, 2,000 events, 3 rounds
     .venv/bin/python -m bench.store_peers --writers 32 --batch 10
+    .venv/bin/python -m bench.store_peers --durable              # fsync and synchronous_commit on
 
 Each round runs the three stores one after the other (interleaved, so a busy moment of the
 machine hurts all three alike), each on a fresh database of the dev cluster `deploy/infra.py`
@@ -14,6 +15,9 @@ each peer's (issue 13, target 1):
   table lock for ordered notification ids), driven by as many threads as writers;
 - `project`: `shared.store.EventStore.append` (gapless positions in commit order, expected
   versions, the hash chain, immutability triggers).
+
+`--durable` turns the dev cluster's `fsync`, `synchronous_commit` and `full_page_writes` on for
+the run (ALTER SYSTEM and a reload, reset after): production durability, every commit flushed.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -127,6 +132,33 @@ def eventsourcing_recorder(dsn: str, writers: int, appends: int, batch: int) -> 
     return _figures(latencies, writers * appends * batch, elapsed)
 
 
+DURABILITY = ("fsync", "synchronous_commit", "full_page_writes")
+
+
+@contextmanager
+def durable(dsn: str, on: bool) -> Iterator[None]:
+    """Production durability on the dev cluster for the duration (a no-op unless `on`)."""
+    async def apply(statements: list[str]) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute("SELECT pg_reload_conf()")
+            settings = {s: await conn.fetchval(f"SHOW {s}") for s in DURABILITY}
+            print("  server: " + " ".join(f"{k}={v}" for k, v in settings.items()))
+        finally:
+            await conn.close()
+
+    if not on:
+        yield
+        return
+    asyncio.run(apply([f"ALTER SYSTEM SET {s} = on" for s in DURABILITY]))
+    try:
+        yield
+    finally:
+        asyncio.run(apply([f"ALTER SYSTEM RESET {s}" for s in DURABILITY]))
+
+
 def _fresh(dsn: str, label: str) -> tuple[str, str]:
     name = f"{label}_{uuid.uuid4().hex[:8]}"
     infra.create_database(dsn, name)
@@ -139,11 +171,29 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000, help="events per store per round")
     parser.add_argument("--batch", type=int, default=1, help="events per append")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--durable", action="store_true",
+                        help="fsync, synchronous_commit and full_page_writes on for the run")
     args = parser.parse_args()
     appends = args.events // (args.writers * args.batch)
     dsn = infra.start_postgres()
     results: dict[str, list[dict[str, float]]] = {"insert": [], "eventsourcing": [],
                                                   "project": []}
+    with durable(dsn, args.durable):
+        _rounds(dsn, args, appends, results)
+    median = {store: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+              for store, runs in results.items()}
+    print(f"writers={args.writers} batch={args.batch} events={appends * args.writers * args.batch}"
+          f" rounds={args.rounds} durable={args.durable} (medians)")
+    for store, figures in median.items():
+        print(f"  {store:<14}" + "  ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+    ours = median["project"]["events_per_s"]
+    print(f"  ratio project/insert={ours / median['insert']['events_per_s']:.2f} "
+          f"project/eventsourcing={ours / median['eventsourcing']['events_per_s']:.2f} "
+          "(targets >= 0.5 and >= 3)")
+
+
+def _rounds(dsn: str, args: argparse.Namespace, appends: int,
+            results: dict[str, list[dict[str, float]]]) -> None:
     for _ in range(args.rounds):
         for store in results:
             name, url = _fresh(dsn, f"peers_{store}")
@@ -159,15 +209,6 @@ def main() -> None:
                 results[store].append(found)
             finally:
                 infra.drop_database(dsn, name)
-    median = {store: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-              for store, runs in results.items()}
-    print(f"writers={args.writers} batch={args.batch} events={appends * args.writers * args.batch}"
-          f" rounds={args.rounds} (medians)")
-    for store, figures in median.items():
-        print(f"  {store:<14}" + "  ".join(f"{k}={v:.1f}" for k, v in figures.items()))
-    ours = median["project"]["events_per_s"]
-    print(f"  ratio project/insert={ours / median['insert']['events_per_s']:.2f} "
-          f"project/eventsourcing={ours / median['eventsourcing']['events_per_s']:.2f}")
 
 
 if __name__ == "__main__":

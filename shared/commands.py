@@ -1,15 +1,18 @@
 """The command layer's one pattern, written once: load (fold) -> decide (pure) -> append, in one
-store transaction, with each stream appended at the version it was read."""
+store transaction that commits only if nothing it read has moved, run again when something has."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import functools
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from shared.decider import Decider, Identified
 from shared.events import EventData
-from shared.store import EventStore, Metadata, NewEvent, RecordedEvent, Transaction
+from shared.retry import on_conflict_again
+from shared.store import EventStore, Metadata, NewEvent, Transaction
 
 S = TypeVar("S")
 
@@ -33,17 +36,39 @@ class Session:
             events += [r.payload() for r in recorded]
         return decider.fold(events)
 
-    async def append(self, stream: str, events: Sequence[Decided], meta: Metadata
-                     ) -> list[RecordedEvent]:
+    async def append(self, stream: str, events: Sequence[Decided], meta: Metadata) -> None:
         """Append at the version this session read (no version check for a stream it never
         read: a new one under a fresh id, or a store-wide projection such as safety's)."""
         if not events:
-            return []
+            return
         expected = self.versions.get(stream)
-        recorded = await self.tx.append(stream, [_new(e, meta) for e in events], expected)
+        await self.tx.append(stream, [_new(e, meta) for e in events], expected)
         if expected is not None:
-            self.versions[stream] = expected + len(recorded)
-        return recorded
+            self.versions[stream] = expected + len(events)
+
+
+class Snapshot(Generic[S]):
+    """One stream's state, kept folded in this process by version, per store: a load reads only
+    the events after it (the randomization's trial-wide allocation, which grows with every
+    patient). The stream is append-only, so the state at a version never changes; what the load
+    reads it remembers at the version reached, as `Session.load` does."""
+
+    def __init__(self, decider: Decider[S, Any, Any], stream: str) -> None:
+        self.decider, self.stream = decider, stream
+        self._kept: weakref.WeakKeyDictionary[EventStore, tuple[int, S]] = (
+            weakref.WeakKeyDictionary())
+
+    async def load(self, session: Session) -> S:
+        store = session.tx.store
+        version, state = self._kept.get(store, (0, self.decider.initial))
+        newer = await session.tx.read_stream(self.stream, after_version=version)
+        if newer:
+            state = self.decider.fold((e.payload() for e in newer), state)
+            version = newer[-1].stream_version
+            if version > self._kept.get(store, (0, state))[0]:
+                self._kept[store] = (version, state)
+        session.versions[self.stream] = version
+        return state
 
 
 def _new(event: Decided, meta: Metadata) -> NewEvent:
@@ -54,7 +79,22 @@ def _new(event: Decided, meta: Metadata) -> NewEvent:
 
 @asynccontextmanager
 async def session(store: EventStore) -> AsyncIterator[Session]:
-    """A command's transaction under the store's write lock: what it loads cannot move before
-    it appends, and the expected versions still guard every stream, should a writer bypass it."""
+    """A command's transaction: it commits only if every stream it loaded is still at the
+    version it read (else `ConcurrencyError`: run the command again, see `retried`)."""
     async with store.transaction() as tx:
         yield Session(tx)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def retried(command: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """A command function run again, from its first read, when its commit finds that what it
+    read has moved (D39). Commands are pure decisions on what they read, so running one again
+    is always safe: nothing of a refused commit was written."""
+    @functools.wraps(command)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await on_conflict_again(lambda: command(*args, **kwargs))
+
+    return run

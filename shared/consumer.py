@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic
 from shared.kafka import LazyProducer, quietly
-from shared.retry import Stopped, retry
+from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, Transaction
 
@@ -206,7 +206,8 @@ class ConsumerRunner:
         where = f"consumer {self.group_id} at {record.topic}:{record.partition}:{record.offset}"
 
         async def until_stored() -> None:
-            await retry(lambda: self._process(record), what=where, retry_if=_transient)
+            await retry(lambda: on_conflict_again(lambda: self._process(record)), what=where,
+                        retry_if=_transient)
 
         try:
             await retry(until_stored, what=where, attempts=MAX_HANDLER_ATTEMPTS,

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -47,6 +48,13 @@ idempotency_keys = sa.Table(
 )
 
 
+_CLAIM_ATTEMPTS = 5
+
+
+class _LostRace(Exception):
+    """Another request with the same key changed its row between this one's read and write."""
+
+
 def request_hash(method: str, path: str, query: bytes, body: bytes) -> str:
     """What makes two requests "the same": method, path, query string and the exact body bytes."""
     digest = hashlib.sha256()
@@ -67,8 +75,9 @@ class StoredAnswer:
 
 
 class IdempotencyRecords:
-    """The service's table of keys. Every call is one short transaction under the store's lock,
-    so the check-then-insert of two concurrent duplicates cannot both win."""
+    """The service's table of keys, beside its events. Each call is one short transaction of its
+    own; the table's primary key settles a race: of two concurrent duplicates, one inserts the
+    key and the other's insert fails, so it reads the first one's row instead (D18)."""
 
     def __init__(self, store: EventStore, lease: timedelta = timedelta(minutes=5)) -> None:
         self.store = store
@@ -76,22 +85,35 @@ class IdempotencyRecords:
 
     async def claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
         """None: the caller owns the key now and must run the request. Else what is stored."""
+        for _ in range(_CLAIM_ATTEMPTS - 1):
+            try:
+                return await self._claim(principal, key, digest)
+            except (IntegrityError, _LostRace):
+                continue  # another request with this key got there first: read its row
+        return await self._claim(principal, key, digest)
+
+    async def _claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
         t = idempotency_keys
         where = sa.and_(t.c.principal == principal, t.c.key == key)
-        async with self.store.transaction() as tx:
-            row = (await tx.conn.execute(sa.select(t).where(where))).first()
+        async with self.store.engine.begin() as conn:
+            row = (await conn.execute(sa.select(t).where(where))).first()
             if row is not None and as_utc(row.created_at) < utcnow() - KEY_TTL:
-                await tx.conn.execute(t.delete().where(where))
+                await conn.execute(t.delete().where(where, t.c.created_at == row.created_at))
                 row = None
             if row is None:
-                await tx.conn.execute(t.insert().values(
+                await conn.execute(t.insert().values(
                     principal=principal, key=key, request_hash=digest, created_at=utcnow()))
                 return None
             if (row.status is None and row.written_at is None and row.request_hash == digest
                     and as_utc(row.created_at) < utcnow() - self.lease):
                 # The first attempt wrote nothing and never answered: its process died. Running
-                # the request again cannot repeat a write, so this retry takes the key over.
-                await tx.conn.execute(t.update().where(where).values(created_at=utcnow()))
+                # the request again cannot repeat a write, so this retry takes the key over,
+                # unless another retry took it over first (then the row has moved on).
+                taken = await conn.execute(t.update().where(
+                    where, t.c.created_at == row.created_at, t.c.written_at.is_(None),
+                    t.c.status.is_(None)).values(created_at=utcnow()))
+                if taken.rowcount != 1:
+                    raise _LostRace
                 return None
         return StoredAnswer(row.request_hash, row.status, list(row.headers or []),
                             bytes(row.body or b""), row.written_at is not None,
@@ -110,10 +132,10 @@ class IdempotencyRecords:
     async def complete(self, principal: str, key: str, status: int,
                        headers: list[list[str]], body: bytes) -> None:
         t = idempotency_keys
-        async with self.store.transaction() as tx:
-            await tx.conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
-                                  .values(status=status, headers=headers, body=body,
-                                          completed_at=utcnow()))
+        async with self.store.engine.begin() as conn:
+            await conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
+                               .values(status=status, headers=headers, body=body,
+                                       completed_at=utcnow()))
 
     async def give_up(self, principal: str, key: str) -> None:
         """The request failed on our side (5xx, an exception). If it wrote nothing, the key is
@@ -121,9 +143,9 @@ class IdempotencyRecords:
         time, so the key's answer becomes 409 `idempotency_key_outcome_unknown`."""
         t = idempotency_keys
         where = sa.and_(t.c.principal == principal, t.c.key == key)
-        async with self.store.transaction() as tx:
-            await tx.conn.execute(t.delete().where(where, t.c.written_at.is_(None)))
-            await tx.conn.execute(t.update().where(where, t.c.status.is_(None)).values(
+        async with self.store.engine.begin() as conn:
+            await conn.execute(t.delete().where(where, t.c.written_at.is_(None)))
+            await conn.execute(t.update().where(where, t.c.status.is_(None)).values(
                 status=OUTCOME_UNKNOWN.status, headers=[["content-type", PROBLEM_JSON]],
                 body=json.dumps(OUTCOME_UNKNOWN.body()).encode(), completed_at=utcnow()))
 

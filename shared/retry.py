@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,6 +19,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 from tenacity.stop import stop_base
+
+from shared.errors import ConcurrencyError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,3 +85,22 @@ async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
             raise Stopped(what) from exc
         raise
     raise AssertionError("unreachable: tenacity either returns or raises")
+
+
+CONFLICT_ATTEMPTS = 25
+
+
+async def on_conflict_again(operation: Callable[[], Awaitable[T]],
+                            attempts: int = CONFLICT_ATTEMPTS) -> T:
+    """Run `operation` (a whole transaction: its reads, its decision, its commit) again while its
+    commit finds that what it read has moved (`ConcurrencyError`, D39), after a short random pause
+    that grows, so that racers fall out of step. After `attempts` the last one goes to the caller
+    (an HTTP 409 `conflict`; a consumer's handler failure)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await operation()
+        except ConcurrencyError:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+    raise AssertionError("unreachable")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -154,7 +155,8 @@ class VerifyResult:
 
 
 class StreamReader(Protocol):
-    async def read_stream(self, stream_id: str) -> list[RecordedEvent]: ...
+    async def read_stream(self, stream_id: str, after_version: int = 0
+                          ) -> list[RecordedEvent]: ...
 
 
 @dataclass(frozen=True)
@@ -189,102 +191,215 @@ class EventFilter:
 EVERYTHING = EventFilter()
 
 
+def _stream(stream_id: str, after_version: int) -> sa.Select[Any]:
+    return events.select().where(events.c.stream_id == stream_id,
+                                 events.c.stream_version > after_version).order_by(
+        events.c.stream_version)
+
+
 def _after(after: int, limit: int | None, where: EventFilter) -> sa.Select[Any]:
     q = events.select().where(events.c.position > after, *where.clauses()).order_by(
         events.c.position)
     return q if limit is None else q.limit(limit)
 
 
-class Transaction:
-    """One write transaction holding the store's append lock: appends, reads, consumer bookkeeping."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self.appended: list[RecordedEvent] = []
+def _row(position: int, stream_id: str, version: int, new: NewEvent, now: datetime,
+         prev_hash: str) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "position": position, "stream_id": stream_id, "stream_version": version,
+        "event_id": new.event_id, "type": new.type, "schema_version": new.schema_version,
+        "data": new.data, "metadata": new.metadata, "recorded_at": now, "prev_hash": prev_hash,
+    }
+    row["hash"] = event_hash(prev_hash, row)
+    return row
+
+
+_LOCK = sa.text("SELECT * FROM event_store_lock(CAST(:streams AS text[]))")
+_INSERT = (
+    "INSERT INTO events (position, stream_id, stream_version, event_id, type, schema_version, "
+    "data, metadata, recorded_at, prev_hash, hash) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8::json, $9, $10, $11)")
+
+
+def _values(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["position"], row["stream_id"], row["stream_version"], row["event_id"],
+            row["type"], row["schema_version"], json.dumps(row["data"]),
+            json.dumps(row["metadata"]), row["recorded_at"], row["prev_hash"], row["hash"])
+
+
+async def _versions(conn: AsyncConnection, streams: set[str]) -> dict[str, int]:
+    """Each stream's version now (absent: no events)."""
+    found: dict[str, int] = {}
+    wanted = sorted(streams)
+    for i in range(0, len(wanted), 500):
+        q = sa.select(events.c.stream_id, sa.func.max(events.c.stream_version)).where(
+            events.c.stream_id.in_(wanted[i:i + 500])).group_by(events.c.stream_id)
+        found.update({str(s): int(v) for s, v in await conn.execute(q)})
+    return found
+
+
+def _conflict(tx: Transaction, versions: dict[str, int], head: int) -> ConcurrencyError | None:
+    """What `tx` read that has moved, or None. `versions` and `head` include the batch's
+    transactions before it, so two in one batch are checked as if committed one after the
+    other."""
+    for stream, read in tx.read_versions.items():
+        if versions.get(stream, 0) != read:
+            return ConcurrencyError(stream, read, versions.get(stream, 0))
+    if tx.read_head is not None and head != tx.read_head:
+        return ConcurrencyError("*", tx.read_head, head)
+    staged: dict[str, int] = {}
+    for a in tx.appends:
+        current = versions.get(a.stream_id, 0) + staged.get(a.stream_id, 0)
+        if a.expected_version is not None and a.expected_version != current:
+            return ConcurrencyError(a.stream_id, a.expected_version, current)
+        staged[a.stream_id] = staged.get(a.stream_id, 0) + len(a.events)
+    return None
+
+
+def _as_conflict(tx: Transaction, exc: Exception) -> Exception:
+    """A unique key the database refused (an event id, a processed mark, a stream version
+    written by a process outside the store): the transaction's premise was wrong, run it again.
+    (asyncpg's own errors, from the raw `executemany`, carry the SQLSTATE: class 23.)"""
+    if isinstance(exc, IntegrityError) or str(getattr(exc, "sqlstate", "")).startswith("23"):
+        stream = tx.appends[0].stream_id if tx.appends else "*"
+        error = ConcurrencyError(stream, None, -1)
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+async def _move_checkpoint(conn: AsyncConnection, name: str, position: int,
+                           now: datetime) -> None:
+    updated = await conn.execute(
+        checkpoints.update().where(checkpoints.c.name == name, checkpoints.c.position < position)
+        .values(position=position, updated_at=now))
+    if updated.rowcount == 0:
+        exists = await conn.execute(sa.select(sa.literal(1)).where(checkpoints.c.name == name))
+        if exists.first() is None:
+            await conn.execute(checkpoints.insert().values(
+                name=name, position=position, updated_at=now))
+
+
+@dataclass
+class _Append:
+    stream_id: str
+    events: list[NewEvent]
+    expected_version: int | None
+
+
+class Transaction:
+    """One unit of work: reads now, writes at commit, all or nothing (D39).
+
+    Reads run at once, without any lock, and each remembers what it saw: the version of every
+    stream read, and the store's head before a read across streams. Appends, processed marks and
+    checkpoints are staged and written when the transaction ends, by the store's group commit,
+    which first checks that nothing this transaction read has moved since: if something has, none
+    of it is written and `ConcurrencyError` says to run the command again on fresh reads. So a
+    command commits only what it decided on the state that is current at its commit, exactly as if
+    it had held a store-wide lock from its first read, without holding one.
+    """
+
+    def __init__(self, store: EventStore, held: AsyncExitStack) -> None:
+        self.store = store
+        self._held = held
+        self._conn: AsyncConnection | None = None
+        self.read_versions: dict[str, int] = {}
+        self.read_head: int | None = None  # the head before the first read across streams
+        self.appends: list[_Append] = []
+        self.processed: list[dict[str, Any]] = []
+        self.checkpoints: dict[str, int] = {}
+        self.hooks: tuple[BeforeCommit, ...] = ()
+        self.appended: list[RecordedEvent] = []  # filled at commit
+        self._exclusive = AsyncExitStack()
+        self._keys: set[str] = set()
+
+    async def conn(self) -> AsyncConnection:
+        """The connection this transaction reads on (opened at its first read: an append that
+        reads nothing needs none); every write goes through the staging below."""
+        if self._conn is None:
+            self._conn = await self._held.enter_async_context(self.store.read_engine.connect())
+        return self._conn
+
+    async def _read(self, q: sa.Executable) -> sa.CursorResult[Any]:
+        return await (await self.conn()).execute(q)
+
+    async def close_reads(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    def _staged(self, stream_id: str) -> int:
+        return sum(len(a.events) for a in self.appends if a.stream_id == stream_id)
+
+    def _saw(self, stream_id: str, version: int) -> None:
+        if self._staged(stream_id):
+            raise RuntimeError(f"stream {stream_id!r} read after this transaction appended to it")
+        self.read_versions.setdefault(stream_id, version)
 
     async def stream_version(self, stream_id: str) -> int:
         q = sa.select(sa.func.coalesce(sa.func.max(events.c.stream_version), 0)).where(
             events.c.stream_id == stream_id)
-        return int((await self.conn.execute(q)).scalar_one())
+        version = int((await self._read(q)).scalar_one())
+        self._saw(stream_id, version)
+        return version
 
-    async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
-        q = events.select().where(events.c.stream_id == stream_id).order_by(events.c.stream_version)
-        return [_to_recorded(r) for r in await self.conn.execute(q)]
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
+        """The stream's events after `after_version` (a snapshot's, see `shared.commands`)."""
+        found = [_to_recorded(r) for r in await self._read(_stream(stream_id, after_version))]
+        self._saw(stream_id, found[-1].stream_version if found else after_version)
+        return found
 
     async def read_all(self, after: int = 0, limit: int | None = None,
                        where: EventFilter = EVERYTHING) -> list[RecordedEvent]:
-        """Events after position `after`, in position order, inside this transaction."""
-        return [_to_recorded(r) for r in await self.conn.execute(_after(after, limit, where))]
+        """Events after position `after`, in position order. The commit then checks that the
+        store's head has not moved since just before this read: whatever it could have missed."""
+        if self.read_head is None:
+            head = sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))
+            self.read_head = int((await self._read(head)).scalar_one())
+        return [_to_recorded(r) for r in await self._read(_after(after, limit, where))]
 
     async def has_event(self, event_id: str) -> bool:
+        """Stored or staged. (Two writers of one id: the database's unique key stops the second,
+        whose transaction then runs again and finds it.)"""
+        if any(new.event_id == event_id for a in self.appends for new in a.events):
+            return True
         q = sa.select(sa.literal(1)).where(events.c.event_id == event_id)
-        return (await self.conn.execute(q)).first() is not None
+        return (await self._read(q)).first() is not None
 
     async def append(self, stream_id: str, new_events: Sequence[NewEvent],
-                     expected_version: int | None) -> list[RecordedEvent]:
-        """Append at `expected_version` (events already in the stream; None: don't check)."""
-        version = await self.stream_version(stream_id)
-        if expected_version is not None and version != expected_version:
-            raise ConcurrencyError(stream_id, expected_version, version)
-        head = (await self.conn.execute(
-            sa.select(events.c.position, events.c.hash).order_by(events.c.position.desc()).limit(1)
-        )).first()
-        position, prev_hash = (head[0], head[1]) if head else (0, GENESIS_HASH)
-        rows = []
-        now = utcnow()
-        for offset, new in enumerate(new_events, start=1):
-            row: dict[str, Any] = {
-                "position": position + offset,
-                "stream_id": stream_id,
-                "stream_version": version + offset,
-                "event_id": new.event_id,
-                "type": new.type,
-                "schema_version": new.schema_version,
-                "data": new.data,
-                "metadata": new.metadata,
-                "recorded_at": now,
-                "prev_hash": prev_hash,
-            }
-            row["hash"] = prev_hash = event_hash(row["prev_hash"], row)
-            rows.append(row)
-        if not rows:
-            return []
-        try:
-            await self.conn.execute(events.insert(), rows)
-        except IntegrityError as exc:  # a writer outside this lock, or a reused event id
-            raise ConcurrencyError(stream_id, expected_version, version) from exc
-        recorded = [
-            RecordedEvent(**{**r, "recorded_at": as_utc(r["recorded_at"])}) for r in rows
-        ]
-        self.appended.extend(recorded)
-        return recorded
-
-    async def count_of_type(self, event_type: str) -> int:
-        q = sa.select(sa.func.count()).select_from(events).where(events.c.type == event_type)
-        return int((await self.conn.execute(q)).scalar_one())
+                     expected_version: int | None) -> None:
+        """Stage an append at `expected_version` (the events already in the stream; None: after
+        whatever is there at commit). Positions and hashes are given at commit, in `appended`."""
+        if new_events:
+            self.appends.append(_Append(stream_id, list(new_events), expected_version))
 
     async def was_processed(self, consumer: str, event_id: str) -> bool:
         q = sa.select(sa.literal(1)).where(
             processed_events.c.consumer == consumer, processed_events.c.event_id == event_id)
-        return (await self.conn.execute(q)).first() is not None
+        return (await self._read(q)).first() is not None
 
     async def mark_processed(self, consumer: str, event_id: str, topic: str) -> None:
-        await self.conn.execute(processed_events.insert().values(
-            consumer=consumer, event_id=event_id, topic=topic, processed_at=utcnow()))
+        self.processed.append({"consumer": consumer, "event_id": event_id, "topic": topic})
 
     async def checkpoint(self, name: str) -> int:
         q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
-        return int((await self.conn.execute(q)).scalar_one_or_none() or 0)
+        return int((await self._read(q)).scalar_one_or_none() or 0)
 
     async def save_checkpoint(self, name: str, position: int) -> None:
-        """Move the checkpoint forward (never back, should two relays race)."""
-        updated = await self.conn.execute(
-            checkpoints.update().where(checkpoints.c.name == name,
-                                       checkpoints.c.position < position)
-            .values(position=position, updated_at=utcnow()))
-        if updated.rowcount == 0 and await self.checkpoint(name) == 0:
-            await self.conn.execute(checkpoints.insert().values(
-                name=name, position=position, updated_at=utcnow()))
+        """Move the checkpoint forward at commit (never back, should two relays race)."""
+        self.checkpoints[name] = max(position, self.checkpoints.get(name, 0))
+
+    async def exclusive(self, key: str) -> None:
+        """Hold this process's lock named `key` until the transaction has committed or failed:
+        commands on one hot aggregate (the allocation, safety's whole-store state) then queue in
+        Python instead of losing the race at commit and running again. Replicas in other
+        processes still meet at the commit's checks."""
+        if key not in self._keys:
+            self._keys.add(key)
+            await self._exclusive.enter_async_context(self.store.keyed_lock(key))
+
+    def writes(self) -> bool:
+        return bool(self.appends or self.processed or self.checkpoints)
 
 
 # Work that must commit together with whatever the current request appends, in the same
@@ -292,14 +407,20 @@ class Transaction:
 BeforeCommit = Callable[[AsyncConnection], Awaitable[None]]
 before_commit: ContextVar[tuple[BeforeCommit, ...]] = ContextVar("before_commit", default=())
 
+_BATCH = 256  # transactions per group commit at most
+Outcome = asyncio.Future[BaseException | None]  # a queued transaction's error, None: committed
+_DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError)
+
 
 class EventStore:
-    """A service's event store. Every write goes through `transaction()`, which holds one lock.
+    """A service's event store: reads anywhere, every write through one group commit (D39).
 
-    Holding a store-wide lock from the first read of the head to COMMIT means positions are
-    handed out in commit order with no gaps, so a relay reading `position > checkpoint` can never
-    skip an event that commits late. The append rate of one trial is far below what one lock
-    serves; see docs/decisions.md.
+    Transactions read without a lock and stage their writes; `_commit` writes the staged work of
+    every transaction waiting at that moment in one database transaction, under one lock held
+    only for that write: `pg_advisory_xact_lock` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite, so
+    across processes and replicas too. Positions are `head + 1` under that lock, so they are
+    gapless and in commit order, and a relay reading `position > checkpoint` can never skip an
+    event that commits late (D1).
     """
 
     def __init__(self, url: str) -> None:
@@ -309,33 +430,161 @@ class EventStore:
         # SQLite readers must not take the write lock; PostgreSQL shares one pool.
         self.read_engine: AsyncEngine = (
             create_engine(url, immediate=False) if self.sqlite else self.engine)
-        self._lock = asyncio.Lock()
+        self._queue: list[tuple[Transaction, Outcome]] = []
+        self._committer: asyncio.Task[None] | None = None  # the one writer task (per loop)
+        self._idle: asyncio.Future[None] | None = None
+        self._closing = False
+        self._keyed: dict[str, asyncio.Lock] = {}
         self._committed = asyncio.Event()
+        self.group_commits = 0  # database transactions the committer has run (D39)
 
     async def close(self) -> None:
+        """Commit what is queued, stop the committer, close the connections."""
+        task, self._closing = self._committer, True
+        if task is not None and not task.done():
+            if task.get_loop() is asyncio.get_running_loop():
+                self._wake_committer()
+                await task
+            else:  # its loop has ended (a test's): nothing can be queued on it any more
+                task.cancel()
+        self._closing = False
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
 
+    def keyed_lock(self, key: str) -> asyncio.Lock:
+        return self._keyed.setdefault(key, asyncio.Lock())
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        # The in-process lock keeps one process's writers from queueing inside the database.
-        async with self._lock, self.engine.begin() as conn:
-            if not self.sqlite:
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
-                                   {"k": _APPEND_LOCK_KEY})
-            tx = Transaction(conn)
+        """Read, stage, commit on leaving (nothing on an exception). Raises `ConcurrencyError`
+        at the end when what it read moved before it could commit: run the command again."""
+        async with AsyncExitStack() as held:
+            tx = Transaction(self, held)
+            held.push_async_exit(tx._exclusive)
             yield tx
-            if tx.appended:
-                for hook in before_commit.get():
-                    await hook(conn)
-        if tx.appended:
-            self._committed.set()
+            await tx.close_reads()  # give the connection back before waiting for the commit
+            if tx.writes():
+                if tx.appends:
+                    tx.hooks = before_commit.get()
+                await self._commit(tx)
 
     async def append(self, stream_id: str, new_events: Sequence[NewEvent],
                      expected_version: int | None) -> list[RecordedEvent]:
         async with self.transaction() as tx:
-            return await tx.append(stream_id, new_events, expected_version)
+            await tx.append(stream_id, new_events, expected_version)
+        return tx.appended
+
+    async def save_checkpoint(self, name: str, position: int) -> None:
+        async with self.transaction() as tx:
+            await tx.save_checkpoint(name, position)
+
+    async def _commit(self, tx: Transaction) -> None:
+        """Queue the transaction for the committer and wait for its outcome. Once queued it
+        commits or fails as a whole even if its caller goes away (shielded)."""
+        outcome: Outcome = asyncio.get_running_loop().create_future()
+        self._queue.append((tx, outcome))
+        self._wake_committer()
+        error = await asyncio.shield(outcome)
+        if error is not None:
+            raise error
+
+    def _wake_committer(self) -> None:
+        loop = asyncio.get_running_loop()
+        if (self._committer is None or self._committer.done()
+                or self._committer.get_loop() is not loop) and not self._closing:
+            self._committer = loop.create_task(self._commit_forever(), name="group-commit")
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def _commit_forever(self) -> None:
+        """Group commit: every transaction queued while the last write ran goes in the next."""
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._idle = asyncio.get_running_loop().create_future()
+                await self._idle
+                await asyncio.sleep(0)  # let the other writers that are ready queue theirs too
+                continue
+            batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+            await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[tuple[Transaction, Outcome]]) -> None:
+        try:
+            failed = await self._write([tx for tx, _ in batch])
+        except _DISCONNECTS as exc:  # the database went away: every caller's error
+            for _, outcome in batch:
+                outcome.set_result(exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0][1].set_result(_as_conflict(batch[0][0], exc))
+                return
+            for one in batch:  # one transaction's bad write must not fail the others: alone now
+                await self._commit_batch([one])
+            return
+        for tx, outcome in batch:
+            outcome.set_result(failed.get(id(tx)))
+        self._committed.set()
+
+    async def _write(self, batch: list[Transaction]) -> dict[int, ConcurrencyError]:
+        """One database transaction for the batch; returns the transactions refused for reading
+        what moved (their work is left out, the rest commits)."""
+        failed: dict[int, ConcurrencyError] = {}
+        appended: dict[int, list[RecordedEvent]] = {}
+        async with self.engine.begin() as conn:
+            streams = ({s for tx in batch for s in tx.read_versions}
+                       | {a.stream_id for tx in batch for a in tx.appends})
+            raw = None if self.sqlite else (await conn.get_raw_connection()).driver_connection
+            if raw is None:  # BEGIN IMMEDIATE has taken SQLite's write lock
+                top = (await conn.execute(
+                    sa.select(events.c.position, events.c.hash)
+                    .order_by(events.c.position.desc()).limit(1))).first()
+                head, prev_hash = (int(top[0]), str(top[1])) if top else (0, GENESIS_HASH)
+                versions = await _versions(conn, streams)
+            else:  # one round trip: the advisory lock, then the head and versions (0004).
+                # Through SQLAlchemy, which opens the transaction (BEGIN) the lock lives in.
+                head, prev_hash, versions = 0, GENESIS_HASH, {}
+                for stream, version, position, hash_ in await conn.execute(
+                        _LOCK, {"streams": sorted(streams)}):
+                    if stream is None:
+                        head, prev_hash = int(position), str(hash_)
+                    else:
+                        versions[stream] = int(version)
+            rows: list[dict[str, Any]] = []
+            now = utcnow()
+            for tx in batch:
+                conflict = _conflict(tx, versions, head)
+                if conflict is not None:
+                    failed[id(tx)] = conflict
+                    continue
+                for staged in tx.appends:
+                    version = versions.get(staged.stream_id, 0)
+                    for new in staged.events:
+                        head, version = head + 1, version + 1
+                        row = _row(head, staged.stream_id, version, new, now, prev_hash)
+                        prev_hash = row["hash"]
+                        rows.append(row)
+                        appended.setdefault(id(tx), []).append(RecordedEvent(**row))
+                    versions[staged.stream_id] = version
+            if rows and raw is not None:  # asyncpg's executemany: one round trip for all
+                await raw.executemany(_INSERT, [_values(row) for row in rows])
+            elif rows:
+                await conn.execute(events.insert(), rows)
+            done = [tx for tx in batch if id(tx) not in failed]
+            marks = [{**m, "processed_at": now} for tx in done for m in tx.processed]
+            if marks:
+                await conn.execute(processed_events.insert(), marks)
+            for tx in done:
+                for name, position in tx.checkpoints.items():
+                    await _move_checkpoint(conn, name, position, now)
+                for hook in tx.hooks:
+                    await hook(conn)
+        self.group_commits += 1
+        for tx in batch:  # committed
+            tx.appended = appended.get(id(tx), [])
+        return failed
 
     async def wait_for_commit(self, timeout: float) -> None:
         """Wake the relay when this process commits; `timeout` covers other writers."""
@@ -345,11 +594,9 @@ class EventStore:
             pass
         self._committed.clear()
 
-    async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         async with self.read_engine.connect() as conn:
-            q = events.select().where(events.c.stream_id == stream_id).order_by(
-                events.c.stream_version)
-            return [_to_recorded(r) for r in await conn.execute(q)]
+            return [_to_recorded(r) for r in await conn.execute(_stream(stream_id, after_version))]
 
     async def read_all(self, after: int = 0, limit: int | None = 1000,
                        where: EventFilter = EVERYTHING) -> list[RecordedEvent]:
@@ -381,7 +628,8 @@ class EventStore:
 
     async def checkpoint(self, name: str) -> int:
         async with self.read_engine.connect() as conn:
-            return await Transaction(conn).checkpoint(name)
+            q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
+            return int((await conn.execute(q)).scalar_one_or_none() or 0)
 
     async def verify(self, batch: int = 1000, after: int = 0,
                      after_hash: str = GENESIS_HASH) -> VerifyResult:

@@ -7,7 +7,7 @@ from services.dosing import domain
 from services.dosing import holds as holding
 from shared.auth import Principal
 from shared.clock import Clock
-from shared.commands import Session, session
+from shared.commands import Session, retried, session
 from shared.consumer import Delivery, Unapplied
 from shared.errors import Refused
 from shared.events import (
@@ -25,12 +25,13 @@ from shared.store import EventStore, Metadata, Transaction, utcnow
 SWEEP_ACTOR = Metadata(actor="dosing-sweep", reason="visit window closed without a dose")
 
 
+@retried
 async def record_dose(store: EventStore, patient_id: str, who: Principal,
                       dose: domain.DoseCommand, protocol: ProtocolConfig,
                       meta: Metadata) -> list[EventData]:
-    """The holds read here are the holds in force when the dose commits, so a hold consumed
-    before the dose is always enforced; of two posts for one visit the second reads the first
-    one's dose (or loses the version race: `ConcurrencyError`, answered 409 `conflict`)."""
+    """The holds read here are the holds in force when the dose commits: a hold that commits
+    between this read and the dose's commit moves the holds stream, so the dose runs again and
+    reads it. Of two posts for one visit the second reads the first one's dose (D10, D39)."""
     records = domain.records(protocol)
     async with session(store) as s:
         stream = domain.schedule_stream(patient_id)
@@ -127,18 +128,19 @@ async def sweep_missed_visits(store: EventStore, clock: Clock, protocol: Protoco
     there, so a second pass (or a concurrent one) sees the first one's VisitMissed and adds none.
     """
     records = domain.records(protocol)
-    found = 0
-    prefix = domain.schedule_stream("")
-    for stream in await store.stream_ids("DosingScheduleCreated"):
-        if not stream.startswith(prefix):
-            continue
+
+    @retried
+    async def sweep(stream: str) -> int:
         async with session(store) as s:
             record = await s.load(records, stream)
             holds = await s.load(holding.HOLDS, holding.HOLDS_STREAM)
             missed = records.decide(record, domain.MarkMissed(clock.now(), holds))
             await s.append(stream, missed, SWEEP_ACTOR)
-            found += len(missed)
-    return found
+        return len(missed)
+
+    prefix = domain.schedule_stream("")
+    return sum([await sweep(stream) for stream in await store.stream_ids("DosingScheduleCreated")
+                if stream.startswith(prefix)])
 
 
 # --- failing closed on trial.safety (D32) ----------------------------------------------------
@@ -164,6 +166,7 @@ async def unapplied_safety_records(store: EventStore) -> list[SafetyRecordUnappl
     return sorted(holds.unapplied.values(), key=lambda u: u.record_id)
 
 
+@retried
 async def resolve_safety_record(store: EventStore, record_id: str, by: str,
                                 reason: str) -> SafetyRecordResolved:
     """An operator's resolution (`trial resolve-safety-record`): the block it caused ends."""

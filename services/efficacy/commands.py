@@ -6,7 +6,7 @@ from __future__ import annotations
 from services.efficacy import domain
 from shared.auth import Principal
 from shared.clock import Clock
-from shared.commands import Session, session
+from shared.commands import Session, retried, session
 from shared.consumer import Delivery
 from shared.errors import Refused
 from shared.events import EventData
@@ -21,6 +21,7 @@ PatientCommand = (domain.RecordAssessment | domain.CorrectAssessment
                   | domain.DiscontinueTreatment | domain.DeclareLost)
 
 
+@retried
 async def command_patient(store: EventStore, patient_id: str, who: Principal, action: Action,
                           command: PatientCommand, protocol: ProtocolConfig,
                           meta: Metadata) -> list[EventData]:
@@ -76,13 +77,14 @@ async def sweep_missed_assessments(store: EventStore, clock: Clock,
     """One pass over every follow-up; returns how many events it recorded. Each patient is
     decided in a transaction of its own: a second pass, or a concurrent one, adds nothing."""
     followups = domain.followups(protocol)
-    found = 0
-    for stream in await store.stream_ids("FollowUpFactRecorded"):
-        if not stream.startswith(STREAM_PREFIX):
-            continue
+
+    @retried
+    async def sweep(stream: str) -> int:
         async with session(store) as s:
             state = await s.load(followups, stream)
             new = followups.decide(state, domain.Sweep(clock.now()))
             await s.append(stream, new, SWEEP_ACTOR)
-            found += len(new)
-    return found
+        return len(new)
+
+    return sum([await sweep(stream) for stream in await store.stream_ids("FollowUpFactRecorded")
+                if stream.startswith(STREAM_PREFIX)])

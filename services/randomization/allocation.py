@@ -8,6 +8,7 @@ offline with `trial allocation-list`), and without the secret nothing predicts a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections import Counter
@@ -71,6 +72,7 @@ def sequence_arms(sequence_or_stratum: str) -> tuple[str, tuple[Arm, ...]]:
     return stratum, tuple(a for a in ARMS if a in named)
 
 
+@functools.lru_cache(maxsize=4096)  # a block is fixed by its arguments; sequences reuse them
 def block(secret: bytes, config: RandomizationConfig, stratum: str, index: int,
           arms: tuple[Arm, ...] = ARMS) -> tuple[Arm, ...]:
     """Block `index` (from 0) of the sequence of `stratum` over `arms`: its size drawn by weight
@@ -117,8 +119,13 @@ def sequence(secret: bytes, config: RandomizationConfig, stratum: str, count: in
 
 def slot_arm(secret: bytes, config: RandomizationConfig, stratum: str, slot: int,
              arms: tuple[Arm, ...] = ARMS) -> Arm:
-    """The arm of slot `slot` (from 1) of the sequence of `stratum` over `arms`."""
-    return sequence(secret, config, stratum, slot, arms)[-1].arm
+    """The arm of slot `slot` (from 1) of the sequence of `stratum` over `arms`: `sequence`'s
+    answer, found by block sizes alone (the blocks before it are cached)."""
+    index = 0
+    while slot > len(arms_of_block := block(secret, config, stratum, index, arms)):
+        slot -= len(arms_of_block)
+        index += 1
+    return arms_of_block[slot - 1]
 
 
 # --- what an unblinded observer can work out ---------------------------------------------------

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from services.randomization import domain
 from shared.auth import Principal
-from shared.commands import Session, session
+from shared.commands import Session, Snapshot, retried, session
 from shared.consumer import Delivery, Unapplied
 from shared.errors import Refused
 from shared.events import (
@@ -25,6 +25,7 @@ from shared.store import EventStore, Metadata, StreamReader, Transaction, utcnow
 
 ALLOCATION_STREAM = "allocation"  # every AllocationSlotUsed, trial-wide: version = numbers used
 HOLDS_STREAM = "safety-holds"     # RandomizationHoldApplied / Lifted from trial.safety
+ALLOCATION = Snapshot(domain.ALLOCATION, ALLOCATION_STREAM)  # read only what is new (D39)
 PATIENT_NS = uuid.UUID("6f1c0a52-8f4e-4c1a-9d57-2b1e7d0c5a11")
 
 
@@ -54,6 +55,7 @@ def visible_patient(patient: domain.Patient, who: Principal, action: Action) -> 
     return patient
 
 
+@retried
 async def screen(store: EventStore, facts: domain.ScreeningFacts, who: Principal,
                  protocol: ProtocolConfig, meta: Metadata) -> PatientScreened:
     authorize_site(who, Action.ENROL, facts.site_id)
@@ -68,6 +70,7 @@ async def screen(store: EventStore, facts: domain.ScreeningFacts, who: Principal
     return screened
 
 
+@retried
 async def enrol(store: EventStore, screening_id: str, who: Principal, protocol: ProtocolConfig,
                 meta: Metadata) -> domain.Patient:
     patients = domain.patients(protocol)
@@ -95,18 +98,20 @@ async def _holds(s: Session) -> domain.Holds:
     return await s.load(domain.HOLDS, HOLDS_STREAM)
 
 
+@retried
 async def randomize(store: EventStore, patient_id: str, who: Principal, protocol: ProtocolConfig,
                     secret: bytes, meta: Metadata) -> Randomized:
     patients = domain.patients(protocol)
-    # Under the store's write lock the allocation stream cannot move between read and append;
-    # the expected versions still guard both streams, should a writer ever bypass the lock.
+    # The allocation is read and appended at one version: a randomization that commits in
+    # between makes this one run again. Randomizations in this process queue for the allocation
+    # rather than race for it; another replica's still meets this one at the commit.
     async with session(store) as s:
+        await s.tx.exclusive(ALLOCATION_STREAM)
         stream = patient_stream(patient_id)
         patient = visible_patient(await s.load(patients, stream), who, Action.ENROL)
         if patient.assignment is not None:
             return Randomized(patient.assignment, created=False)
-        command = domain.Randomize(await s.load(domain.ALLOCATION, ALLOCATION_STREAM),
-                                   await _holds(s), secret, utcnow())
+        command = domain.Randomize(await ALLOCATION.load(s), await _holds(s), secret, utcnow())
         new = patients.decide(patient, command)
         await s.append(ALLOCATION_STREAM,
                        [e for e in new if isinstance(e, AllocationSlotUsed)], meta)
@@ -116,6 +121,7 @@ async def randomize(store: EventStore, patient_id: str, who: Principal, protocol
     return Randomized(assigned, created=True)
 
 
+@retried
 async def _decide_for_patient(
         store: EventStore, patient_id: str, who: Principal, action: Action,
         protocol: ProtocolConfig, command: Callable[[Session], Awaitable[domain.PatientCommand]],
@@ -194,6 +200,7 @@ async def unapplied_safety_records(store: EventStore) -> list[RandomizationRecor
     return sorted(holds.unapplied.values(), key=lambda u: u.record_id)
 
 
+@retried
 async def resolve_safety_record(store: EventStore, record_id: str, by: str,
                                 reason: str) -> RandomizationRecordResolved:
     """An operator's resolution (`trial resolve-safety-record --service randomization`)."""

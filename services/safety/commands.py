@@ -13,7 +13,7 @@ from services.safety.projection import SAFETY_TYPES, current_state, state_for_wr
 from services.safety.rules import Emitted
 from services.safety.state import SafetyState
 from shared.auth import Principal
-from shared.commands import Session, session
+from shared.commands import Session, retried, session
 from shared.consumer import Delivery
 from shared.events import LabResult, StoppingRuleTriggered
 from shared.permissions import Action, authorize_patient
@@ -42,6 +42,7 @@ async def _append(s: Session, emitted: Sequence[Emitted], first: Metadata,
                        first if i == 0 else consequences)
 
 
+@retried
 async def _reported(store: EventStore, protocol: ProtocolConfig, patient_id: str,
                     who: Principal, command: domain.SafetyCommand, meta: Metadata) -> list[Emitted]:
     """A site's report about a patient: only for a patient safety knows, of the reporter's site."""
@@ -86,6 +87,7 @@ def new_decision_id() -> str:
     return "DEC-" + uuid.uuid4().hex[:16].upper()
 
 
+@retried
 async def dsmb_decision(store: EventStore, protocol: ProtocolConfig,
                         decision: domain.Lift | domain.Impose, meta: Metadata) -> list[Emitted]:
     """A DSMB decision, to lift holds or to impose one (the role is checked by the route):

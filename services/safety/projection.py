@@ -31,6 +31,7 @@ SAFETY_TYPES = frozenset(cls.event_type() for cls in (
     StoppingRuleTriggered, PatientDosingHeld, ArmSuspended, EnrollmentPaused, TrialHalted,
     SafetyHoldLifted, SusarReportDue, SusarFollowUpReportDue, SeriousAdverseEventReportDue))
 _SAFETY_EVENTS = EventFilter(types=tuple(sorted(SAFETY_TYPES)))
+SAFETY_STATE = "safety-state"  # the name of the lock that safety's decisions queue on
 
 
 class Reader(Protocol):
@@ -67,12 +68,15 @@ def _projection(url: object, trial_id: str) -> Projection:
 
 
 async def state_for_write(tx: Transaction, trial_id: str) -> SafetyState:
-    """The state under the store's write lock: call before the transaction appends anything."""
-    return await _projection(tx.conn.engine.url, trial_id).load(tx)
+    """The state a decision is made on: call before the transaction appends anything. Its
+    commit checks that the store's head has not moved since (D39); this process's safety
+    decisions queue for the state rather than race for it."""
+    await tx.exclusive(SAFETY_STATE)
+    return await _projection(tx.store.url, trial_id).load(tx)
 
 
 async def current_state(store: EventStore, trial_id: str) -> SafetyState:
-    return await _projection(store.engine.url, trial_id).load(store)
+    return await _projection(store.url, trial_id).load(store)
 
 
 def stream_for(event: EventData) -> str:

@@ -163,7 +163,8 @@ def request_body(site_id: str, changes: dict[str, Any]) -> dict[str, object]:
 
 async def test_every_criterion_at_its_boundary_through_the_gateway(trial: Trial) -> None:
     site_id = fresh_site()
-    today = datetime.now(UTC).date()
+    # Ages are counted in the site's own date (after 16:00 UTC, Shanghai's is tomorrow).
+    today = load_protocol(trial.protocol_dir).site_date(site_id, datetime.now(UTC))
     cases = boundary_cases(today)
     async with client(trial.system, site=site_id) as site:
         answers = await asyncio.gather(*(

@@ -29,7 +29,7 @@ from shared.events import (
     SafetyHoldLifted,
 )
 from shared.protocol import default_protocol
-from shared.store import EventStore, Metadata, RecordedEvent
+from shared.store import EventStore, Metadata, RecordedEvent, Transaction
 from shared.web import Problem, problem_for
 
 RANDOMIZED = datetime(2026, 11, 26, 9, 30, tzinfo=UTC)
@@ -219,3 +219,28 @@ async def test_a_dose_given_before_a_consumed_hold_is_recorded_as_a_late_entry(
                                             infusion(0, RANDOMIZED - timedelta(hours=1)))
                if isinstance(e, InfusionGiven)]
     assert (given.late_entry, given.entered_after_hold) == (True, "H-late")
+
+
+async def test_a_hold_committed_between_a_doses_reads_and_its_commit_is_enforced(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race a store-wide lock used to close: the dose has read the holds (none), a hold
+    commits, the dose commits. Its commit finds the holds stream moved, so the dose is decided
+    again on the hold and refused: nothing of the first decision is written (D39)."""
+    patient = await assign(store, "msc_low")
+    read_stream = Transaction.read_stream
+    held: list[str] = []
+
+    async def hold_right_after_the_dose_reads(self: Transaction, stream_id: str
+                                              ) -> list[RecordedEvent]:
+        found = await read_stream(self, stream_id)
+        if stream_id == HOLDS_STREAM and not held:
+            held.append("H-race")  # before: the hold's own transaction reads the stream too
+            await handle(store, PatientDosingHeld(
+                hold_id="H-race", patient_id=patient, rule_id="R4-infusion-reaction"), SAFETY)
+        return found
+
+    monkeypatch.setattr(Transaction, "read_stream", hold_right_after_the_dose_reads)
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, patient, NURSE, infusion(0, RANDOMIZED))
+    assert held and refused.value.code == "dosing_held"
+    assert await types(store, domain.schedule_stream(patient)) == ["DosingScheduleCreated"]

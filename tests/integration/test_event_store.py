@@ -163,3 +163,57 @@ async def test_migrations_are_idempotent_and_processed_ids_are_transactional(
     async with store.transaction() as tx:  # both rolled back together
         assert not await tx.was_processed("c", "e-1")
         assert await tx.stream_version("s") == 0
+
+
+async def test_a_commit_is_refused_when_a_stream_it_read_has_moved(store: EventStore) -> None:
+    """The premise of a decision (a holds stream, say) moved between its read and its commit:
+    nothing of the transaction is written, and `ConcurrencyError` says to decide again (D39)."""
+    await store.append("holds", [ev(1)], None)
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as tx:
+            assert len(await tx.read_stream("holds")) == 1
+            await store.append("holds", [ev(2)], None)  # another writer commits in between
+            await tx.append("doses", [ev(3)], None)
+            await tx.mark_processed("c", "e-1", "t")
+    assert await store.read_stream("doses") == []
+    async with store.transaction() as tx:
+        assert not await tx.was_processed("c", "e-1")
+    async with store.transaction() as tx:  # read again, the same decision commits
+        assert len(await tx.read_stream("holds")) == 2
+        await tx.append("doses", [ev(3)], None)
+    assert [e.stream_version for e in await store.read_stream("doses")] == [1]
+
+
+async def test_a_read_across_streams_is_refused_when_anything_committed_since(
+        store: EventStore) -> None:
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as tx:
+            assert await tx.read_all() == []
+            await store.append("elsewhere", [ev()], None)
+            await tx.append("decision", [ev()], None)
+    assert [e.stream_id for e in await store.read_all()] == ["elsewhere"]
+
+
+async def test_concurrent_transactions_share_one_database_commit(store: EventStore) -> None:
+    before = store.group_commits
+    results = await asyncio.gather(*(store.append(f"g{i}", [ev(i)], 0) for i in range(16)))
+    assert sorted(r[0].position for r in results) == list(range(1, 17))
+    assert store.group_commits - before < 16  # grouped: fewer commits than transactions
+    assert (await store.verify()).events_checked == 16
+
+
+async def test_a_wrong_transaction_in_a_group_commit_fails_alone(store: EventStore) -> None:
+    """A duplicate event id (the database's unique key refuses it) fails its own transaction,
+    never the others committed with it; positions stay gapless and the chain verifies."""
+    (first,) = await store.append("s", [ev()], None)
+    duplicate = NewEvent("TestHappened", {"n": -1}, {}, event_id=first.event_id)
+    stale = store.append("s", [ev(-2)], expected_version=0)  # "s" is at version 1
+    results = await asyncio.gather(*(store.append(f"g{i}", [ev(i)], 0) for i in range(6)),
+                                   store.append("dup", [duplicate], None), stale,
+                                   *(store.append(f"h{i}", [ev(i)], 0) for i in range(6)),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["list"] * 6 + ["ConcurrencyError"] * 2 + [
+        "list"] * 6
+    assert await store.read_stream("dup") == []
+    assert [e.position for e in await store.read_all()] == list(range(1, 14))
+    assert (await store.verify()).events_checked == 13

@@ -136,8 +136,8 @@ async def test_a_request_that_failed_without_writing_releases_its_key(
 async def _crashed_claim(store: EventStore, key: str, body: bytes, age: timedelta,
                          written: bool, path: str = "/things") -> None:
     """What a process that died mid-request leaves behind: a claim with no answer."""
-    async with store.transaction() as tx:
-        await tx.conn.execute(idempotency_keys.insert().values(
+    async with store.engine.begin() as conn:
+        await conn.execute(idempotency_keys.insert().values(
             principal="alice", key=key, request_hash=request_hash("POST", path, b"", body),
             created_at=utcnow() - age, written_at=utcnow() - age if written else None))
 

@@ -21,6 +21,7 @@ from services.randomization.allocation import (
     minimize,
     possible_next,
     sequence,
+    slot_arm,
 )
 from services.randomization.domain import Allocation, evolve_allocation, factor_levels
 from shared.events import ARMS, AllocationSlotUsed, Arm
@@ -38,6 +39,17 @@ def test_every_block_is_exactly_balanced(secret: bytes, stratum: str, index: int
     arms = block(secret, CONFIG, stratum, index)
     assert len(arms) in CONFIG.block_sizes
     assert Counter(arms) == Counter({arm: len(arms) // 3 for arm in ARMS})
+
+
+@settings(max_examples=50)
+@given(st.binary(min_size=1, max_size=16), st.sampled_from(STRATA),
+       st.sampled_from([ARMS, ARMS[:2], ARMS[1:]]))
+def test_a_slots_arm_is_the_sequences_at_that_slot(secret: bytes, stratum: str,
+                                                   arms: tuple[Arm, ...]) -> None:
+    """What the service draws (slot_arm, by block sizes) is what the offline listing shows."""
+    listing = sequence(secret, CONFIG, stratum, 80, arms)
+    assert [slot_arm(secret, CONFIG, stratum, s.slot, arms) for s in listing] == [
+        s.arm for s in listing]
 
 
 def test_the_sequence_is_fixed_by_the_secret_alone() -> None:
