@@ -19,6 +19,7 @@ CATCH_UP_S = 2.0
 # answer: the service that created the patient publishes a moment after its answer (its relay
 # runs after the commit), so what the broker holds at the first look can lack it.
 PUBLISH_GRACE_S = 0.3
+MIN_CATCH_UP_S = 0.5  # the least a look that ran long still gives the consumer
 UNKNOWN = frozenset({"patient_not_found"})
 
 
@@ -26,11 +27,13 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
                          command: Callable[[], Awaitable[T]],
                          unknown: frozenset[str] = UNKNOWN) -> T:
     """Run `command`; while it finds no such patient, wait until this service's consumer has
-    read the patient's partition of `topic` to its end as of now, and run it again. Once caught
-    up and past `PUBLISH_GRACE_S`, the patient is unknown (404). If the consumer cannot catch up
-    within `CATCH_UP_S`, the answer is 503 `not_caught_up` with Retry-After: the patient may well
-    exist (D33). `unknown` names the refusals that mean "not heard of yet"."""
+    read the patient's partition of `topic` to its end as of now, and run it again. Still not
+    found `PUBLISH_GRACE_S` after the consumer first caught up, the patient is unknown (404). If
+    the consumer cannot catch up within `CATCH_UP_S`, the answer is 503 `not_caught_up` with
+    Retry-After: the patient may well exist (D33). `unknown` names the refusals that mean "not
+    heard of yet"."""
     started = time.monotonic()
+    caught_up_at: float | None = None  # when the consumer was first found caught up
     while True:
         try:
             return await command()
@@ -39,12 +42,16 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
             if (refused.code not in unknown or consumer is None
                     or not rt.settings.consumers_enabled):  # nothing consumed: nothing to wait for
                 raise
-            waited = time.monotonic() - started
-            if waited >= PUBLISH_GRACE_S:
+            if caught_up_at is not None and time.monotonic() - caught_up_at >= PUBLISH_GRACE_S:
                 raise  # caught up, and nothing about the patient arrived since: unknown
-            if not await consumer.caught_up(topic, patient_id, max(CATCH_UP_S - waited, 0.0)):
+            # The consumer is always asked before "unknown", however long the look took (a
+            # busy service's first look can outlast the grace on its own).
+            budget = max(CATCH_UP_S - (time.monotonic() - started), MIN_CATCH_UP_S)
+            if not await consumer.caught_up(topic, patient_id, budget):
                 raise _not_caught_up() from refused
-            if time.monotonic() - started < PUBLISH_GRACE_S:
+            if caught_up_at is None:
+                caught_up_at = time.monotonic()
+            else:
                 await asyncio.sleep(0.05)  # a publish may still be on its way: look again
 
 

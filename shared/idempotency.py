@@ -253,6 +253,11 @@ class IdempotencyMiddleware:
                 answer["headers"] = [[k.decode("latin-1"), v.decode("latin-1")]
                                      for k, v in message.get("headers", [])
                                      if k.lower() in _KEPT_HEADERS]
+                if answer["status"] >= 500:
+                    # Settled before the caller hears of it: a retry sent the moment the 5xx
+                    # (often a 503 with Retry-After) arrives must find the key released.
+                    answer["given_up"] = True
+                    await _quietly_give_up(records, principal, key)
             elif message["type"] == "http.response.body":
                 answer["body"].append(message.get("body", b""))
             await send(message)
@@ -266,7 +271,8 @@ class IdempotencyMiddleware:
         finally:
             before_commit.reset(hooks)
         if answer["status"] >= 500:
-            await _quietly_give_up(records, principal, key)
+            if not answer.get("given_up"):  # no answer went out at all
+                await _quietly_give_up(records, principal, key)
         else:
             await records.complete(principal, key, answer["status"], answer["headers"],
                                    b"".join(answer["body"]))

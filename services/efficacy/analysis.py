@@ -39,8 +39,6 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
-from scipy import stats
-
 from services.efficacy import scoring
 from services.efficacy.domain import FollowUp
 from shared.events import ARMS
@@ -123,6 +121,8 @@ def proportion(count: int, n: int) -> Json:
     """A rate with its exact Clopper-Pearson 95 % interval; rate and interval None when n is 0."""
     if n == 0:
         return {"count": count, "n": 0, "rate": None, "ci95": None}
+    from scipy import stats  # on first use: an idle service does not carry scipy (~70 MB)
+
     ci = stats.binomtest(count, n).proportion_ci(confidence_level=_CONFIDENCE, method="exact")
     return {"count": count, "n": n, "rate": _round4(Fraction(count, n)),
             "ci95": [_round4(float(ci.low)), _round4(float(ci.high))]}
@@ -174,6 +174,8 @@ def _sustainability(courses: list[_Course], weeks: Sequence[int], at: int, thres
     times = [_time_to_relapse(c, at, last_week) for c in responders]
     relapse_free: list[Json] = []
     if times:  # scipy's ecdf needs at least one time
+        from scipy import stats
+
         data = stats.CensoredData(uncensored=[t for t, event in times if event],
                                   right=[t for t, event in times if not event])
         sf = stats.ecdf(data).sf

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 from fastapi import APIRouter
 from pydantic import BaseModel
+from starlette.types import Message
 
 from shared.app import ServiceSpec, create_app
 from shared.auth import issue_dev_token
@@ -24,6 +25,7 @@ from shared.events import AccessDenied
 from shared.idempotency import idempotency_keys, request_hash
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, utcnow
+from shared.web import Problem
 
 LEASE_S = 60.0
 
@@ -46,6 +48,12 @@ def _router() -> APIRouter:
     async def write(thing: Thing, who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, str]:
         await rt.store.append(f"thing-{uuid.uuid4()}", [_event(thing.name)], 0)
         return {"name": thing.name}
+
+    @router.post("/things/busy")
+    async def busy(thing: Thing, who: CurrentPrincipal) -> None:
+        problem = Problem(503, "not_caught_up", "Not yet; retry shortly")
+        problem.headers = {"Retry-After": "1"}
+        raise problem
 
     @router.post("/things/fail-after-write")
     async def fail_after_write(thing: Thing, who: CurrentPrincipal,
@@ -201,3 +209,36 @@ async def test_a_body_cut_off_at_the_size_limit_does_not_use_up_its_key(
     r = await client.post("/things", json={"name": "g"}, headers={"Idempotency-Key": key})
     assert r.status_code == 201, r.text
     assert await _things(store, "g") == 1
+
+
+async def test_a_5xx_releases_its_key_before_the_caller_hears_of_it(settings: Settings) -> None:
+    """A site retries the moment a 503 with Retry-After arrives: by then the key must be free
+    (found under load: the release used to follow the answer, and the retry got 409
+    idempotency_key_in_progress)."""
+    app = create_app(ServiceSpec("idem", _router(), publishes=False),
+                     settings.model_copy(update={"consumers_enabled": False}))
+    token = issue_dev_token(settings.jwt_secret, "site_coordinator", "S1", "alice")
+    key, body = f"k-{uuid.uuid4()}", b'{"name":"busy"}'
+    seen: dict[str, object] = {}
+    async with app.router.lifespan_context(app):
+        store: EventStore = app.state.runtime.store
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":  # what the caller sees first
+                seen["status"] = message["status"]
+                async with store.read_engine.connect() as conn:
+                    seen["keys"] = (await conn.execute(sa.select(idempotency_keys).where(
+                        idempotency_keys.c.key == key))).all()
+
+        headers = [(b"host", b"idem"), (b"content-type", b"application/json"),
+                   (b"authorization", f"Bearer {token}".encode()),
+                   (b"idempotency-key", key.encode())]
+        await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                   "method": "POST", "scheme": "http", "path": "/things/busy",
+                   "raw_path": b"/things/busy", "query_string": b"", "root_path": "",
+                   "headers": headers, "client": ("127.0.0.1", 1), "server": ("idem", 80)},
+                  receive, send)
+    assert seen == {"status": 503, "keys": []}
