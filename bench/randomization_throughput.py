@@ -76,22 +76,26 @@ def main() -> None:
     parser.add_argument("--at", default="50,500", help="trial sizes, comma-separated")
     parser.add_argument("--measured", type=int, default=50,
                         help="randomizations timed at each size (the last ones)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--method", choices=["permuted_blocks", "minimization"],
                         default="permuted_blocks")
     args = parser.parse_args()
     sizes = [int(n) for n in args.at.split(",")]
-    rates = []
+    found: dict[int, list[dict[str, float]]] = {size: [] for size in sizes}
     print(f"backend={args.backend} method={args.method} concurrency={args.concurrency} "
-          f"measured={args.measured}")
-    for size in sizes:
-        with bench_database(args.backend) as url:
-            stats = asyncio.run(run(url, size, min(args.measured, size), args.concurrency,
-                                    args.method))
-        rates.append(stats["per_s"])
-        print("  " + " ".join(f"{k}={v:.1f}" for k, v in stats.items()))
+          f"measured={args.measured} rounds={args.rounds} (medians; sizes interleaved)")
+    for _ in range(args.rounds):
+        for size in sizes:
+            with bench_database(args.backend) as url:
+                found[size].append(asyncio.run(run(url, size, min(args.measured, size),
+                                                   args.concurrency, args.method)))
+    rates = []
+    for runs in found.values():
+        median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rates.append(median["per_s"])
+        print("  " + " ".join(f"{k}={v:.1f}" for k, v in median.items()))
     print(f"  ratio at {sizes[-1]} / at {sizes[0]} = {rates[-1] / rates[0]:.2f} (target >= 0.9)")
-
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,9 @@ Revises: 0003
 
 One round trip instead of three (D39): the function takes the store's append lock (the advisory
 lock `shared.store` names, 7301000001) and only then reads the head and the versions of the
-streams the batch touches. Being VOLATILE, each of its statements reads with a snapshot of its
+streams the batch touches, each version by one step down the (stream_id, stream_version) index
+(a `max() ... GROUP BY` would read every event of every stream: its cost grew with the streams).
+Being VOLATILE, each of its statements reads with a snapshot of its
 own, taken after the lock was granted, so it sees every commit made before it. SQLite needs no
 function: `BEGIN IMMEDIATE` has locked the database before the first read.
 """
@@ -32,8 +34,11 @@ def upgrade() -> None:
               FROM (SELECT e.position, e.hash FROM events e
                     ORDER BY e.position DESC LIMIT 1) AS h
             UNION ALL
-            SELECT e.stream_id::text, max(e.stream_version)::bigint, NULL::bigint, NULL::text
-              FROM events e WHERE e.stream_id = ANY(streams) GROUP BY e.stream_id;
+            SELECT s.id, v.version, NULL::bigint, NULL::text
+              FROM unnest(streams) AS s(id)
+              CROSS JOIN LATERAL (SELECT e.stream_version::bigint AS version FROM events e
+                                  WHERE e.stream_id = s.id
+                                  ORDER BY e.stream_version DESC LIMIT 1) AS v;
         END $$""")
 
 
