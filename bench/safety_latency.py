@@ -25,14 +25,15 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 from aiokafka import AIOKafkaProducer
 
+from bench.system import fresh_databases, stop_infrastructure
 from deploy import infra
 from shared.auth import issue_dev_token
 from shared.events import ArmAssigned, CloudEvent, EventData, PatientEnrolled
+from shared.settings import SERVICES as ALL_SERVICES
 from shared.store import EventStore, utcnow
 from tooling.launcher import System
 
@@ -149,18 +150,12 @@ def main() -> None:
     if args.backend == "real":
         bootstrap = infra.start_kafka(port, state_dir=folder / "kafka")
         dsn = infra.start_postgres()
-        urls = {}
-        for service in SERVICES:
-            name = f"bench_{service}_{uuid.uuid4().hex[:8]}"
-            infra.create_database(dsn, name)
-            created.append(name)
-            urls[service] = f"postgresql+asyncpg://{urlsplit(dsn).netloc}/{name}"
+        urls = fresh_databases(dsn, SERVICES, created)
     else:
         bootstrap = infra.start_tansu(port, state_dir=folder / "tansu")
         urls = {s: f"sqlite+aiosqlite:///{folder / f'{s}.db'}" for s in SERVICES}
     system = System(bootstrap=bootstrap, database_urls=urls,
-                    ports={s: infra.free_port() for s in ("gateway", "randomization", "dosing",
-                                                          "safety", "audit")},
+                    ports={s: infra.free_port() for s in ("gateway", *ALL_SERVICES)},
                     log_dir=folder / "logs", env={"TRIAL_JWT_SECRET": SECRET})
     try:
         system.start(SERVICES)
@@ -168,13 +163,7 @@ def main() -> None:
         results = asyncio.run(run(system, urls, args.trials, args.probe_ms / 1000))
     finally:
         system.stop()
-        if args.backend == "real":
-            infra.stop_kafka(port, state_dir=folder / "kafka")
-            for name in created:
-                assert dsn is not None
-                infra.drop_database(dsn, name)
-        else:
-            infra.stop_tansu(port, state_dir=folder / "tansu")
+        stop_infrastructure(args.backend, port, folder, dsn, created)
     for label, values in results.items():
         ms = [v * 1000 for v in values]
         print(f"backend={args.backend} trials={len(ms)} {label}: p50={statistics.median(ms):.0f} ms "

@@ -9,7 +9,7 @@ metadata = sa.MetaData()
 events = sa.Table(
     "events",
     metadata,
-    # Assigned by the store under its write lock, so positions are gapless and in commit order.
+    # Assigned by the group commit under the database's lock: gapless and in commit order (D1).
     sa.Column("position", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
               autoincrement=False),
     sa.Column("stream_id", sa.String(200), nullable=False),

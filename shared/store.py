@@ -1,4 +1,4 @@
-"""The append-only, hash-chained event store: one table, one write lock, two backends."""
+"""The append-only, hash-chained event store: one table, one group commit, two backends."""
 
 from __future__ import annotations
 
