@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import asyncpg
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -260,6 +261,12 @@ def _conflict(tx: Transaction, versions: dict[str, int], head: int) -> Concurren
     return None
 
 
+def _disconnected(exc: BaseException) -> bool:
+    """The database (or the way to it) failed, not the write: SQLAlchemy's connection errors,
+    and asyncpg's own, which the raw `executemany` and COPY raise unwrapped."""
+    return isinstance(exc, (*_DISCONNECTS, *_ASYNCPG_DISCONNECTS))
+
+
 def _as_conflict(tx: Transaction, exc: Exception) -> Exception:
     """A unique key the database refused (an event id, a processed mark, a stream version
     written by a process outside the store): the transaction's premise was wrong, run it again.
@@ -413,6 +420,9 @@ before_commit: ContextVar[tuple[BeforeCommit, ...]] = ContextVar("before_commit"
 _BATCH = 256  # transactions per group commit at most
 Outcome = asyncio.Future[BaseException | None]  # a queued transaction's error, None: committed
 _DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError)
+_ASYNCPG_DISCONNECTS = (asyncpg.exceptions.InterfaceError,  # the connection is closed, ...
+                        asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
+                        asyncpg.exceptions.OperatorInterventionError)  # 57: shutting down
 
 
 class EventStore:
@@ -516,16 +526,19 @@ class EventStore:
     async def _commit_batch(self, batch: list[tuple[Transaction, Outcome]]) -> None:
         try:
             failed = await self._write([tx for tx, _ in batch])
-        except _DISCONNECTS as exc:  # the database went away: every caller's error
-            for _, outcome in batch:
-                outcome.set_result(exc)
-            return
         except Exception as exc:
-            if len(batch) == 1:
+            if _disconnected(exc):
+                # The database went away: every caller's error, one they wait out and retry (a
+                # raw asyncpg error from executemany or COPY gets SQLAlchemy's class for it).
+                error = exc if isinstance(exc, _DISCONNECTS) else sa.exc.OperationalError(
+                    "group commit", None, exc)
+                for _, outcome in batch:
+                    outcome.set_result(error)
+            elif len(batch) == 1:
                 batch[0][1].set_result(_as_conflict(batch[0][0], exc))
-                return
-            for one in batch:  # one transaction's bad write must not fail the others: alone now
-                await self._commit_batch([one])
+            else:  # one transaction's bad write must not fail the others: each alone now
+                for one in batch:
+                    await self._commit_batch([one])
             return
         for tx, outcome in batch:
             outcome.set_result(failed.get(id(tx)))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -217,3 +219,27 @@ async def test_a_wrong_transaction_in_a_group_commit_fails_alone(store: EventSto
     assert await store.read_stream("dup") == []
     assert [e.position for e in await store.read_all()] == list(range(1, 14))
     assert (await store.verify()).events_checked == 13
+
+
+async def test_a_lost_connection_during_a_group_commit_is_an_error_to_wait_out(
+        store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg's own errors (its raw executemany and COPY are not wrapped by SQLAlchemy) reach
+    the callers as SQLAlchemy's OperationalError, which consumers wait out and retry, never as a
+    handler failure that would send a good record to the DLQ; nothing of the batch is written."""
+    import shared.store as module
+
+    row = module._row
+    lost = [asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")]
+
+    def dies_once(*args: Any) -> dict[str, Any]:
+        if lost:
+            raise lost.pop()
+        return row(*args)
+
+    monkeypatch.setattr(module, "_row", dies_once)
+    results = await asyncio.gather(*(store.append(f"c{i}", [ev(i)], 0) for i in range(4)),
+                                   return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["OperationalError"] * 4
+    assert await store.read_all() == []
+    (again,) = await store.append("c0", [ev()], 0)  # the store carries on
+    assert again.position == 1 and (await store.verify()).ok
