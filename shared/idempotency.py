@@ -245,7 +245,19 @@ class IdempotencyMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        answer: dict[str, Any] = {"status": 500, "headers": [], "body": []}
+        answer: dict[str, Any] = {"status": 500, "headers": [], "body": [], "settled": False}
+        held: list[Message] = []
+
+        async def settle() -> None:
+            """Store the answer (a 5xx: release the key) before the caller hears any of it: a
+            retry sent the moment the answer arrives must find the key settled, never in
+            progress (a 503 with Retry-After is made to be retried at once)."""
+            answer["settled"] = True
+            if answer["status"] >= 500:
+                await _quietly_give_up(records, principal, key)
+            else:
+                await records.complete(principal, key, answer["status"], answer["headers"],
+                                       b"".join(answer["body"]))
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -253,14 +265,17 @@ class IdempotencyMiddleware:
                 answer["headers"] = [[k.decode("latin-1"), v.decode("latin-1")]
                                      for k, v in message.get("headers", [])
                                      if k.lower() in _KEPT_HEADERS]
-                if answer["status"] >= 500:
-                    # Settled before the caller hears of it: a retry sent the moment the 5xx
-                    # (often a 503 with Retry-After) arrives must find the key released.
-                    answer["given_up"] = True
-                    await _quietly_give_up(records, principal, key)
+                held.append(message)
             elif message["type"] == "http.response.body":
                 answer["body"].append(message.get("body", b""))
-            await send(message)
+                held.append(message)
+                if not message.get("more_body", False):  # the whole answer: settle, then send
+                    await settle()
+                    for kept in held:
+                        await send(kept)
+                    held.clear()
+            else:
+                await send(message)
 
         hooks = before_commit.set((*before_commit.get(), records.mark_written(principal, key)))
         try:
@@ -270,12 +285,10 @@ class IdempotencyMiddleware:
             raise
         finally:
             before_commit.reset(hooks)
-        if answer["status"] >= 500:
-            if not answer.get("given_up"):  # no answer went out at all
-                await _quietly_give_up(records, principal, key)
-        else:
-            await records.complete(principal, key, answer["status"], answer["headers"],
-                                   b"".join(answer["body"]))
+        if not answer["settled"]:  # no complete answer went out
+            await settle()
+            for kept in held:
+                await send(kept)
 
 
 async def _quietly_give_up(records: IdempotencyRecords, principal: str, key: str) -> None:

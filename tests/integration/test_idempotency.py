@@ -211,10 +211,16 @@ async def test_a_body_cut_off_at_the_size_limit_does_not_use_up_its_key(
     assert await _things(store, "g") == 1
 
 
-async def test_a_5xx_releases_its_key_before_the_caller_hears_of_it(settings: Settings) -> None:
-    """A site retries the moment a 503 with Retry-After arrives: by then the key must be free
-    (found under load: the release used to follow the answer, and the retry got 409
-    idempotency_key_in_progress)."""
+@pytest.mark.parametrize(("path", "status", "kept"), [
+    ("/things/busy", 503, None),  # a 5xx: the key released
+    ("/things", 201, 201),        # an answer: the key holds it
+])
+async def test_the_key_is_settled_before_the_caller_hears_the_answer(
+        settings: Settings, path: str, status: int, kept: int | None) -> None:
+    """A site retries the moment an answer arrives (a 503 with Retry-After is made for that,
+    and a lost 201 is retried at once): by then the key must hold the answer, or be free after
+    a 5xx, never be in progress. Found under load (a retry after a 503 got 409
+    idempotency_key_in_progress) and on PostgreSQL (a retry right after a 201 got the same)."""
     app = create_app(ServiceSpec("idem", _router(), publishes=False),
                      settings.model_copy(update={"consumers_enabled": False}))
     token = issue_dev_token(settings.jwt_secret, "site_coordinator", "S1", "alice")
@@ -230,15 +236,15 @@ async def test_a_5xx_releases_its_key_before_the_caller_hears_of_it(settings: Se
             if message["type"] == "http.response.start":  # what the caller sees first
                 seen["status"] = message["status"]
                 async with store.read_engine.connect() as conn:
-                    seen["keys"] = (await conn.execute(sa.select(idempotency_keys).where(
-                        idempotency_keys.c.key == key))).all()
+                    seen["kept"] = [row.status for row in await conn.execute(
+                        sa.select(idempotency_keys).where(idempotency_keys.c.key == key))]
 
         headers = [(b"host", b"idem"), (b"content-type", b"application/json"),
                    (b"authorization", f"Bearer {token}".encode()),
                    (b"idempotency-key", key.encode())]
         await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                   "method": "POST", "scheme": "http", "path": "/things/busy",
-                   "raw_path": b"/things/busy", "query_string": b"", "root_path": "",
+                   "method": "POST", "scheme": "http", "path": path,
+                   "raw_path": path.encode(), "query_string": b"", "root_path": "",
                    "headers": headers, "client": ("127.0.0.1", 1), "server": ("idem", 80)},
                   receive, send)
-    assert seen == {"status": 503, "keys": []}
+    assert seen == {"status": status, "kept": [] if kept is None else [kept]}
