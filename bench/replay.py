@@ -1,0 +1,254 @@
+"""Benchmark: rebuilding projections: safety's state from its store, the audit ledger from Kafka.
+
+    .venv/bin/python -m bench.replay --backend embedded          # SQLite + Tansu
+    .venv/bin/python -m bench.replay --backend real --events 200000   # PostgreSQL + Kafka
+    .venv/bin/python -m bench.replay --events 1000000 --no-breakdown --kafka-events 0
+
+Issue 13, target 6: rebuilding a projection (safety's state; the audit ledger from Kafka) from
+1,000,000 events at 50,000 events/s or more.
+
+Fills a safety store with `bench.scale`'s patients' lives kept to the safety service's own event
+types (`SAFETY_TYPES`: the patient facts safety learns from enrolment and dosing, adverse events
+and their follow-ups, lab results; 25 a patient, so 1,000,000 events are 40,000 patients),
+each filed under its stream (`services.safety.projection.stream_for`), 5,000 a transaction
+through `EventStore`. Then:
+
+- project: `Projection(trial_id).load(store)` on a fresh projection, what a safety process does
+  at its first decision after a start; events/s, and the growth of this process's peak memory;
+- where its time goes, the same steps one by one: the read (`EventStore.read_all`, rows to
+  `RecordedEvent`s), the parse (`RecordedEvent.payload()`, the pydantic models), the fold
+  (`services.safety.state.fold`);
+- peer: the same rows read by one plain SQL query (sqlite3 or asyncpg) and their data
+  JSON-decoded: the floor of any rebuild.
+
+Then the audit ledger from Kafka (`--kafka-events`, 0 to skip): the lives as CloudEvents on their
+topics of a broker of its own (Tansu, or Apache Kafka with `--backend real`), filed into a fresh
+ledger by the audit service's consumer path (`shared.consumer.ConsumerRunner` with the audit
+handlers: `record`, one transaction a record), from its first fetch to the last record stored;
+peer: a bare aiokafka consumer reading the same records, from its start to the last record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer
+
+from bench.databases import bench_database
+from bench.safety_latency import until
+from bench.scale import (
+    LIFE,
+    PER_PATIENT,
+    PlainSql,
+    Timing,
+    clocked,
+    cloud_events,
+    fill,
+    lives,
+    per_patient,
+    rss_mb,
+)
+from deploy import infra
+from services.audit.handlers import handlers
+from services.safety.projection import SAFETY_TYPES, Projection, stream_for
+from services.safety.state import SafetyState, fold
+from shared.consumer import ConsumerRunner
+from shared.decider import Identified
+from shared.events import LEDGER_TOPICS
+from shared.kafka import ensure_topics, make_producer
+from shared.migrate import upgrade
+from shared.protocol import load_protocol
+from shared.settings import Settings
+from shared.store import EventFilter, EventStore, Metadata, NewEvent
+from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
+
+TARGET_PER_S = 50_000.0
+SAFETY_LIFE = per_patient(SAFETY_TYPES)
+PEER_SQL = ("SELECT position, event_id, type, data FROM events WHERE type IN ("
+            + ", ".join(f"'{t}'" for t in sorted(SAFETY_TYPES)) + ") ORDER BY position")
+BY = Metadata(actor="inv-1", role="investigator", site="S1")
+
+
+async def safety_events(patients: int) -> AsyncIterator[tuple[str, NewEvent]]:
+    for payload, _ in lives(patients, SAFETY_TYPES):
+        yield stream_for(payload), NewEvent.of(payload, BY)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1000
+
+
+async def plain(peer: PlainSql) -> int:
+    rows = 0
+    async for _, _, _, data in peer.stream(PEER_SQL):
+        json.loads(data)
+        rows += 1
+    return rows
+
+
+async def steps(store: EventStore, trial_id: str) -> tuple[dict[str, Timing], SafetyState]:
+    """Projection.load's work, one step at a time."""
+    found: dict[str, Timing] = {}
+    with clocked() as found["read"]:
+        rows = await store.read_all(limit=None, where=EventFilter(types=tuple(SAFETY_TYPES)))
+    with clocked() as found["parse"]:
+        payloads = [Identified(e.event_id, e.payload()) for e in rows]
+    with clocked() as found["fold"]:
+        state = fold(trial_id, payloads)
+    return found, state
+
+
+def show(way: str, events: int, timing: Timing, note: str = "") -> None:
+    print(f"  {way:<22} {timing.wall:7.1f} s  {events / timing.wall:9,.0f} events/s "
+          f"({events / timing.cpu:9,.0f} a CPU second){note}")
+
+
+async def run(url: str, events: int, breakdown: bool) -> None:
+    await upgrade(url)
+    store = EventStore(url)
+    peer = await PlainSql.connect(url)
+    trial_id = Settings().trial_id
+    try:
+        patients = max(1, events // SAFETY_LIFE)
+        with clocked() as built:
+            total = await fill(store, safety_events(patients))
+        print(f"filled: {total:,} safety events of {patients:,} patients in {built.wall:.0f} s")
+        print(f"replay of safety's state from {total:,} events:")
+        with clocked() as floor:
+            assert await plain(peer) == total
+        show("plain SQL + json", total, floor)
+        before = rss_mb()
+        with clocked() as timing:
+            state = await Projection(trial_id).load(store)
+        show("project (load)", total, timing,
+             f"   peak memory +{max(peak_rss_mb() - before, 0):,.0f} MB")
+        labs = patients * dict(LIFE)["LabResultReported"]
+        assert len(state.patients) == patients and len(state.labs) == labs
+        if breakdown:
+            found, again = await steps(store, trial_id)
+            assert again == state
+            for step, step_timing in found.items():
+                show(f"  of which {step}", total, step_timing)
+        rate = total / timing.wall
+        print(f"  target >= {TARGET_PER_S:,.0f} events/s: "
+              f"{'met' if rate >= TARGET_PER_S else 'NOT met'} "
+              f"(project / plain SQL = {floor.wall / timing.wall:.2g})")
+    finally:
+        await peer.close()
+        await store.close()
+
+
+@contextmanager
+def own_broker(backend: str) -> Iterator[str]:
+    """A broker of this run's own on a free port: Tansu, or Apache Kafka for `real`."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-replay-"))
+    port = infra.free_port()
+    kafka = backend == "real"
+    bootstrap = (infra.start_kafka(port, state_dir=folder) if kafka
+                 else infra.start_tansu(port, state_dir=folder))
+    try:
+        yield bootstrap
+    finally:
+        (infra.stop_kafka if kafka else infra.stop_tansu)(port, state_dir=folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def publish(settings: Settings, patients: int) -> int:
+    """The lives on their topics, keyed by subject, as the relays publish them."""
+    await ensure_topics(settings, list(LEDGER_TOPICS))
+    producer = make_producer(settings)
+    await producer.start()
+    sent = []
+    try:
+        for topic, cloud in cloud_events(patients):
+            sent.append(await producer.send(topic, cloud.to_bytes(), key=cloud.subject.encode()))
+            if len(sent) % 5000 == 0:
+                await asyncio.gather(*sent[-5000:])
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    return len(sent)
+
+
+async def audit_consumer(url: str, settings: Settings, total: int) -> Timing:
+    """The audit service's consumer filing `total` records into a fresh ledger."""
+    await upgrade(url)
+    store = EventStore(url)
+    runner = ConsumerRunner(store, settings, list(LEDGER_TOPICS), handlers(load_protocol()),
+                            group_id="audit-replay")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+
+    async def filed() -> bool:
+        return runner.handled + runner.dead_lettered >= total
+
+    try:
+        await runner.reading.wait()
+        with clocked() as timing:
+            await until(filed, timeout=24 * 3600, interval=0.05)
+    finally:
+        stop.set()
+        await task
+        await store.close()
+    assert runner.handled == total, (runner.handled, runner.dead_lettered)
+    return timing
+
+
+async def bare_consumer(bootstrap: str, total: int) -> Timing:
+    consumer = AIOKafkaConsumer(*LEDGER_TOPICS, bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    read = 0
+    with clocked() as timing:
+        await consumer.start()
+        try:
+            while read < total:
+                batches = await consumer.getmany(timeout_ms=200)
+                read += sum(len(records) for records in batches.values())
+        finally:
+            await consumer.stop()
+    return timing
+
+
+def ledger_from_kafka(backend: str, events: int) -> None:
+    patients = max(1, events // PER_PATIENT)
+    with own_broker(backend) as bootstrap, bench_database(backend, "replay_ledger") as url:
+        settings = Settings(service_name="audit", kafka_bootstrap_servers=bootstrap,
+                            database_url=url, kafka_session_timeout_ms=(
+                                EMBEDDED_SESSION_TIMEOUT_MS if backend != "real" else 10_000))
+        total = asyncio.run(publish(settings, patients))
+        print(f"replay of the audit ledger from Kafka ({total:,} CloudEvents published):")
+        show("bare aiokafka consumer", total, asyncio.run(bare_consumer(bootstrap, total)))
+        timing = asyncio.run(audit_consumer(url, settings, total))
+        show("project (consumer)", total, timing)
+        rate = total / timing.wall
+        print(f"  target >= {TARGET_PER_S:,.0f} events/s: "
+              f"{'met' if rate >= TARGET_PER_S else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--backend", choices=["embedded", "real"], default="embedded")
+    parser.add_argument("--events", type=int, default=1_000_000, help="safety's state")
+    parser.add_argument("--no-breakdown", action="store_true",
+                        help="skip timing load's steps one by one (a second replay)")
+    parser.add_argument("--kafka-events", type=int, default=10_000,
+                        help="the audit ledger from Kafka (0: not measured)")
+    args = parser.parse_args()
+    print(f"backend={args.backend} events={args.events:,}")
+    if args.events:
+        with bench_database(args.backend, "replay") as url:
+            asyncio.run(run(url, args.events, not args.no_breakdown))
+    if args.kafka_events:
+        ledger_from_kafka(args.backend, args.kafka_events)
+
+
+if __name__ == "__main__":
+    main()
