@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from shared.store import ConcurrencyError, EventStore, NewEvent
+from shared.store import ConcurrencyError, EventFilter, EventStore, NewEvent
 from tests.support import tamper
 
 WRITERS = 10
@@ -243,3 +244,32 @@ async def test_a_lost_connection_during_a_group_commit_is_an_error_to_wait_out(
     assert await store.read_all() == []
     (again,) = await store.append("c0", [ev()], 0)  # the store carries on
     assert again.position == 1 and (await store.verify()).ok
+
+
+async def test_a_scan_pages_through_the_rows_as_stored_text(store: EventStore) -> None:
+    for n in range(7):
+        await store.append(f"s-{n % 3}", [ev(n)], expected_version=None)
+    pages = [page async for page in store.scan(after=1, page=2)]
+    assert [len(p) for p in pages] == [2, 2, 2]
+    scanned = [e for p in pages for e in p]
+    read = await store.read_all(after=1, limit=None)
+    assert [e.position for e in scanned] == [e.position for e in read] == list(range(2, 8))
+    for raw, full in zip(scanned, read, strict=True):
+        # The text is the database's own; decoded, it is exactly what read_all returns.
+        assert json.loads(raw.data) == full.data and json.loads(raw.metadata) == full.metadata
+        assert (raw.event_id, raw.type, raw.hash, raw.prev_hash, raw.stream_id) == (
+            full.event_id, full.type, full.hash, full.prev_hash, full.stream_id)
+    only = [e async for p in store.scan(where=EventFilter(stream_ids=("s-1",))) for e in p]
+    assert [json.loads(e.data)["n"] for e in only] == [1, 4]
+
+
+async def test_a_scan_in_a_transaction_is_refused_at_commit_if_the_store_moved(
+        store: EventStore) -> None:
+    await store.append("s-1", [ev(1)], expected_version=0)
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as tx:
+            seen = [e async for p in tx.scan() for e in p]
+            assert len(seen) == 1
+            await store.append("s-2", [ev(2)], expected_version=0)  # lands after the scan
+            await tx.append("s-3", [ev(3)], expected_version=0)
+    assert [e.stream_id for e in await store.read_all()] == ["s-1", "s-2"]
