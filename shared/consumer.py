@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -47,6 +48,16 @@ class Delivery:
 
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
+H = TypeVar("H", bound=Handler)
+
+
+def batchable(handler: H) -> H:
+    """Mark a handler whose records may share one transaction: it reads nothing that an earlier
+    record of the same fetch wrote, except through the transaction's own staged-aware checks
+    (`has_event`, `was_processed`). A consumer whose handlers all are files each partition's
+    fetched records in one transaction, one commit for the lot (the audit ledger: D40)."""
+    setattr(handler, "batchable", True)  # noqa: B010 - an attribute on a function
+    return handler
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,8 @@ class ConsumerRunner:
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
         self._consumer: AIOKafkaConsumer | None = None  # while a session runs
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
+        self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
+                                                   for h in self.handlers.values())
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
@@ -168,8 +181,11 @@ class ConsumerRunner:
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
             for tp, records in batches.items():
-                for record in records:
-                    await self.handle_record(record)
+                if self.batched and len(records) > 1:
+                    await self.handle_batch(records)
+                else:
+                    for record in records:
+                        await self.handle_record(record)
                 # Only now is every record of the batch in the database (or the DLQ).
                 if self.commit_offsets:
                     await consumer.commit({tp: records[-1].offset + 1})
@@ -217,14 +233,43 @@ class ConsumerRunner:
         except Exception as exc:  # a handler bug or a constraint, every try
             await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
 
-    async def _process(self, record: ConsumerRecord) -> None:
+    async def handle_batch(self, records: list[ConsumerRecord]) -> None:
+        """One partition's fetched records in one transaction (batchable handlers only), in
+        order. Anything but a database or network failure (which is waited out, like a
+        record's) sends the whole batch back to one transaction a record, so a poison record or a
+        failing handler goes to the DLQ alone and the rest are filed as they would have been."""
+        where = (f"consumer {self.group_id} at {records[0].topic}:{records[0].partition}:"
+                 f"{records[0].offset}-{records[-1].offset}")
+        try:
+            parsed = [self._parse(record) for record in records]
+            await retry(lambda: on_conflict_again(lambda: self._process_batch(parsed)),
+                        what=where, retry_if=_transient)
+        except Exception as exc:
+            log.warning("%s: the batch failed (%r), one record at a time", where, exc)
+            for record in records:
+                await self.handle_record(record)
+            return
+        self.records_seen += len(records)
+
+    async def _process_batch(self, parsed: list[tuple[Handler, Delivery] | None]) -> None:
+        work = [p for p in parsed if p is not None]
+        if not work:
+            return
+        async with self.store.transaction() as tx:
+            await tx.prefetch(self.group_id, [delivery.event.id for _, delivery in work])
+            applied = [await self._apply(tx, handler, delivery) for handler, delivery in work]
+        self.handled += sum(applied)
+        self.duplicates += len(applied) - sum(applied)
+
+    def _parse(self, record: ConsumerRecord) -> tuple[Handler, Delivery] | None:
+        """The record's handler and what it receives; None when no handler wants it."""
         try:
             event = CloudEvent.from_bytes(record.value or b"")
         except ValidationError as exc:
             raise PoisonRecord(f"not a CloudEvent: {_short(exc)}") from exc
         handler = self.handlers.get(event.type) or self.handlers.get(ANY_TYPE)
         if handler is None:
-            return  # not ours to handle; committing past it loses nothing
+            return None  # not ours to handle; committing past it loses nothing
         data: EventData | None = None
         if event.type in CATALOGUE:
             try:
@@ -233,13 +278,26 @@ class ConsumerRunner:
                 raise PoisonRecord(f"invalid {event.type} data: {_short(exc)}") from exc
         elif event.type in self.handlers:
             raise PoisonRecord(f"event type {event.type} is not in the catalogue")
+        return handler, Delivery(event, data, record.topic)
+
+    async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
+        """Handle and mark one delivery in `tx`; False when it was processed before."""
+        if await tx.was_processed(self.group_id, delivery.event.id):
+            return False
+        await handler(tx, delivery)
+        await tx.mark_processed(self.group_id, delivery.event.id, delivery.topic)
+        return True
+
+    async def _process(self, record: ConsumerRecord) -> None:
+        parsed = self._parse(record)
+        if parsed is None:
+            return
         async with self.store.transaction() as tx:
-            if await tx.was_processed(self.group_id, event.id):
-                self.duplicates += 1
-                return
-            await handler(tx, Delivery(event, data, record.topic))
-            await tx.mark_processed(self.group_id, event.id, record.topic)
-        self.handled += 1
+            applied = await self._apply(tx, *parsed)
+        if applied:
+            self.handled += 1
+        else:
+            self.duplicates += 1
 
     async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
         log.error("consumer %s: %s:%s:%s to DLQ: %s", self.group_id, record.topic,

@@ -369,6 +369,8 @@ class Transaction:
         self.appended: list[RecordedEvent] = []  # filled at commit
         self._exclusive = AsyncExitStack()
         self._keys: set[str] = set()
+        self._stored: dict[str, bool] = {}  # event id: stored, as `prefetch` found it
+        self._marked: dict[tuple[str, str], bool] = {}  # (consumer, event id): marked processed
 
     async def conn(self) -> AsyncConnection:
         """The connection this transaction reads on (opened at its first read: an append that
@@ -430,6 +432,8 @@ class Transaction:
         whose transaction then runs again and finds it.)"""
         if any(new.event_id == event_id for a in self.appends for new in a.events):
             return True
+        if event_id in self._stored:
+            return self._stored[event_id]
         q = sa.select(sa.literal(1)).where(events.c.event_id == event_id)
         return (await self._read(q)).first() is not None
 
@@ -444,9 +448,25 @@ class Transaction:
         """Marked in the store, or staged in this transaction."""
         if any(p["consumer"] == consumer and p["event_id"] == event_id for p in self.processed):
             return True
+        if (consumer, event_id) in self._marked:
+            return self._marked[consumer, event_id]
         q = sa.select(sa.literal(1)).where(
             processed_events.c.consumer == consumer, processed_events.c.event_id == event_id)
         return (await self._read(q)).first() is not None
+
+    async def prefetch(self, consumer: str, event_ids: Sequence[str]) -> None:
+        """Find out at once which of these ids are stored and which `consumer` has processed:
+        `has_event` and `was_processed` then answer from that (a batch of records sharing one
+        transaction asks twice, not twice a record). Should another writer store one of them
+        before this commits, the unique keys refuse the commit and the batch runs again."""
+        wanted = list(dict.fromkeys(event_ids))
+        stored = {r[0] for r in await self._read(
+            sa.select(events.c.event_id).where(events.c.event_id.in_(wanted)))}
+        marked = {r[0] for r in await self._read(sa.select(processed_events.c.event_id).where(
+            processed_events.c.consumer == consumer, processed_events.c.event_id.in_(wanted)))}
+        for event_id in wanted:
+            self._stored[event_id] = event_id in stored
+            self._marked[consumer, event_id] = event_id in marked
 
     async def mark_processed(self, consumer: str, event_id: str, topic: str) -> None:
         self.processed.append({"consumer": consumer, "event_id": event_id, "topic": topic})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from services.audit.domain import ledger_stream, ledger_time
-from shared.consumer import Delivery
+from shared.consumer import Delivery, batchable
 from shared.store import NewEvent, Transaction
 
 
+@batchable  # reads nothing but `has_event`, which sees the batch's staged entries
 async def record(tx: Transaction, delivery: Delivery) -> None:
     e = delivery.event
     metadata = {

@@ -6,9 +6,9 @@ import asyncio
 import uuid
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from shared.consumer import ConsumerRunner, Delivery
+from shared.consumer import ConsumerRunner, Delivery, Handler, batchable
 from shared.events import CloudEvent, PatientWithdrawn, dlq_topic
 from shared.kafka import ensure_topics
 from shared.settings import Settings
@@ -130,3 +130,89 @@ async def test_a_failing_handler_dead_letters_after_retries_without_writing(
     assert runner.dead_lettered == 1
     assert await store.read_stream("seen-P4") == []
     assert len(await store.read_stream("seen-P5")) == 1
+
+
+@batchable
+async def count_down_batched(tx: Transaction, delivery: Delivery) -> None:
+    """`count_down`, declared safe to share a transaction with the records before it."""
+    await count_down(tx, delivery)
+
+
+async def fetched(settings: Settings, *values: bytes) -> list[ConsumerRecord]:
+    """`values` as real records of a topic of their own, one partition, as a fetch returns
+    them (and the topic, for the DLQ)."""
+    topic = f"test.batch.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    await produce(settings, topic, *values)
+    return await read_topic(settings.kafka_bootstrap_servers, topic,
+                            until=lambda rs: len(rs) >= len(values))
+
+
+def batch_runner(store: EventStore, settings: Settings, records: list[ConsumerRecord],
+                 handler: Handler = count_down_batched) -> ConsumerRunner:
+    runner = ConsumerRunner(store, settings, [records[0].topic], {"PatientWithdrawn": handler},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    assert runner.batched == getattr(handler, "batchable", False)
+    return runner
+
+
+async def test_a_batchable_consumer_files_a_fetch_in_one_commit_in_order_and_once(
+        settings: Settings, store: EventStore) -> None:
+    events = [withdrawal("P7") for _ in range(5)]
+    # The third record repeats the first: a relay's resend within the same fetch.
+    values = [e.to_bytes() for e in events[:2]] + [events[0].to_bytes()] + [
+        e.to_bytes() for e in events[2:]]
+    records = await fetched(settings, *values)
+    runner = batch_runner(store, settings, records)
+    commits = store.group_commits
+    await runner.handle_batch(records)
+    assert store.group_commits - commits == 1
+    assert [e.data["event_id"] for e in await store.read_stream("seen-P7")] == [
+        e.id for e in events]
+    assert (runner.handled, runner.duplicates, runner.records_seen) == (5, 1, 6)
+    # The same fetch again (a crash before the offset commit): nothing changes.
+    again = batch_runner(store, settings, records)
+    again.group_id = runner.group_id
+    await again.handle_batch(records)
+    assert (again.handled, again.duplicates) == (0, 6)
+    assert len(await store.read_stream("seen-P7")) == 5
+
+
+async def test_a_poison_record_in_a_batch_goes_to_the_dlq_alone_and_the_rest_are_filed(
+        settings: Settings, store: EventStore) -> None:
+    first, last = withdrawal("P8"), withdrawal("P8")
+    records = await fetched(settings, first.to_bytes(), b"\x00not json", last.to_bytes())
+    runner = batch_runner(store, settings, records)
+    await runner.handle_batch(records)
+    assert runner.dead_lettered == 1 and runner.handled == 2
+    assert [e.data["event_id"] for e in await store.read_stream("seen-P8")] == [first.id, last.id]
+    dead = await read_topic(settings.kafka_bootstrap_servers, dlq_topic(records[0].topic),
+                            until=lambda rs: len(rs) >= 1)
+    assert [r.value for r in dead] == [b"\x00not json"]
+
+
+async def test_a_handler_failing_on_one_record_of_a_batch_dead_letters_only_that_record(
+        settings: Settings, store: EventStore) -> None:
+    events = [withdrawal("P9") for _ in range(3)]
+    doomed = events[1].id
+
+    @batchable
+    async def fails_on_one(tx: Transaction, delivery: Delivery) -> None:
+        if delivery.event.id == doomed:
+            raise RuntimeError("a bug that only this record meets")
+        await count_down(tx, delivery)
+
+    records = await fetched(settings, *(e.to_bytes() for e in events))
+    runner = batch_runner(store, settings, records, fails_on_one)
+    await runner.handle_batch(records)
+    # The failed batch wrote nothing; one record at a time filed the others once each.
+    assert [e.data["event_id"] for e in await store.read_stream("seen-P9")] == [
+        events[0].id, events[2].id]
+    assert runner.dead_lettered == 1 and runner.handled == 2
+
+
+async def test_a_handler_not_marked_batchable_keeps_one_transaction_a_record(
+        settings: Settings, store: EventStore) -> None:
+    records = await fetched(settings, withdrawal("P10").to_bytes(), withdrawal("P10").to_bytes())
+    runner = batch_runner(store, settings, records, count_down)
+    assert not runner.batched
