@@ -139,6 +139,8 @@ class ConsumerRunner:
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
                                                    for h in self.handlers.values())
+        # Records a fetch hands over at most: a batched consumer files them in one commit.
+        self.max_records = 1000 if self.batched else 200
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
@@ -177,7 +179,7 @@ class ConsumerRunner:
 
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=200, max_records=200)
+            batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
             for tp, records in batches.items():

@@ -371,6 +371,8 @@ class Transaction:
         self._keys: set[str] = set()
         self._stored: dict[str, bool] = {}  # event id: stored, as `prefetch` found it
         self._marked: dict[tuple[str, str], bool] = {}  # (consumer, event id): marked processed
+        self._staged_ids: set[str] = set()  # the event ids of `appends`
+        self._staged_marks: set[tuple[str, str]] = set()  # (consumer, event id) of `processed`
 
     async def conn(self) -> AsyncConnection:
         """The connection this transaction reads on (opened at its first read: an append that
@@ -430,7 +432,7 @@ class Transaction:
     async def has_event(self, event_id: str) -> bool:
         """Stored or staged. (Two writers of one id: the database's unique key stops the second,
         whose transaction then runs again and finds it.)"""
-        if any(new.event_id == event_id for a in self.appends for new in a.events):
+        if event_id in self._staged_ids:
             return True
         if event_id in self._stored:
             return self._stored[event_id]
@@ -443,10 +445,11 @@ class Transaction:
         whatever is there at commit). Positions and hashes are given at commit, in `appended`."""
         if new_events:
             self.appends.append(_Append(stream_id, list(new_events), expected_version))
+            self._staged_ids.update(new.event_id for new in new_events)
 
     async def was_processed(self, consumer: str, event_id: str) -> bool:
         """Marked in the store, or staged in this transaction."""
-        if any(p["consumer"] == consumer and p["event_id"] == event_id for p in self.processed):
+        if (consumer, event_id) in self._staged_marks:
             return True
         if (consumer, event_id) in self._marked:
             return self._marked[consumer, event_id]
@@ -470,6 +473,7 @@ class Transaction:
 
     async def mark_processed(self, consumer: str, event_id: str, topic: str) -> None:
         self.processed.append({"consumer": consumer, "event_id": event_id, "topic": topic})
+        self._staged_marks.add((consumer, event_id))
 
     async def checkpoint(self, name: str) -> int:
         q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
