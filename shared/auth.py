@@ -45,18 +45,38 @@ class Principal:
         return self.role in SITE_ROLES
 
 
+# A verified token is remembered (the gateway and then a service verify the same token on
+# every request a site system sends with it): for at most this long, never past its `exp`.
+VERIFIED_FOR_S = 60.0
+VERIFIED_KEPT = 4096  # tokens remembered at most (the oldest forgotten first)
+
+
 class JWTVerifier:
     """One verifier for the gateway and every service, so they agree on every token."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url) if settings.jwt_jwks_url else None
+        self._verified: dict[str, tuple[Principal, float]] = {}  # token: (who, good until)
 
     def principal(self, authorization: str | None) -> Principal:
         """The caller named by an `Authorization` header's bearer token; `AuthError` otherwise."""
         return self.verify(bearer_token(authorization))
 
     def verify(self, token: str) -> Principal:
+        """The token's principal. A token verified in the last `VERIFIED_FOR_S` seconds, and
+        not expired since, is answered from memory: the same bytes, the same signature check."""
+        now = time.time()
+        kept = self._verified.get(token)
+        if kept is not None and now < kept[1]:
+            return kept[0]
+        principal, exp = self._verify(token)
+        if len(self._verified) >= VERIFIED_KEPT:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[token] = (principal, min(exp, now + VERIFIED_FOR_S))
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             if self._jwks is not None:
                 key: Any = self._jwks.get_signing_key_from_jwt(token).key
@@ -78,7 +98,8 @@ class JWTVerifier:
             raise AuthError(f"role {role} needs a 'site' claim")
         if not isinstance(claims["sub"], str) or not claims["sub"]:
             raise AuthError("empty 'sub' claim")
-        return Principal(sub=claims["sub"], role=role, site=site if isinstance(site, str) else None)
+        who = Principal(sub=claims["sub"], role=role, site=site if isinstance(site, str) else None)
+        return who, float(claims["exp"])
 
 
 def issue_dev_token(secret: str, role: str, site: str | None = None, sub: str | None = None,

@@ -259,3 +259,52 @@ def test_jwks_mode_still_checks_role_and_site(jwks_verifier: JWTVerifier, rsa_ke
         jwks_verifier.verify(rs_token(rsa_key, claims(role="root")))
     with pytest.raises(AuthError):
         jwks_verifier.verify(rs_token(rsa_key, claims(role="pharmacist", site=None)))
+
+
+# --- verified tokens remembered ---------------------------------------------------------------
+
+
+def counted_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens `jwt.decode` checks from now on (its signature and claims check)."""
+    calls: list[str] = []
+    real = jwt.decode
+
+    def counted(token: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(token)
+        return real(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counted)
+    return calls
+
+
+def test_a_remembered_token_is_checked_again_once_past_its_exp(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = JWTVerifier(hs_settings())
+    calls = counted_decodes(monkeypatch)
+    now = time.time()
+    token = hs_token(claims(exp=int(now) + 30))
+    verifier.verify(token)
+    monkeypatch.setattr(time, "time", lambda: now + 29)
+    verifier.verify(token)
+    assert len(calls) == 1  # from memory, before its exp
+    monkeypatch.setattr(time, "time", lambda: now + 31)
+    verifier.verify(token)  # (PyJWT keeps its own clock, which has not moved)
+    assert len(calls) == 2  # past its exp: never from memory
+
+
+def test_a_token_is_verified_again_after_the_memory_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    verifier = JWTVerifier(hs_settings())
+    calls = counted_decodes(monkeypatch)
+    token = hs_token(claims())
+    verifier.verify(token)
+    verifier.verify(token)
+    assert len(calls) == 1  # the second came from memory
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 61)
+    verifier.verify(token)
+    assert len(calls) == 2
+    # A different token (one byte of signature changed) is never taken for the remembered one.
+    header, payload, signature = token.split(".")
+    forged = ".".join((header, payload, ("A" if signature[0] != "A" else "B") + signature[1:]))
+    with pytest.raises(AuthError):
+        verifier.verify(forged)
