@@ -40,6 +40,7 @@ from bench.system import (
 )
 from shared.events import ENROLLMENT
 from shared.kafka import known_partitions
+from shared.settings import Settings
 
 TARGETS_MS = {10: 50.0, 50: 100.0}  # rate (requests/s) -> p99 target
 WARMUP = 5
@@ -207,8 +208,8 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[10.0, 50.0],
                         help="requests per second, one phase each, in this order")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    parser.add_argument("--fetch-wait-ms", type=int, default=100,
-                        help="the outside consumer's fetch_max_wait_ms (the services use 100)")
+    parser.add_argument("--fetch-wait-ms", type=int, default=Settings().kafka_fetch_max_wait_ms,
+                        help="the outside consumer's fetch_max_wait_ms (default: the services' own)")
     args = parser.parse_args()
     cap = WARMUP + sum(round(rate * args.seconds) for rate in args.rates)
     print(f"backend={args.backend} rates={args.rates} seconds={args.seconds} "

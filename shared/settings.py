@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(500, ge=1)
     relay_poll_interval_s: float = Field(0.5, gt=0)
     consumers_enabled: bool = True
-    kafka_fetch_max_wait_ms: int = Field(100, ge=10, le=5000)
+    kafka_fetch_max_wait_ms: int = Field(50, ge=10, le=5000)
     # A consumer's session: the embedded broker makes a joining member wait half of it before it
     # gets its partitions, so `trial run` shortens it (2 s: reading within a second of start);
     # Kafka's brokers refuse less than their group.min.session.timeout.ms (6 s by default).
