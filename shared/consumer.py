@@ -10,6 +10,7 @@ and the consumer moves on: one bad record never stops the stream nor loops a ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -139,6 +140,10 @@ class ConsumerRunner:
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
                                                    for h in self.handlers.values())
+        # The next offset of each partition this process has handled and committed, and an
+        # event set (then replaced) whenever one moves: `caught_up` waits on it.
+        self.committed_here: dict[TopicPartition, int] = {}
+        self._moved = asyncio.Event()
         # Records a fetch hands over at most: a batched consumer files them in one commit.
         self.max_records = 1000 if self.batched else 200
 
@@ -191,28 +196,44 @@ class ConsumerRunner:
                 # Only now is every record of the batch in the database (or the DLQ).
                 if self.commit_offsets:
                     await consumer.commit({tp: records[-1].offset + 1})
+                    self.committed_here[tp] = records[-1].offset + 1
+                    self._moved.set()
+                    self._moved = asyncio.Event()
 
     async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
         """Whether this service's group has handled every record of `key`'s partition of
         `topic` that existed when asked, waiting up to `timeout` seconds for it to get there.
-        False when it cannot tell in time (not yet in its group, the broker away, behind)."""
+        False when it cannot tell in time (not yet in its group, the broker away, behind).
+
+        The log's end is asked once; the group's committed offset is asked of the broker, then
+        followed here as this process commits (woken at once, not polled) while the partition is
+        this process's; another replica's progress is asked of the broker every 50 ms."""
         deadline = time.monotonic() + timeout
         end: int | None = None
-        while time.monotonic() < deadline:
+        committed: int | None = None
+        while True:
             consumer = self._consumer
+            moved = self._moved
             try:
                 partitions = sorted(consumer.partitions_for_topic(topic) or ()) if consumer else []
                 if consumer is not None and partitions:
                     tp = TopicPartition(topic, _PARTITIONER(key.encode(), partitions, partitions))
                     if end is None:  # what existed when asked: the log's end, now
                         end = (await consumer.end_offsets([tp]))[tp]
-                    committed = await consumer.committed(tp)
+                    if committed is None or tp not in consumer.assignment():
+                        committed = await consumer.committed(tp)
+                    here = self.committed_here.get(tp)
+                    if here is not None and tp in consumer.assignment():
+                        committed = max(committed or 0, here)
                     if end == 0 or (committed is not None and committed >= end):
                         return True
             except Exception as exc:  # the group or the broker in flux: try again until the end
                 log.debug("consumer %s: catching up on %s unknown: %r", self.group_id, topic, exc)
-            await asyncio.sleep(0.05)
-        return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), min(0.05, left))
 
     async def handle_record(self, record: ConsumerRecord) -> None:
         """Handle one record to completion: processed, skipped, or dead-lettered.

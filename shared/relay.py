@@ -91,9 +91,10 @@ class Relay:
         return len(batch)
 
     def _record(self, event: RecordedEvent) -> dict[str, Any]:
-        cloud = event.to_cloudevent(self.source)
+        payload = event.payload()
+        cloud = event.to_cloudevent(self.source, payload)
         return {
-            "topic": event.payload().topic_of(),
+            "topic": payload.topic_of(),
             "value": cloud.to_bytes(),
             "key": cloud.subject.encode(),
             "headers": [("content-type", b"application/cloudevents+json"),

@@ -93,13 +93,14 @@ class RecordedEvent:
     def payload(self) -> EventData:
         return model_for(self.type).model_validate(self.data)
 
-    def to_cloudevent(self, source: str) -> CloudEvent:
+    def to_cloudevent(self, source: str, payload: EventData | None = None) -> CloudEvent:
+        """The event as published; `payload` saves parsing it again when the caller has it."""
         m = self.metadata
         return CloudEvent(
             id=self.event_id,
             source=source,
             type=self.type,
-            subject=self.payload().subject(),
+            subject=(payload or self.payload()).subject(),
             time=self.recorded_at,
             data=self.data,
             schemaversion=self.schema_version,
