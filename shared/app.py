@@ -15,7 +15,7 @@ from shared.idempotency import IdempotencyMiddleware
 from shared.metrics import install_service_metrics
 from shared.protocol import load_protocol
 from shared.runtime import Loop, Runtime, ServiceSpec
-from shared.settings import Settings
+from shared.settings import Settings, check_production
 from shared.web import (
     BodyLimitMiddleware,
     RequestIdMiddleware,
@@ -29,6 +29,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     """The service's app. Its protocol version is read and validated here, once: a folder that
     is not a valid protocol stops the process before it serves anything."""
     settings = settings or Settings(service_name=spec.name)
+    check_production(settings)
     protocol = load_protocol(settings.protocol_dir)
 
     @contextlib.asynccontextmanager

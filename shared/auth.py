@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import jwt
+from pydantic import SecretStr
 
 from shared.settings import Settings
 
@@ -82,7 +83,7 @@ class JWTVerifier:
                 key: Any = self._jwks.get_signing_key_from_jwt(token).key
                 algorithms = ["RS256"]
             else:
-                key, algorithms = self.settings.jwt_secret, ["HS256"]
+                key, algorithms = self.settings.jwt_secret.get_secret_value(), ["HS256"]
             claims = jwt.decode(
                 token, key, algorithms=algorithms,  # a fixed list: never "none"
                 audience=self.settings.jwt_audience, issuer=self.settings.jwt_issuer,
@@ -98,11 +99,16 @@ class JWTVerifier:
             raise AuthError(f"role {role} needs a 'site' claim")
         if not isinstance(claims["sub"], str) or not claims["sub"]:
             raise AuthError("empty 'sub' claim")
+        cap = self.settings.jwt_max_lifetime_s
+        issued = claims.get("iat")
+        if claims["exp"] - time.time() > cap or (
+                isinstance(issued, int | float) and claims["exp"] - issued > cap):
+            raise AuthError(f"token lifetime over the {cap} s this deployment allows")
         who = Principal(sub=claims["sub"], role=role, site=site if isinstance(site, str) else None)
         return who, float(claims["exp"])
 
 
-def issue_dev_token(secret: str, role: str, site: str | None = None, sub: str | None = None,
+def issue_dev_token(secret: str | SecretStr, role: str, site: str | None = None, sub: str | None = None,
                     ttl_s: int = 8 * 3600) -> str:
     """A development token signed with HS256; production tokens come from the identity provider."""
     if role not in ROLES:
@@ -114,4 +120,5 @@ def issue_dev_token(secret: str, role: str, site: str | None = None, sub: str | 
                               "exp": now + ttl_s}
     if site:
         claims["site"] = site
-    return jwt.encode(claims, secret, algorithm="HS256")
+    key = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    return jwt.encode(claims, key, algorithm="HS256")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICES = ("randomization", "dosing", "safety", "efficacy", "audit")
 DEV_JWT_SECRET = "dev-only-secret-change-me-in-production"
 DEV_RANDOMIZATION_SECRET = "dev-only-randomization-secret-change-me"
+MIN_SECRET_BYTES = 32  # a shared HS256 secret or the allocation seed, in production
 
 
 class Settings(BaseSettings):
@@ -18,11 +20,15 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TRIAL_", extra="ignore")
 
+    # "production" (the default of the container image, compose and the chart) refuses to start
+    # on anything that is only fit for a developer's machine: see `production_refusals`.
+    env: Literal["development", "production"] = "development"
     service_name: str = "gateway"
     trial_id: str = "NCT03424629"
     data_dir: Path = Path(".run/data")
-    # Empty means "SQLite file <data_dir>/<service_name>.db" (the embedded default).
-    database_url: str = ""
+    # Empty means "SQLite file <data_dir>/<service_name>.db" (the embedded default). It may hold
+    # a password: kept out of the settings' repr.
+    database_url: str = Field("", repr=False)
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic_partitions: int = Field(3, ge=1)
@@ -38,13 +44,19 @@ class Settings(BaseSettings):
     # Kafka's brokers refuse less than their group.min.session.timeout.ms (6 s by default).
     kafka_session_timeout_ms: int = Field(10_000, ge=1000, le=300_000)
 
-    jwt_secret: str = DEV_JWT_SECRET
+    # Secrets are SecretStr: a repr, a log line or an error shows "**********".
+    jwt_secret: SecretStr = SecretStr(DEV_JWT_SECRET)
     jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    # In production, tokens signed with a shared secret (HS256) only when this says so: an
+    # identity provider's keys (a JWKS, RS256) are the norm there.
+    jwt_allow_hs256: bool = False
+    # The longest a token may still be valid for when presented (and from its iat to its exp).
+    jwt_max_lifetime_s: int = Field(12 * 3600, ge=60)
 
     # Seeds the concealed allocation sequence: only the randomization service may hold it.
-    randomization_secret: str = DEV_RANDOMIZATION_SECRET
+    randomization_secret: SecretStr = SecretStr(DEV_RANDOMIZATION_SECRET)
     # A protocol configuration folder other than the built-in v1 (randomization honours it).
     protocol_dir: Path | None = None
 
@@ -98,6 +110,44 @@ class Settings(BaseSettings):
             "audit": self.audit_url,
             "efficacy": self.efficacy_url,
         }
+
+
+class InsecureSettings(RuntimeError):
+    """Production settings that must not run; the message names each problem, never a secret."""
+
+
+def production_refusals(settings: Settings) -> list[str]:
+    """What production mode refuses to start with (nothing in development)."""
+    if settings.env != "production":
+        return []
+    found = []
+    jwt_secret = settings.jwt_secret.get_secret_value()
+    if settings.jwt_jwks_url is None:
+        if not settings.jwt_allow_hs256:
+            found.append("tokens would be HS256 with a shared secret: set TRIAL_JWT_JWKS_URL "
+                         "(your identity provider's keys), or TRIAL_JWT_ALLOW_HS256=true")
+        if jwt_secret == DEV_JWT_SECRET:
+            found.append("TRIAL_JWT_SECRET is the development secret: anyone could mint a token")
+        elif len(jwt_secret.encode()) < MIN_SECRET_BYTES:
+            found.append(f"TRIAL_JWT_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+    elif settings.jwt_audience is None or settings.jwt_issuer is None:
+        found.append("with a JWKS, TRIAL_JWT_AUDIENCE and TRIAL_JWT_ISSUER must both be set: "
+                     "a token another application was issued would be accepted")
+    if settings.service_name == "randomization":
+        seed = settings.randomization_secret.get_secret_value()
+        if seed == DEV_RANDOMIZATION_SECRET:
+            found.append("TRIAL_RANDOMIZATION_SECRET is the development secret: the allocation "
+                         "sequence could be regenerated from the source")
+        elif len(seed.encode()) < MIN_SECRET_BYTES:
+            found.append(f"TRIAL_RANDOMIZATION_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+    return found
+
+
+def check_production(settings: Settings) -> None:
+    """Refuse to start a process whose settings production mode refuses (`InsecureSettings`)."""
+    if found := production_refusals(settings):
+        raise InsecureSettings(f"TRIAL_ENV=production: {settings.service_name} will not start: "
+                               + "; ".join(found))
 
 
 @lru_cache

@@ -20,7 +20,7 @@ from services.gateway.routes import ROUTES, Route, match_route, route_for
 from shared.auth import JWTVerifier, Principal
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.permissions import allowed
-from shared.settings import Settings
+from shared.settings import Settings, check_production
 from shared.web import (
     BodyLimitMiddleware,
     Problem,
@@ -41,6 +41,7 @@ RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-repla
 
 def create_gateway(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings(service_name="gateway")
+    check_production(settings)
     verifier = JWTVerifier(settings)
     upstreams = settings.service_urls()
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)

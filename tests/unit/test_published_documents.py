@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from shared.events import CATALOGUE, TOPICS, catalogue_document
-from shared.settings import SERVICES
+from shared.settings import DEV_JWT_SECRET, SERVICES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,3 +42,11 @@ def test_docker_compose_runs_every_service_against_postgres_and_kafka() -> None:
     # Never the development secret: compose refuses to start without a real one.
     assert services["randomization"]["environment"]["TRIAL_RANDOMIZATION_SECRET"].startswith(
         "${TRIAL_RANDOMIZATION_SECRET:?")
+    for name in ("gateway", *SERVICES):
+        env = services[name]["environment"]
+        # Production mode, and no fallback to the development JWT secret: anyone could mint a
+        # DSMB token with it.
+        assert env["TRIAL_ENV"] == "production"
+        assert env["TRIAL_JWT_SECRET"].startswith("${TRIAL_JWT_SECRET:?")
+        assert DEV_JWT_SECRET not in str(env)
+    assert "TRIAL_ENV=production" in (REPO / "deploy" / "Dockerfile").read_text()

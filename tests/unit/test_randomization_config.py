@@ -53,7 +53,7 @@ def test_the_development_secret_is_warned_about_and_never_logged(
     with caplog.at_level(logging.WARNING):
         config.warn_if_development_secret(Settings())
     assert "TRIAL_RANDOMIZATION_SECRET" in caplog.text
-    assert Settings().randomization_secret not in caplog.text
+    assert Settings().randomization_secret.get_secret_value() not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         config.warn_if_development_secret(Settings(randomization_secret="s3cret-of-the-trial"))

@@ -1,0 +1,103 @@
+"""Production mode (TRIAL_ENV=production) refuses what only a developer's machine may run with;
+secrets never show in a repr or an error; token lifetimes are capped."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+
+from services.gateway.app import create_gateway
+from shared.app import create_app
+from shared.auth import AuthError, JWTVerifier, issue_dev_token
+from shared.runtime import ServiceSpec
+from shared.settings import (
+    DEV_JWT_SECRET,
+    DEV_RANDOMIZATION_SECRET,
+    InsecureSettings,
+    Settings,
+    production_refusals,
+)
+
+STRONG = "a-real-secret-of-this-deployment-" + "7" * 16
+SEED = "the-allocation-seed-of-this-trial-" + "3" * 16
+JWKS = {"jwt_jwks_url": "https://idp.example/jwks.json"}
+
+
+def production(**values: Any) -> Settings:
+    return Settings(env="production", **values)
+
+
+def test_development_refuses_nothing_even_with_the_development_secrets() -> None:
+    assert production_refusals(Settings(service_name="randomization")) == []
+
+
+def test_production_refuses_the_development_jwt_secret_and_hs256_by_default() -> None:
+    found = production_refusals(production(service_name="gateway"))
+    assert any("TRIAL_JWT_SECRET is the development secret" in f for f in found)
+    assert any("HS256" in f and "TRIAL_JWT_JWKS_URL" in f for f in found)
+    assert not any("RANDOMIZATION" in f for f in found)  # only randomization holds the seed
+
+
+def test_production_refuses_a_short_shared_secret_even_when_hs256_is_allowed() -> None:
+    found = production_refusals(production(jwt_allow_hs256=True, jwt_secret="short"))
+    assert found == ["TRIAL_JWT_SECRET is shorter than 32 bytes"]
+    assert production_refusals(production(jwt_allow_hs256=True, jwt_secret=STRONG)) == []
+
+
+def test_production_refuses_a_jwks_without_audience_and_issuer() -> None:
+    for partial in ({}, {"jwt_audience": "trial-api"}, {"jwt_issuer": "https://idp.example"}):
+        found = production_refusals(production(**JWKS, **partial))
+        assert len(found) == 1 and "TRIAL_JWT_AUDIENCE and TRIAL_JWT_ISSUER" in found[0]
+    assert production_refusals(production(**JWKS, jwt_audience="trial-api",
+                                          jwt_issuer="https://idp.example")) == []
+
+
+def test_production_randomization_needs_a_seed_of_its_own() -> None:
+    ok = {**JWKS, "jwt_audience": "trial-api", "jwt_issuer": "https://idp.example"}
+    found = production_refusals(production(service_name="randomization", **ok))
+    assert len(found) == 1 and "TRIAL_RANDOMIZATION_SECRET is the development secret" in found[0]
+    short = production(service_name="randomization", randomization_secret="x" * 31, **ok)
+    assert production_refusals(short) == ["TRIAL_RANDOMIZATION_SECRET is shorter than 32 bytes"]
+    assert production_refusals(production(service_name="randomization",
+                                          randomization_secret=SEED, **ok)) == []
+
+
+@pytest.mark.parametrize("service", ["gateway", "dosing"])
+def test_a_refused_process_does_not_start_and_never_shows_the_secret(service: str) -> None:
+    secret = "leaky-but-short"
+    settings = production(service_name=service, jwt_secret=secret, jwt_allow_hs256=True)
+    with pytest.raises(InsecureSettings) as refused:
+        if service == "gateway":
+            create_gateway(settings)
+        else:
+            from services.dosing.api import router
+            create_app(ServiceSpec(name=service, router=router, consumes=[]), settings)
+    assert "TRIAL_JWT_SECRET is shorter than 32 bytes" in str(refused.value)
+    assert secret not in str(refused.value)
+
+
+def test_secrets_and_the_database_url_stay_out_of_the_settings_repr() -> None:
+    settings = Settings(jwt_secret=STRONG, randomization_secret=SEED,
+                        database_url="postgresql+asyncpg://svc:hunter2@db/trial")
+    shown = repr(settings) + str(settings)
+    for secret in (STRONG, SEED, "hunter2", DEV_JWT_SECRET, DEV_RANDOMIZATION_SECRET):
+        assert secret not in shown
+    assert settings.jwt_secret.get_secret_value() == STRONG  # still there for who needs it
+
+
+def test_a_token_valid_for_longer_than_the_cap_is_refused() -> None:
+    settings = Settings(jwt_secret=STRONG, jwt_max_lifetime_s=3600)
+    verifier = JWTVerifier(settings)
+    assert verifier.verify(issue_dev_token(settings.jwt_secret, "monitor", ttl_s=3000)).role == (
+        "monitor")
+    with pytest.raises(AuthError, match="lifetime"):
+        verifier.verify(issue_dev_token(settings.jwt_secret, "monitor", ttl_s=3700))
+    now = int(time.time())
+    # Issued long ago with a long life, even if little of it is left: refused all the same.
+    old = jwt.encode({"sub": "m", "role": "monitor", "iat": now - 7000, "exp": now + 60},
+                     STRONG, algorithm="HS256")
+    with pytest.raises(AuthError, match="lifetime"):
+        verifier.verify(old)
