@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic
+from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic, may_publish
 from shared.kafka import LazyProducer, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
@@ -290,6 +290,9 @@ class ConsumerRunner:
             event = CloudEvent.from_bytes(record.value or b"")
         except ValidationError as exc:
             raise PoisonRecord(f"not a CloudEvent: {_short(exc)}") from exc
+        if not may_publish(event.source, record.topic):
+            # Forged, or published by mistake: never applied, never filed (D42).
+            raise PoisonRecord(f"source {event.source} may not publish to {record.topic}")
         handler = self.handlers.get(event.type) or self.handlers.get(ANY_TYPE)
         if handler is None:
             return None  # not ours to handle; committing past it loses nothing

@@ -8,6 +8,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from shared.settings import SERVICES
+
 ENROLLMENT = "trial.enrollment"
 DOSING = "trial.dosing"
 SAFETY = "trial.safety"
@@ -19,6 +21,21 @@ EFFICACY = "trial.efficacy"  # assessments, assessment visits missed, dispositio
 TOPICS = (ENROLLMENT, DOSING, SAFETY, EFFICACY, ACCESS, PROTOCOL, AUDIT_ANCHORS)
 # What the audit ledger records: everything but its own anchors (which witness the ledger itself).
 LEDGER_TOPICS = (ENROLLMENT, DOSING, SAFETY, EFFICACY, ACCESS, PROTOCOL)
+
+# Who may publish to each topic, as the CloudEvents `source` (`/services/<name>`, set by the
+# relay): a topic's owner, and every service for the two topics each writes its own facts to.
+# A consumer dead-letters a record from anyone else, whatever the broker let through (D42).
+PUBLISHERS: dict[str, frozenset[str]] = {
+    topic: frozenset(f"/services/{name}" for name in names) for topic, names in {
+        ENROLLMENT: ("randomization",), DOSING: ("dosing",), SAFETY: ("safety",),
+        EFFICACY: ("efficacy",), AUDIT_ANCHORS: ("audit",),
+        ACCESS: SERVICES, PROTOCOL: SERVICES}.items()}
+
+
+def may_publish(source: str, topic: str) -> bool:
+    """Whether a record from `source` belongs on `topic` (a topic not of this trial: anyone)."""
+    owners = PUBLISHERS.get(topic)
+    return owners is None or source in owners
 
 Arm = Literal["msc_low", "msc_high", "mtx"]
 ARMS: tuple[Arm, ...] = ("msc_low", "msc_high", "mtx")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from shared.consumer import ConsumerRunner, Delivery, Handler, batchable
-from shared.events import CloudEvent, PatientWithdrawn, dlq_topic
+from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn, dlq_topic
 from shared.kafka import ensure_topics
 from shared.settings import Settings
 from shared.store import EventStore, NewEvent, Transaction, utcnow
@@ -189,6 +189,7 @@ async def test_a_poison_record_in_a_batch_goes_to_the_dlq_alone_and_the_rest_are
     dead = await read_topic(settings.kafka_bootstrap_servers, dlq_topic(records[0].topic),
                             until=lambda rs: len(rs) >= 1)
     assert [r.value for r in dead] == [b"\x00not json"]
+    await runner.dlq.drop()
 
 
 async def test_a_handler_failing_on_one_record_of_a_batch_dead_letters_only_that_record(
@@ -209,6 +210,7 @@ async def test_a_handler_failing_on_one_record_of_a_batch_dead_letters_only_that
     assert [e.data["event_id"] for e in await store.read_stream("seen-P9")] == [
         events[0].id, events[2].id]
     assert runner.dead_lettered == 1 and runner.handled == 2
+    await runner.dlq.drop()
 
 
 async def test_a_handler_not_marked_batchable_keeps_one_transaction_a_record(
@@ -216,3 +218,36 @@ async def test_a_handler_not_marked_batchable_keeps_one_transaction_a_record(
     records = await fetched(settings, withdrawal("P10").to_bytes(), withdrawal("P10").to_bytes())
     runner = batch_runner(store, settings, records, count_down)
     assert not runner.batched
+
+
+async def test_a_record_whose_source_does_not_own_its_topic_goes_to_the_dlq_unapplied(
+        settings: Settings, store: EventStore) -> None:
+    """Anyone who can write to the broker could publish a withdrawal (or a hold lifted): the
+    consumer applies a trial topic's records only from the topic's owner (D42)."""
+    patient = f"P-{uuid.uuid4().hex[:8]}"
+    forged = withdrawal(patient).model_copy(update={"source": "/services/dosing"})
+    genuine = withdrawal(patient).model_copy(update={"source": "/services/randomization"})
+    await ensure_topics(settings, [ENROLLMENT, dlq_topic(ENROLLMENT)])
+    await produce(settings, ENROLLMENT, forged.to_bytes(), genuine.to_bytes())
+    ours = {forged.id, genuine.id}
+    found = await read_topic(settings.kafka_bootstrap_servers, ENROLLMENT,
+                             until=lambda rs: ours <= {_event_id(r) for r in rs})
+    runner = ConsumerRunner(store, settings, [ENROLLMENT], {"PatientWithdrawn": count_down},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    for record in (r for r in found if _event_id(r) in ours):
+        await runner.handle_record(record)
+    assert [e.data["event_id"] for e in await store.read_stream(f"seen-{patient}")] == [
+        genuine.id]
+    assert runner.dead_lettered == 1 and runner.handled == 1
+    dead = await read_topic(settings.kafka_bootstrap_servers, dlq_topic(ENROLLMENT),
+                            until=lambda rs: forged.id in {_event_id(r) for r in rs})
+    headers = dict(next(r for r in dead if _event_id(r) == forged.id).headers)
+    assert b"/services/dosing may not publish to trial.enrollment" in headers["dlq_error"]
+    await runner.dlq.drop()
+
+
+def _event_id(record: ConsumerRecord) -> str | None:
+    try:
+        return CloudEvent.from_bytes(record.value or b"").id
+    except ValueError:
+        return None

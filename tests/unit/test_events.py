@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from shared.events import (
+    ACCESS,
     CATALOGUE,
+    DOSING,
+    ENROLLMENT,
+    PROTOCOL,
+    PUBLISHERS,
+    SAFETY,
     TOPICS,
     AccessDenied,
     AdverseEventReported,
@@ -41,6 +47,7 @@ from shared.events import (
     UnknownEventType,
     canonical_json,
     json_schemas,
+    may_publish,
     model_for,
     parse_data,
 )
@@ -442,3 +449,17 @@ def test_cloudevent_round_trip_property(
     back = CloudEvent.from_bytes(event.to_bytes())
     assert back == event
     assert back.time.utcoffset() == time.utcoffset()
+
+
+def test_only_a_topics_owner_may_publish_to_it() -> None:
+    assert may_publish("/services/dosing", DOSING)
+    assert not may_publish("/services/safety", DOSING)  # a SafetyHoldLifted-shaped forgery
+    assert not may_publish("/services/dosing", SAFETY)
+    assert not may_publish("dosing", DOSING)  # the source exactly as the relay writes it
+    assert may_publish("/services/efficacy", ACCESS) and may_publish("/services/audit", PROTOCOL)
+    assert not may_publish("/services/gateway", ENROLLMENT)
+    assert may_publish("/services/test", "test.some-topic")  # not a topic of the trial
+    # Every topic of the trial has its owners, and the relay's sources are among them.
+    assert set(PUBLISHERS) == set(TOPICS)
+    for model in CATALOGUE.values():
+        assert all(PUBLISHERS[topic] for topic in model.topics())
