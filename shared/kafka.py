@@ -83,11 +83,17 @@ async def quietly(awaitable: Awaitable[object]) -> None:
         log.debug("close failed: %r", exc)
 
 
-def _new_topic(name: str, partitions: int) -> NewTopic:
-    if name == AUDIT_ANCHORS:
-        # The ledger's witnesses (D27): one ordered partition, kept for as long as the ledger.
-        return NewTopic(name, 1, 1, topic_configs={"retention.ms": "-1"})
-    return NewTopic(name, partitions, 1)
+def new_topic(name: str, settings: Settings) -> NewTopic:
+    """How the trial's topics are made: they are history (replays, pharmacies reading from the
+    start, the ledger rebuilt), so kept forever; replicated as configured (3 in the chart, 1 on
+    one development broker), a write acknowledged by at least two replicas where there are 3."""
+    replicas = settings.kafka_replication_factor
+    configs = {"retention.ms": "-1", "retention.bytes": "-1"}
+    if replicas >= 3:
+        configs["min.insync.replicas"] = "2"
+    # The ledger's witnesses (D27): one ordered partition.
+    partitions = 1 if name == AUDIT_ANCHORS else settings.kafka_topic_partitions
+    return NewTopic(name, partitions, replicas, topic_configs=configs)
 
 
 async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
@@ -100,7 +106,7 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None)
         missing = [t for t in (topics or all_topics()) if t not in existing]
         for name in missing:
             try:
-                await admin.create_topics([_new_topic(name, settings.kafka_topic_partitions)])
+                await admin.create_topics([new_topic(name, settings)])
             except TopicAlreadyExistsError:
                 pass
     finally:

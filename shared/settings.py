@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_topic_partitions: int = Field(3, ge=1)
+    # Replicas of each topic the services create: 3 in production (the chart), 1 on one broker.
+    kafka_replication_factor: int = Field(1, ge=1)
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
 
     relay_enabled: bool = True
