@@ -1,4 +1,5 @@
-"""Brings a service's database to the newest Alembic revision (run at start-up and by `trial migrate`)."""
+"""Brings a service's database to the newest Alembic revision (run at start-up and by `trial migrate`),
+and grants a service's runtime role what it needs and nothing more (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -31,5 +32,32 @@ async def upgrade(url: str) -> None:
                 await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"),
                                    {"k": _MIGRATION_LOCK_KEY})
             await conn.run_sync(_upgrade)
+    finally:
+        await engine.dispose()
+
+
+# What a service's runtime role may do (D44): read and append events, never change one; the
+# bookkeeping tables (checkpoints, idempotency keys) it updates. The owner runs the migrations,
+# so only the owner (or a superuser) could alter a table or disable its triggers.
+SERVICE_ROLE_GRANTS = (
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT, INSERT ON events, processed_events TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON relay_checkpoints, idempotency_keys TO {role}",
+    "GRANT SELECT ON alembic_version TO {role}",
+    "GRANT EXECUTE ON FUNCTION event_store_lock(text[]) TO {role}",
+)
+
+
+async def grant_service_role(url: str, role: str) -> None:
+    """Let `role` run the service on this database (run as the owner, after `upgrade`). The
+    role must exist, and be neither the owner nor a superuser (the cluster's business)."""
+    if is_sqlite(url):
+        raise ValueError("SQLite has no roles: protect the file instead")
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(role)
+            for grant in SERVICE_ROLE_GRANTS:
+                await conn.execute(sa.text(grant.format(role=quoted)))
     finally:
         await engine.dispose()

@@ -150,11 +150,18 @@ def export_sdtm(database_url: str = typer.Argument(..., help="the audit ledger's
 
 
 @app.command()
-def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL")) -> None:
-    """Bring a service database to the newest schema."""
-    from shared.migrate import upgrade
+def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL, as the owner"),
+            service_role: str | None = typer.Option(
+                None, envvar="TRIAL_DATABASE_SERVICE_ROLE",
+                help="PostgreSQL: then grant this role what the service needs at run time "
+                     "(select and insert events, never update, delete or alter)")) -> None:
+    """Bring a service database to the newest schema (as the role that owns it)."""
+    from shared.migrate import grant_service_role, upgrade
 
     asyncio.run(upgrade(database_url))
+    if service_role:
+        asyncio.run(grant_service_role(database_url, service_role))
+        typer.echo(f"granted {service_role} the service's rights")
 
 
 @app.command()

@@ -344,6 +344,10 @@ def migration_problems(docs: Docs, values: dict[str, Any]) -> list[str]:
         if ref.get("key") != f"{component}{suffix}":
             problems.append(f"migration Job {component}: database URL from {ref}, not the owner's "
                             f"{component}{suffix}")
+        role = env_of(container).get("TRIAL_DATABASE_SERVICE_ROLE", {}).get("value")
+        if role != values["migrations"]["serviceRole"]:
+            problems.append(f"migration Job {component}: grants the service role {role!r}, not "
+                            f"{values['migrations']['serviceRole']!r} (least privilege, D44)")
         problems += _security_problems(f"migration Job {component}", spec.get("securityContext", {}),
                                        container.get("securityContext", {}))
         if not container.get("resources", {}).get("limits"):
@@ -648,6 +652,12 @@ def _migrate_as_runtime_role(docs: Docs) -> None:
     env["TRIAL_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] = "audit-database-url"
 
 
+def _grant_no_service_role(docs: Docs) -> None:
+    job = of_kind(docs, "Job")[name("migrate-dosing")]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != "TRIAL_DATABASE_SERVICE_ROLE"]
+
+
 def _protocol_not_mounted(docs: Docs) -> None:
     _container(docs, "safety")["volumeMounts"] = [
         m for m in _container(docs, "safety")["volumeMounts"] if m["name"] != "protocol"]
@@ -683,7 +693,7 @@ SPOILS = [
     ("network", _open_a_service), ("network", _widen_the_gateway_peer),
     ("network", _remove_a_network_policy), ("network", _no_kafka_egress),
     ("migrations", _migration_not_a_hook), ("migrations", _migration_post_install),
-    ("migrations", _migrate_as_runtime_role),
+    ("migrations", _migrate_as_runtime_role), ("migrations", _grant_no_service_role),
     ("protocol", _protocol_not_mounted), ("protocol", _protocol_changed),
     ("kafka", _replication_factor_one),
 ]

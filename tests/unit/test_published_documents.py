@@ -50,3 +50,16 @@ def test_docker_compose_runs_every_service_against_postgres_and_kafka() -> None:
         assert env["TRIAL_JWT_SECRET"].startswith("${TRIAL_JWT_SECRET:?")
         assert DEV_JWT_SECRET not in str(env)
     assert "TRIAL_ENV=production" in (REPO / "deploy" / "Dockerfile").read_text()
+    # Least privilege (D44): the services run as trial_app, which the one-shot migrate service
+    # (the owner, trial) grants the service's rights; the role is made with a password of yours.
+    for name in SERVICES:
+        assert "://trial_app:${TRIAL_APP_DB_PASSWORD}@" in services[name]["environment"][
+            "TRIAL_DATABASE_URL"]
+        assert services[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"}
+    migrate = " ".join(services["migrate"]["command"])
+    assert "trial migrate" in migrate and "--service-role trial_app" in migrate
+    assert all(name in migrate for name in SERVICES)
+    assert services["postgres"]["environment"]["TRIAL_APP_DB_PASSWORD"].startswith(
+        "${TRIAL_APP_DB_PASSWORD:?")
+    assert any("postgres-init-roles.sh" in v for v in services["postgres"]["volumes"])
