@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 
 from shared.access import access_router, refused_writes_logger
@@ -45,7 +46,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     async def ready(request: Request) -> dict[str, bool]:
         return await request.app.state.runtime.ready()
 
-    app = FastAPI(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
+    app = FastAPIOffline(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
                   dependencies=[Depends(reject_unknown_query)])
     app.state.protocol = protocol
     # Added first, so it runs inside the request id middleware: replays carry the new id.

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.background import BackgroundTask
 from starlette.types import Scope
 
@@ -74,7 +75,9 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         found = await asyncio.gather(*(one(n, u) for n, u in sorted(upstreams.items())))
         return {"services": dict(found)}
 
-    app = FastAPI(title="NCT03424629 trial API", lifespan=lifespan)
+    # /docs and /redoc from assets the project serves itself: they work offline (a site's
+    # network, an air-gapped deployment), never from a CDN.
+    app = FastAPIOffline(title="NCT03424629 trial API", lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     # Forwarded requests all match one catch-all route: label them by the public route instead.

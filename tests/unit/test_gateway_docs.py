@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
 
+from services.gateway.app import create_gateway
 from services.gateway.asyncapi import channel_id
 from services.gateway.docs import asyncapi, merged_openapi
 from shared.events import CATALOGUE, TOPICS
-from shared.settings import SERVICES
+from shared.settings import SERVICES, Settings
 
 
 def _refs(node: Any) -> list[str]:
@@ -53,3 +56,21 @@ def test_the_asyncapi_document_names_every_topic_and_event() -> None:
     assert all(topic in text for topic in TOPICS)
     assert all(_resolves(document, ref) for ref in _refs(document))
     assert set(document["channels"][channel_id("trial.access")]["messages"]) == {"AccessDenied"}
+
+
+def test_the_api_docs_load_nothing_from_outside() -> None:
+    """/docs and /redoc work offline: every script and stylesheet is the gateway's own, and
+    it serves them."""
+    client = TestClient(create_gateway(Settings()))
+    for page in ("/docs", "/redoc"):
+        answer = client.get(page)
+        assert answer.status_code == 200, page
+        sources = re.findall(r"""(?:src|href)=["']([^"']+)["']""", answer.text)
+        assert sources, page
+        for source in sources:
+            assert source.startswith("/"), f"{page} loads {source}"
+            if source.endswith((".js", ".css")):
+                asset = client.get(source)
+                assert asset.status_code == 200 and len(asset.content) > 10_000, source
+    assert "openapi.json" in client.get("/docs").text
+    assert client.get("/openapi.json").json()["info"]["title"] == "NCT03424629 trial API"
