@@ -59,7 +59,10 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
                         "could not apply and no operator has resolved: what they may concern is "
                         "refused (D32)", lambda rt: _count(unapplied(rt.store)))
     install_problem_handlers(app, on_problem=refused_writes_logger(spec.name))
-    app.include_router(health_router(ready))
+    async def health(request: Request) -> dict[str, object]:
+        return await request.app.state.runtime.health()
+
+    app.include_router(health_router(ready, detail=health))
     app.include_router(access_router())
     app.include_router(spec.router)
     return app

@@ -27,6 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.kafka import broker_reachable
+
 UNMATCHED = "unmatched"
 
 
@@ -111,6 +113,10 @@ def install_service_metrics(app: FastAPI) -> None:
     the consumer's records by outcome, read from the running runtime at each scrape."""
     metrics = app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every final status
+    # A broker outage shows here and in /healthz, not in /readyz: writes do not need the broker.
+    broker_up = Gauge("trial_broker_reachable",
+                      "1 when the Kafka bootstrap servers accept a connection, else 0",
+                      registry=metrics.registry)
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
 
     async def refresh() -> None:
@@ -121,6 +127,7 @@ def install_service_metrics(app: FastAPI) -> None:
         metrics.head.set(head)
         if rt.relay is not None:
             metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.name))
+        broker_up.set(1 if await broker_reachable(rt.settings.kafka_bootstrap_servers) else 0)
 
     def consumed() -> dict[str, int]:
         rt = getattr(app.state, "runtime", None)

@@ -93,15 +93,30 @@ class Runtime:
         await self.store.close()
 
     async def ready(self) -> dict[str, bool]:
-        checks = {"database": False, "broker": False}
+        """What `/readyz` decides on: the database (every write and read needs it) and, where
+        the service fails closed, no trial.safety record left unapplied (D32). Not the broker:
+        writes only need the database, and the relay catches up when the broker is back."""
+        checks = {"database": False}
         with contextlib.suppress(Exception):
             async with self.store.read_engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
                 checks["database"] = True
-        checks["broker"] = await broker_reachable(self.settings.kafka_bootstrap_servers)
         if self.spec.unapplied is not None and checks["database"]:
             checks["safety_records_applied"] = not await self.spec.unapplied(self.store)
         return checks
+
+    async def health(self) -> dict[str, object]:
+        """What `/healthz` shows beside "ok", deciding nothing: the broker, and whether the
+        relay's last publish and the consumer are going (a broker outage shows here and in the
+        metrics, never as unready)."""
+        broker = await broker_reachable(self.settings.kafka_bootstrap_servers)
+        detail: dict[str, object] = {"broker": broker}
+        if self.relay is not None:
+            detail["relay"] = {"publishing": self.relay.healthy,
+                               "published_position": self.relay.published_position}
+        if self.consumer is not None:
+            detail["consumer"] = {"reading": self.consumer.reading.is_set()}
+        return detail
 
 
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]

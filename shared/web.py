@@ -252,15 +252,22 @@ async def reject_unknown_query(request: Request) -> None:
 
 
 def health_router(ready: Callable[[Request], Awaitable[dict[str, bool]]],
-                  report: Callable[[Request], Awaitable[dict[str, Any]]] | None = None
+                  report: Callable[[Request], Awaitable[dict[str, Any]]] | None = None,
+                  detail: Callable[[Request], Awaitable[dict[str, Any]]] | None = None
                   ) -> APIRouter:
-    """`/healthz` (the process answers) and `/readyz` (every dependency `ready` checks is up;
+    """`/healthz` (the process answers: always 200 while it runs; `detail` adds what an operator
+    should see, like a broker outage) and `/readyz` (every dependency `ready` checks is up;
     `report` adds what else the answer shows, without deciding it)."""
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def healthz(request: Request) -> dict[str, Any]:
+        if detail is None:
+            return {"status": "ok"}
+        try:
+            return {"status": "ok", "detail": await detail(request)}
+        except Exception as exc:  # liveness never fails on what it only reports
+            return {"status": "ok", "detail": {"error": type(exc).__name__}}
 
     @router.get("/readyz")
     async def readyz(request: Request) -> dict[str, object]:
