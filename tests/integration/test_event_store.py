@@ -273,3 +273,19 @@ async def test_a_scan_in_a_transaction_is_refused_at_commit_if_the_store_moved(
             await store.append("s-2", [ev(2)], expected_version=0)  # lands after the scan
             await tx.append("s-3", [ev(3)], expected_version=0)
     assert [e.stream_id for e in await store.read_all()] == ["s-1", "s-2"]
+
+
+async def test_a_sqlite_store_syncs_every_commit_to_disk(store: EventStore) -> None:
+    """A power cut must not take back a commit the relay may have published (issue 15):
+    SQLite's `synchronous` is FULL (2) on every connection the store opens. PostgreSQL's
+    durability is the server's (`fsync`, `synchronous_commit`: on by default, off only on the
+    tests' throwaway cluster): the store never lowers it for its sessions."""
+    for engine in {store.engine, store.read_engine}:
+        async with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                assert (await conn.exec_driver_sql("PRAGMA synchronous")).scalar_one() == 2
+            else:
+                session, server = (await conn.exec_driver_sql(
+                    "SELECT setting, reset_val FROM pg_settings "
+                    "WHERE name = 'synchronous_commit'")).one()
+                assert session == server
