@@ -413,6 +413,9 @@ def start_tansu(port: int = 9092, state_dir: Path | None = None) -> str:
                 "--listener-url", url,
                 "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/",
+                # Each start is a new, empty broker: a cluster id of its own says so to the
+                # relays, which then publish their whole history to it again (issue 15).
+                "--cluster-id", f"tansu-{uuid.uuid4().hex}",
             ]  # fmt: skip
             pid = _spawn(cmd, log_file, cwd=sd)
             pid_file.write_text(f"{pid}\n")

@@ -7,9 +7,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.protocol.metadata import MetadataRequest
 
 from shared.events import AUDIT_ANCHORS, TOPICS, dlq_topic
 from shared.retry import Stopped, retry
@@ -111,6 +112,16 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None)
                 pass
     finally:
         await admin.close()
+
+
+async def broker_view(client: AIOKafkaClient, topics: Iterable[str]
+                      ) -> tuple[str | None, set[str]]:
+    """The id of the broker cluster the client talks to now, and which of `topics` it has: one
+    metadata request, never creating a topic (Kafka would, on a metadata request for one)."""
+    request = MetadataRequest(sorted(topics), allow_auto_topic_creation=False)
+    response = await client.send(client.get_random_node(), request)
+    present = {topic[1] for topic in response.topics if topic[0] == 0}
+    return getattr(response, "cluster_id", None), present
 
 
 async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -126,7 +126,7 @@ def install_service_metrics(app: FastAPI) -> None:
         head = await rt.store.head()
         metrics.head.set(head)
         if rt.relay is not None:
-            metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.name))
+            metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.checkpoint_name))
         broker_up.set(1 if await broker_reachable(rt.settings.kafka_bootstrap_servers) else 0)
 
     def consumed() -> dict[str, int]:

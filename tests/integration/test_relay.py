@@ -67,7 +67,8 @@ async def test_relay_publishes_every_event_in_order_under_concurrent_writers(
     records = await read_topic(broker.bootstrap, ENROLLMENT,
                                until=lambda rs: len({e.id for e in ours(rs, source)}) >= total)
     assert_complete_and_ordered(records, source, total)
-    assert await store.checkpoint("kafka") == total
+    assert await store.checkpoint(relay.checkpoint_name) == total
+    assert relay.checkpoint_name.startswith("kafka@")  # the broker cluster's own checkpoint
     envelope = ours(records, source)[0]
     assert envelope.specversion == "1.0" and envelope.type == "PatientWithdrawn"
     assert envelope.subject == envelope.data["patient_id"] and envelope.actor == "tester"
@@ -96,9 +97,9 @@ async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
         stop.set()
         await task
     source = "/services/outage-test"
-    # The in-memory embedded broker forgets what it held before its restart; Kafka keeps it.
-    first = 1 if own_broker.kind == "kafka" else 2
+    # The in-memory embedded broker comes back empty, with a cluster id of its own: the relay
+    # publishes the whole history to it again. Kafka kept it. Either way the topic holds all.
     records = await read_topic(own_broker.bootstrap, ENROLLMENT,
                                until=lambda rs: {e.sequence for e in ours(rs, source)}
-                               >= set(range(first, 22)))
-    assert_complete_and_ordered(records, source, 21, first)
+                               >= set(range(1, 22)))
+    assert_complete_and_ordered(records, source, 21, 1)
