@@ -248,5 +248,12 @@ from services.randomization.cli import allocation_list  # noqa: E402 (a service'
 
 app.command("allocation-list")(allocation_list)
 
+from tooling import operations  # noqa: E402 (the operators' commands, issue 14)
+
+app.add_typer(operations.dlq_app, name="dlq")
+app.command("backup")(operations.backup)
+app.command("restore")(operations.restore)
+app.command("rebuild-projection")(operations.rebuild_projection)
+
 if __name__ == "__main__":
     app()

@@ -61,7 +61,7 @@ class Anchorer:
         anchor = AuditChainAnchored(ledger=self.ledger,
                                     position=self.anchored_position + result.events_checked,
                                     hash=result.last_hash, anchored_at=utcnow())
-        cloud = CloudEvent(id=str(uuid.uuid4()), source=self.settings.service_name,
+        cloud = CloudEvent(id=str(uuid.uuid4()), source=f"/services/{self.settings.service_name}",
                            type="AuditChainAnchored", subject=anchor.subject(),
                            time=anchor.anchored_at, data=anchor.model_dump(mode="json"),
                            sequence=anchor.position)
