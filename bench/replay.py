@@ -15,9 +15,11 @@ through `EventStore`. Then:
 
 - project: `Projection(trial_id).load(store)` on a fresh projection, what a safety process does
   at its first decision after a start; events/s, and the growth of this process's peak memory;
-- where its time goes, the same steps one by one: the read (`EventStore.read_all`, rows to
-  `RecordedEvent`s), the parse (`RecordedEvent.payload()`, the pydantic models), the fold
-  (`services.safety.state.fold`);
+- where its time goes, the same steps one at a time, page after page as the load takes them:
+  the read (`EventStore.scan`, pages of undecoded `RawEvent` rows of every type: the load keeps
+  safety's itself), the parse (`RawEvent.payload()`, the pydantic models from the JSON text),
+  the fold (`Draft.apply` of services/safety/state.py, then `freeze`), each step's time summed
+  over the pages;
 - peer: the same rows read by one plain SQL query (sqlite3 or asyncpg) and their data
   JSON-decoded: the floor of any rebuild.
 
@@ -59,7 +61,7 @@ from bench.scale import (
 from deploy import infra
 from services.audit.handlers import handlers
 from services.safety.projection import SAFETY_TYPES, Projection, stream_for
-from services.safety.state import SafetyState, fold
+from services.safety.state import Draft, SafetyState
 from shared.consumer import ConsumerRunner
 from shared.decider import Identified
 from shared.events import LEDGER_TOPICS
@@ -67,7 +69,7 @@ from shared.kafka import ensure_topics, make_producer
 from shared.migrate import upgrade
 from shared.protocol import load_protocol
 from shared.settings import Settings
-from shared.store import EventFilter, EventStore, Metadata, NewEvent
+from shared.store import EventStore, Metadata, NewEvent
 from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
 
 TARGET_PER_S = 50_000.0
@@ -95,14 +97,31 @@ async def plain(peer: PlainSql) -> int:
 
 
 async def steps(store: EventStore, trial_id: str) -> tuple[dict[str, Timing], SafetyState]:
-    """Projection.load's work, one step at a time."""
-    found: dict[str, Timing] = {}
-    with clocked() as found["read"]:
-        rows = await store.read_all(limit=None, where=EventFilter(types=tuple(SAFETY_TYPES)))
-    with clocked() as found["parse"]:
-        payloads = [Identified(e.event_id, e.payload()) for e in rows]
-    with clocked() as found["fold"]:
-        state = fold(trial_id, payloads)
+    """Projection.load's work, one step at a time on each page (each step's time summed)."""
+    found = {step: Timing() for step in ("read", "parse", "fold")}
+
+    def add(step: str, timing: Timing) -> None:
+        found[step].wall += timing.wall
+        found[step].cpu += timing.cpu
+
+    draft = Draft(SafetyState(trial_id))
+    pages = store.scan()
+    while True:
+        with clocked() as read:
+            page = await anext(pages, None)
+        add("read", read)
+        if page is None:
+            break
+        with clocked() as parse:
+            payloads = [Identified(e.event_id, e.payload()) for e in page
+                        if e.type in SAFETY_TYPES]
+        add("parse", parse)
+        with clocked() as folded:
+            draft.apply(payloads)
+        add("fold", folded)
+    with clocked() as frozen:
+        state = draft.freeze()
+    add("fold", frozen)
     return found, state
 
 

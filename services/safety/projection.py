@@ -1,11 +1,17 @@
 """The safety aggregate's load: its state folded from the whole store, incrementally, each call
-reading only the events it lacks; and where each safety event is filed."""
+reading only the events it lacks; and where each safety event is filed.
+
+A load streams: it scans the store in pages of undecoded rows (`scan`), parses each safety
+row's data straight from its JSON text (`RawEvent.payload`) and folds page after page into one
+`Draft` (services/safety/state.py), frozen once at the end; so its memory grows with the state,
+not with the events read, and it copies the cached state's collections once a load."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from services.safety.state import SafetyState, fold
+from services.safety.state import Draft, SafetyState
 from shared.decider import Identified
 from shared.events import (
     AdverseEventFollowedUp,
@@ -23,20 +29,21 @@ from shared.events import (
     SusarReportDue,
     TrialHalted,
 )
-from shared.store import EventFilter, EventStore, RecordedEvent, Transaction
+from shared.store import EventFilter, EventStore, RawEvent, Transaction
 
 # The event types the safety service writes: anything else in a store is not safety's.
 SAFETY_TYPES = frozenset(cls.event_type() for cls in (
     PatientSafetyFactRecorded, AdverseEventReported, AdverseEventFollowedUp, LabResultReported,
     StoppingRuleTriggered, PatientDosingHeld, ArmSuspended, EnrollmentPaused, TrialHalted,
     SafetyHoldLifted, SusarReportDue, SusarFollowUpReportDue, SeriousAdverseEventReportDue))
-_SAFETY_EVENTS = EventFilter(types=tuple(sorted(SAFETY_TYPES)))
 SAFETY_STATE = "safety-state"  # the name of the lock that safety's decisions queue on
 
 
 class Reader(Protocol):
-    async def read_all(self, after: int = 0, limit: int | None = None,
-                       where: EventFilter = ...) -> list[RecordedEvent]: ...
+    """`EventStore` or `Transaction` (whose commit then checks the head it noted at the scan)."""
+
+    def scan(self, after: int = 0, where: EventFilter = ...,
+             page: int = ...) -> AsyncIterator[list[RawEvent]]: ...
 
 
 class Projection:
@@ -48,12 +55,24 @@ class Projection:
         self.position = 0
 
     async def load(self, reader: Reader) -> SafetyState:
-        """Call at the start of a transaction (before appending), or with the store's reader."""
-        state, position = self.state, self.position
-        new = await reader.read_all(after=position, limit=None, where=_SAFETY_EVENTS)
-        if new:
-            state = fold(state.trial_id, (Identified(e.event_id, e.payload()) for e in new), state)
-            position = new[-1].position
+        """Call at the start of a transaction (before appending), or with the store's reader.
+        The state returned is never changed afterwards: later loads fold on copies of it."""
+        draft, position = Draft(self.state), self.position
+        # Every row, safety's picked here: with `where=` types, SQLite reads each page by the
+        # type index and sorts it, at half the rows a second (scan of 200,000 events: 84,000
+        # rows a CPU second, against 170,000 unfiltered); the few other rows of a safety store
+        # (AccessDenied) cost a row each, never a parse.
+        pages = reader.scan(after=position)
+        try:
+            async for page in pages:
+                draft.apply(Identified(e.event_id, e.payload()) for e in page
+                            if e.type in SAFETY_TYPES)
+                position = page[-1].position
+        finally:  # a failed parse hands the scan's connection back at once
+            close = getattr(pages, "aclose", None)
+            if close is not None:
+                await close()
+        state = draft.freeze()
         if position > self.position:  # concurrent readers: keep the furthest fold
             self.state, self.position = state, position
         return state

@@ -16,7 +16,7 @@ from services.safety.handlers import handlers
 from services.safety.projection import SAFETY_TYPES, current_state
 from services.safety.state import firing_key
 from shared.consumer import ConsumerRunner
-from shared.events import SAFETY
+from shared.events import PUBLISHERS, SAFETY
 from shared.kafka import ensure_topics
 from shared.migrate import upgrade
 from shared.protocol import default_protocol
@@ -42,7 +42,9 @@ async def publish_patients(settings: Settings, arms: list[str]) -> list[str]:
             events = patient_events(arm, dosed_at=utcnow() - timedelta(hours=3))
             ids.append(events[0].subject())
             for data in events:
-                ce = cloud_event(data, source="/services/randomization")
+                # Each from its topic's owner: a consumer dead-letters anyone else's (D42).
+                (owner,) = PUBLISHERS[data.topic]
+                ce = cloud_event(data, source=owner)
                 await producer.send_and_wait(data.topic, ce.to_bytes(), key=ce.subject.encode())
     finally:
         await producer.stop()
