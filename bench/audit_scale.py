@@ -11,7 +11,7 @@ are some 14,000 patients), as CloudEvents, filed by the audit consumer's own com
 (`services.audit.commands.record`: the patient's stream, the envelope in the metadata) and
 appended through `EventStore` 5,000 a transaction (the hash chain is the store's). Then, on
 random patients, interleaved, the patient history three ways: the function the route calls
-(`services.audit.query.patient_history`), the route itself over HTTP (the audit app under
+(`services.audit.query.patient_history_json`), the route itself over HTTP (the audit app under
 uvicorn in this process), and the peer: one plain SQL SELECT of the same rows (sqlite3 or
 asyncpg). Last the export of the whole ledger: the route's stream in process
 (`services.audit.export.export_stream`), the route over HTTP, and the peer: a plain SQL cursor
@@ -121,7 +121,7 @@ async def queries(store: EventStore, peer: PlainSql, client: httpx.AsyncClient,
                   patients: list[int]) -> Latencies:
     """Each patient's history three ways, one after the other; each way's timings."""
     async def in_process(n: int) -> int:
-        return len(await query.patient_history(store, patient_id(n)))
+        return len(await query.patient_history_json(store, patient_id(n)))
 
     async def over_http(n: int) -> int:
         r = await client.get(f"/v1/audit/patients/{patient_id(n)}/history")
@@ -221,7 +221,7 @@ async def run(url: str, events: int, sample: int, seed: int) -> None:
         chosen = random.Random(seed).sample(range(patients), min(sample, patients))
         async with audit_http(url) as client:
             for n in chosen[:5]:  # warm up: connections, caches
-                await query.patient_history(store, patient_id(n))
+                await query.patient_history_json(store, patient_id(n))
                 await client.get(f"/v1/audit/patients/{patient_id(n)}/history")
             timings = await queries(store, peer, client, chosen)
             print(f"query by patient ({len(chosen)} patients, {PER_PATIENT} entries each):")

@@ -18,13 +18,16 @@ from shared.app import Runtime, create_app
 from shared.auth import issue_dev_token
 from shared.consumer import ANY_TYPE, ConsumerRunner, Delivery
 from shared.events import (
+    ACCESS,
     LEDGER_TOPICS,
+    PUBLISHERS,
     AccessDenied,
     DosingHeld,
     EventData,
     PatientEnrolled,
     PatientWithdrawn,
     StoppingRuleTriggered,
+    parse_data,
 )
 from shared.migrate import upgrade
 from shared.relay import Relay
@@ -50,16 +53,26 @@ def _facts(patient: str) -> list[EventData]:
     ]
 
 
+OWNERS = ("randomization", "dosing", "safety")  # the services publishing `_facts`' topics
+
+
 @pytest.fixture
-async def stores(make_database_url: Callable[[str], str]) -> AsyncIterator[tuple[EventStore,
-                                                                                   EventStore]]:
-    urls = make_database_url("source"), make_database_url("ledger")
-    for url in urls:
+async def stores(make_database_url: Callable[[str], str]
+                 ) -> AsyncIterator[tuple[dict[str, EventStore], EventStore]]:
+    """The publishing services' stores, and a ledger: each topic's records from its owner."""
+    urls = {name: make_database_url(name) for name in (*OWNERS, "ledger")}
+    for url in urls.values():
         await upgrade(url)
-    source, ledger = EventStore(urls[0]), EventStore(urls[1])
-    yield source, ledger
-    await source.close()
-    await ledger.close()
+    made = {name: EventStore(url) for name, url in urls.items()}
+    ledger = made.pop("ledger")
+    yield made, ledger
+    for store in (*made.values(), ledger):
+        await store.close()
+
+
+def _owner(fact: EventData) -> str:
+    (source,) = PUBLISHERS[fact.topic] if fact.topic != ACCESS else ("/services/randomization",)
+    return source.removeprefix("/services/")
 
 
 async def _run_until(runner: ConsumerRunner, condition: Callable[[], object], what: str) -> None:
@@ -80,23 +93,24 @@ async def _processed(ledger: EventStore, group: str) -> set[str]:
 
 
 async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
-        own_broker: Broker, stores: tuple[EventStore, EventStore]) -> None:
-    source, ledger = stores
+        own_broker: Broker, stores: tuple[dict[str, EventStore], EventStore]) -> None:
+    sources, ledger = stores
     settings = Settings(service_name="randomization", kafka_bootstrap_servers=own_broker.bootstrap,
                         kafka_request_timeout_ms=5000, relay_poll_interval_s=0.1)
     patients = [f"PT-{uuid.uuid4().hex[:8]}" for _ in range(3)]
     meta = Metadata(actor="inv-1", role="investigator", site="S1", correlation_id="req-1")
     for patient in patients:
         for fact in _facts(patient):
-            await source.append(f"s-{uuid.uuid4()}", [NewEvent.of(fact, meta)], 0)
-    ours = {e.event_id for e in await source.read_all()}
+            await sources[_owner(fact)].append(f"s-{uuid.uuid4()}", [NewEvent.of(fact, meta)], 0)
+    ours = {e.event_id for store in sources.values() for e in await store.read_all()}
     assert len(ours) == 15
-    # The relay publishes everything; a second relay (a crash before its checkpoint) resends it.
-    for name in ("kafka", "kafka-resend"):
-        relay = Relay(source, settings, name=name)
-        while await relay.publish_pending():
-            pass
-        await relay.producer.drop()
+    # The relays publish everything; a second relay (a crash before its checkpoint) resends it.
+    for service, store in sources.items():
+        for name in ("kafka", "kafka-resend"):
+            relay = Relay(store, settings.model_copy(update={"service_name": service}), name=name)
+            while await relay.publish_pending():
+                pass
+            await relay.producer.drop()
 
     group = f"audit-{uuid.uuid4().hex[:6]}"
     first = ConsumerRunner(ledger, settings, list(LEDGER_TOPICS), {ANY_TYPE: record}, group_id=group)
@@ -129,7 +143,8 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
         assert [e.type for e in filed if e.metadata["topic"] == "trial.enrollment"] == [
             "PatientEnrolled", "PatientWithdrawn"]
         assert all(e.metadata["actor"] == "inv-1" and e.metadata["correlation_id"] == "req-1"
-                   and e.metadata["source"] == "/services/randomization" for e in filed)
+                   and e.metadata["source"] == f"/services/{_owner(parse_data(e.type, e.data))}"
+                   for e in filed)
         assert filed[-1].metadata["time"].endswith("+00:00")
     assert len(await ledger.read_stream("msc_high")) == 3  # the arm-wide rule, three times
 
@@ -137,8 +152,9 @@ async def test_each_event_once_through_resends_redeliveries_and_a_new_group(
 
 
 async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_position(
-        stores: tuple[EventStore, EventStore], broker: Broker) -> None:
-    source, ledger = stores
+        stores: tuple[dict[str, EventStore], EventStore], broker: Broker) -> None:
+    sources, ledger = stores
+    source = sources["randomization"]
     patient = f"PT-{uuid.uuid4().hex[:8]}"
     for fact in _facts(patient) * 2:
         recorded = (await source.append(f"s-{uuid.uuid4()}", [NewEvent.of(fact)], 0))[0]
