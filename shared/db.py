@@ -24,6 +24,12 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
         kwargs.setdefault("pool_pre_ping", True)
+        # A custom plan for every statement: asyncpg prepares and reuses statements, and after
+        # five runs PostgreSQL may settle on a generic plan; for the store's reads by stream
+        # (`position > $1 AND stream_id IN (...) ORDER BY position LIMIT $2`) that plan walks
+        # the primary key, milliseconds where the stream index takes microseconds.
+        kwargs.setdefault("connect_args", {"server_settings": {
+            "plan_cache_mode": "force_custom_plan"}})
         return create_async_engine(url, **kwargs)
 
     path = sa.engine.make_url(url).database

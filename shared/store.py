@@ -22,6 +22,7 @@ from shared.db import create_engine, is_sqlite
 from shared.errors import ConcurrencyError
 from shared.events import CloudEvent, EventData, canonical_json, model_for
 from shared.schema import checkpoints, events, processed_events
+from shared.tracing import with_traceparent
 
 GENESIS_HASH = "0" * 64
 # Any fixed 64-bit number: PostgreSQL's advisory lock that serialises appends to one store.
@@ -70,7 +71,8 @@ class NewEvent:
         return cls(
             type=payload.event_type(),
             data=payload.model_dump(mode="json"),
-            metadata=(metadata or Metadata()).as_dict(),
+            # the writing request's (or consumer's) trace context: the relay publishes later
+            metadata=with_traceparent((metadata or Metadata()).as_dict()),
             event_id=event_id or str(uuid.uuid4()),
             schema_version=payload.schema_version,
         )
@@ -237,6 +239,17 @@ class EventFilter:
 
 
 EVERYTHING = EventFilter()
+
+
+class Reads:
+    """Reads on one connection (`EventStore.reading`)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    def scan(self, after: int = 0, where: EventFilter = EVERYTHING,
+             page: int = SCAN_PAGE) -> AsyncIterator[list[RawEvent]]:
+        return _scan(self._conn, after, where, page)
 
 
 def _stream(stream_id: str, after_version: int) -> sa.Select[Any]:
@@ -712,9 +725,16 @@ class EventStore:
                    page: int = SCAN_PAGE) -> AsyncIterator[list[RawEvent]]:
         """Events after `after` matching `where`, to the end, in pages of undecoded rows: each
         page a query of its own by position, so memory stays flat however big the store."""
-        async with self.read_engine.connect() as conn:
-            async for rows in _scan(conn, after, where, page):
+        async with self.reading() as reads:
+            async for rows in reads.scan(after, where, page):
                 yield rows
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[Reads]:
+        """Several reads on one connection: one checkout from the pool and one round trip less
+        each (a patient's history reads two sets of streams), writing nothing."""
+        async with self.read_engine.connect() as conn:
+            yield Reads(conn)
 
     async def stream_ids(self, event_type: str) -> list[str]:
         """Every stream holding at least one event of `event_type`, sorted."""

@@ -112,9 +112,8 @@ async def scanning(store: EventStore, where: EventFilter, page: int = SCAN_PAGE
             await close()
 
 
-async def _rows(store: EventStore, where: EventFilter) -> list[RawEvent]:
-    async with scanning(store, where) as pages:
-        return [row async for rows in pages for row in rows]
+async def _all(pages: AsyncIterator[list[RawEvent]]) -> list[RawEvent]:
+    return [row async for rows in pages for row in rows]
 
 
 async def history_rows(store: EventStore, patient_id: str) -> list[RawEvent]:
@@ -123,14 +122,15 @@ async def history_rows(store: EventStore, patient_id: str) -> list[RawEvent]:
 
     Every read is by stream, so on the stream index whatever the planner knows; only the
     enrolments' data is decoded, to find their screenings."""
-    own = await _rows(store, EventFilter(stream_ids=(patient_id,)))
-    screenings = dict.fromkeys(
-        s for r in own if r.type == "PatientEnrolled"
-        if (s := json.loads(r.data).get("screening_id")))
-    screenings.pop(patient_id, None)  # already read
-    if not screenings:
-        return own[:HISTORY_CAP]
-    found = own + await _rows(store, EventFilter(stream_ids=tuple(screenings)))
+    async with store.reading() as reads:  # both reads on one connection
+        own = await _all(reads.scan(where=EventFilter(stream_ids=(patient_id,))))
+        screenings = dict.fromkeys(
+            s for r in own if r.type == "PatientEnrolled"
+            if (s := json.loads(r.data).get("screening_id")))
+        screenings.pop(patient_id, None)  # already read
+        if not screenings:
+            return own[:HISTORY_CAP]
+        found = own + await _all(reads.scan(where=EventFilter(stream_ids=tuple(screenings))))
     found.sort(key=lambda r: r.position)
     return found[:HISTORY_CAP]
 
