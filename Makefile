@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test test-real lint infra-down clean
+.PHONY: run demo test test-real lint infra-down clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 ## make run: the whole system on SQLite and the embedded broker; prints where it is.
 run: $(STAMP)
 	$(BIN)/trial run
+
+## make demo: a whole trial (57 patients, 52 weeks) on an accelerated clock, against a system of
+## its own (`trial run --clock-file` in a temporary folder); exit 0 when every figure matched.
+demo: $(STAMP)
+	$(BIN)/trial demo
 
 ## make test: the whole suite on the embedded default (SQLite + the embedded Kafka-protocol broker).
 test: $(STAMP)

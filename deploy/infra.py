@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import fcntl
 import importlib
 import os
@@ -195,14 +196,40 @@ def _log_tail(log_file: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` by which the kernel sends the child SIGTERM when the process that started
+    it dies, however it dies (SIGKILL, a closed terminal): nothing a launcher started outlives
+    it, holding ports and another run's data (issue 15). Linux only; elsewhere None (the
+    launcher's own stop still ends its children)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    parent = os.getpid()
+
+    def arm() -> None:
+        # A child inherits the signals its parent blocks (`trial run` blocks SIGTERM to wait
+        # for it): unblocked here, or the signal below, and any stop, would never arrive.
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above: follow it now
+            os._exit(1)
+
+    return arm
+
+
 def _spawn(
     cmd: Sequence[str],
     log_file: Path,
     *,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    tied: bool = False,
 ) -> int:
-    """Start ``cmd`` detached from our session/terminal, appending its output to ``log_file``."""
+    """Start ``cmd`` detached from our session/terminal, appending its output to ``log_file``;
+    ``tied``: it also dies with this process (`die_with_parent`)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
@@ -216,6 +243,7 @@ def _spawn(
             close_fds=True,
             env=env,
             cwd=cwd,
+            preexec_fn=die_with_parent() if tied else None,
         )
     _CHILDREN[proc.pid] = proc
     return proc.pid
@@ -395,14 +423,24 @@ def _tansu_paths(state_dir: Path, port: int) -> tuple[Path, Path]:
     return state_dir / f"tansu-{port}.pid", state_dir / f"tansu-{port}.log"
 
 
-def start_tansu(port: int = 9092, state_dir: Path | None = None) -> str:
-    """Start (or reuse) an in-memory Tansu broker on 127.0.0.1:``port``; return its bootstrap."""
+def start_tansu(port: int = 9092, state_dir: Path | None = None, owned: bool = False) -> str:
+    """Start (or reuse) an in-memory Tansu broker on 127.0.0.1:``port``; return its bootstrap.
+
+    ``owned`` (`trial run`): always a new broker, which dies with this process; never one left
+    by an earlier run (it would hold that run's events, to be mixed with this run's stores)."""
     sd = _state_dir("tansu", port, state_dir)
     bootstrap = f"127.0.0.1:{port}"
     pid_file, log_file = _tansu_paths(sd, port)
     with _locked(sd / f"tansu-{port}.lock"):
         pid = _managed_pid(pid_file, _tansu_marker(port))
+        if owned and pid is not None:  # an earlier run's, somehow still alive: not ours
+            _stop_pid_file(pid_file, _tansu_marker(port), 5.0)
+            pid = None
         if pid is None and _port_open(port):
+            if owned:
+                raise InfraError(f"port {port} already has a broker this run did not start "
+                                 "(another `trial run`?): stop it, or choose another port "
+                                 "with TRIAL_RUN_KAFKA_PORT")
             if kafka_ready(bootstrap):
                 return bootstrap  # a healthy broker someone else started; use it as is
             raise InfraError(f"port {port} is in use by something that is not a Kafka broker")
@@ -417,7 +455,7 @@ def start_tansu(port: int = 9092, state_dir: Path | None = None) -> str:
                 # relays, which then publish their whole history to it again (issue 15).
                 "--cluster-id", f"tansu-{uuid.uuid4().hex}",
             ]  # fmt: skip
-            pid = _spawn(cmd, log_file, cwd=sd)
+            pid = _spawn(cmd, log_file, cwd=sd, tied=owned)
             pid_file.write_text(f"{pid}\n")
         try:
             _wait_for(

@@ -50,19 +50,36 @@ def token(role: str = typer.Option(..., help="site_coordinator, investigator, ph
 
 @app.command()
 def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
-                                     help="port of the embedded broker")) -> None:
+                                     help="port of the embedded broker"),
+        clock_file: Path | None = typer.Option(
+            None, help="demonstrations (`trial demo`): dosing and efficacy read \"now\" from this "
+                       "file (TRIAL_CLOCK_FILE; the wall clock written there if it is missing) "
+                       "and sweep for missed visits every second, unless "
+                       "TRIAL_DOSING/EFFICACY_SWEEP_INTERVAL_S say otherwise")) -> None:
     """Start the embedded broker, the gateway and every service; stop them on Ctrl-C."""
     from deploy import infra
     from tooling.launcher import System
 
     settings = Settings()
-    bootstrap = infra.start_tansu(kafka_port)
+    # A new broker of this run's own, which dies with it (however it dies): never one an
+    # earlier run left holding its events (issue 15).
+    bootstrap = infra.start_tansu(kafka_port, owned=True)
     data_dir = settings.data_dir
     urls = {s: f"sqlite+aiosqlite:///{data_dir / f'{s}.db'}" for s in SERVICES}
     # The embedded broker gives a joining consumer its partitions after half its session: a
     # short session has every consumer reading within a second of start (unless set otherwise).
     embedded = {"TRIAL_KAFKA_SESSION_TIMEOUT_MS": os.environ.get(
         "TRIAL_KAFKA_SESSION_TIMEOUT_MS", str(EMBEDDED_SESSION_TIMEOUT_MS))}
+    if clock_file is not None:
+        from shared.clock import FileClock, SystemClock
+
+        clock_file = clock_file.resolve()
+        if not clock_file.exists():  # before any service reads it
+            clock_file.parent.mkdir(parents=True, exist_ok=True)
+            FileClock(clock_file).set(SystemClock().now())
+        embedded["TRIAL_CLOCK_FILE"] = str(clock_file)
+        for sweep in ("TRIAL_DOSING_SWEEP_INTERVAL_S", "TRIAL_EFFICACY_SWEEP_INTERVAL_S"):
+            embedded[sweep] = os.environ.get(sweep, "1")
     system = System(bootstrap=bootstrap, database_urls=urls, ports=settings.service_ports(),
                     log_dir=data_dir.parent / "logs", env=embedded)
     system.start()
@@ -71,13 +88,17 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
         typer.echo(f"Gateway:          {system.url()}  (docs: {system.url()}/docs)")
         for service in SERVICES:  # each one answered its /readyz (database and broker)
             typer.echo(f"  {service + ':':<16}{system.url(service)}  ready")
+        if clock_file is not None:
+            typer.echo(f"Clock file:       {clock_file}  (dosing and efficacy read now here)")
         typer.echo(f"Kafka bootstrap:  {bootstrap}")
         typer.echo(f"Logs:             {system.log_dir}/   Ctrl-C stops everything.")
-        # sigwait needs the signals blocked, or Python's own SIGINT handler (and SIGTERM's
+        # sigtimedwait needs the signals blocked, or Python's own SIGINT handler (and SIGTERM's
         # default) would act instead; the children were started before, so they keep theirs.
+        # Meanwhile a service that dies is started again, with backoff, and said so.
         stop_signals = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-        signal.sigwait(stop_signals)
+        system.supervise(lambda wait: signal.sigtimedwait(stop_signals, wait) is not None,
+                         say=lambda line: typer.echo(line))
     finally:
         system.stop()
         infra.stop_tansu(kafka_port)
@@ -254,6 +275,10 @@ app.add_typer(operations.dlq_app, name="dlq")
 app.command("backup")(operations.backup)
 app.command("restore")(operations.restore)
 app.command("rebuild-projection")(operations.rebuild_projection)
+
+from tooling.demo import demo  # noqa: E402 (a whole trial on an accelerated clock, issue 14)
+
+app.command("demo")(demo)
 
 if __name__ == "__main__":
     app()

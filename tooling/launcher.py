@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from deploy.infra import die_with_parent
 from shared.settings import SERVICES
 
 DEFAULT_PORTS = {"gateway": 8000, "randomization": 8001, "dosing": 8002, "safety": 8003,
@@ -50,7 +52,36 @@ class System:
         self.processes[service] = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", f"services.{service}.app:app", "--host",
              "127.0.0.1", "--port", str(self.ports[service]), "--log-level", "warning"],
-            env=self.service_env(service), stdout=log, stderr=subprocess.STDOUT)
+            env=self.service_env(service), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent())  # prctl only: nothing in the child that locks
+
+    def supervise(self, stopping: Callable[[float], bool],
+                  say: Callable[[str], None] = print) -> None:
+        """Until `stopping(wait)` says so (it waits up to `wait` seconds for a stop): restart any
+        service that exits, after a pause that doubles with each exit in a row (1 s up to 30 s;
+        back to 1 s once it has run for a minute), and say so."""
+        pause: dict[str, float] = {}
+        due: dict[str, float] = {}  # service -> when to start it again
+        started = {service: time.monotonic() for service in self.processes}
+        while not stopping(0.5):
+            now = time.monotonic()
+            for service, proc in list(self.processes.items()):
+                if service in due:
+                    if now >= due[service]:
+                        del due[service]
+                        self.start_one(service)
+                        started[service] = now
+                        say(f"{service}: restarted")
+                    continue
+                code = proc.poll()
+                if code is None:
+                    if now - started[service] > 60:
+                        pause.pop(service, None)
+                    continue
+                wait = pause[service] = min(pause.get(service, 0.5) * 2, 30.0)
+                due[service] = now + wait
+                say(f"{service}: exited with {code}; restarting in {wait:g} s "
+                    f"(see {self.log_dir / (service + '.log')})")
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from aiokafka import ConsumerRecord
 
 from deploy import infra
+from shared.events import ENROLLMENT, CloudEvent
 from shared.settings import SERVICES
+from tests.e2e.conftest import SECRET, screening, token
+from tests.support import read_topic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,3 +80,109 @@ def _listening(port: int) -> bool:
     except httpx.HTTPError:
         return False
     return True
+
+
+def _start_run(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """`trial run` as a process; returns once it has said where everything is."""
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "trial"), "run"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = _read_until(proc, lambda line: line.startswith("Kafka bootstrap:"), 180)
+    return proc, lines
+
+
+def _read_until(proc: subprocess.Popen[str], done: Callable[[str], bool],
+                timeout: float) -> list[str]:
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not (lines and done(lines[-1])):
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, "run exited:\n" + "".join(lines)
+        lines.append(line)
+        assert time.monotonic() < deadline, "not said in time:\n" + "".join(lines)
+    return lines
+
+
+def _alive(ports: list[int], kafka: int, timeout: float) -> list[int]:
+    """The ports still served after `timeout` seconds (the broker's among them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in ports if _listening(p)]
+        if infra.kafka_ready(f"127.0.0.1:{kafka}"):
+            alive.append(kafka)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+async def test_run_restarts_a_dead_service_and_dies_whole_and_starts_again_with_the_history(
+        tmp_path: Path) -> None:
+    """Issue 15: a service that dies is restarted; a launcher killed outright takes its broker
+    and services with it; the next run, on the same data, starts a new broker and the relays
+    publish the whole history to it again."""
+    gateway, kafka = infra.free_port(), infra.free_port()
+    ports = {f"TRIAL_{s.upper()}_PORT": infra.free_port() for s in SERVICES}
+    env = {**os.environ, "TRIAL_GATEWAY_PORT": str(gateway), "TRIAL_RUN_KAFKA_PORT": str(kafka),
+           "TRIAL_DATA_DIR": str(tmp_path / "data"), "TRIAL_JWT_SECRET": SECRET,
+           **{k: str(v) for k, v in ports.items()}}
+    proc, _ = _start_run(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway}", timeout=30,
+                                     headers={"Authorization": f"Bearer {token('site_coordinator', 'S1')}"}
+                                     ) as site:
+            answer = await site.post("/v1/screenings", json=screening(number="S1-RUN-1"))
+            assert answer.status_code == 201, answer.text
+            screened = answer.json()["screening_id"]
+        await read_topic(f"127.0.0.1:{kafka}", ENROLLMENT, until=lambda rs: _has(rs, screened))
+        dosing = ports["TRIAL_DOSING_PORT"]
+        pid = _listener_pid(dosing)
+        os.kill(pid, signal.SIGKILL)
+        _read_until(proc, lambda line: line.startswith("dosing: restarted"), 60)
+        deadline = time.monotonic() + 60
+        while not _ready(dosing):
+            assert time.monotonic() < deadline, "dosing not ready again"
+            await asyncio.sleep(0.2)
+        assert _listener_pid(dosing) != pid
+        os.kill(proc.pid, signal.SIGKILL)  # the launcher alone, as a closed terminal might
+        proc.wait(10)
+        alive = _alive([gateway, *ports.values()], kafka, 30)
+        assert not alive, f"the launcher's children outlived it: {alive} of {ports}, {kafka}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    again, _ = _start_run(tmp_path, env)
+    try:
+        # A new broker, empty at first: the randomization relay publishes its history again.
+        records = await read_topic(f"127.0.0.1:{kafka}", ENROLLMENT,
+                                   until=lambda rs: _has(rs, screened), timeout=60)
+        assert _has(records, screened)
+    finally:
+        again.terminate()
+        again.wait(60)
+
+
+def _has(records: list[ConsumerRecord], subject: str) -> bool:
+    return any(CloudEvent.from_bytes(r.value or b"").subject == subject for r in records)
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _listener_pid(port: int) -> int:
+    """The pid of the process listening on 127.0.0.1:`port` (from /proc, no tools needed)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # LISTEN
+            inode = fields[9]
+    assert inode is not None, f"nothing listens on {port}"
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return int(fd.parts[2])
+    raise AssertionError(f"no process holds port {port}'s socket")
