@@ -13,10 +13,12 @@ from prometheus_client import Gauge
 
 from shared.access import access_router, refused_writes_logger
 from shared.idempotency import IdempotencyMiddleware
+from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import install_service_metrics
 from shared.protocol import load_protocol
 from shared.runtime import Loop, Runtime, ServiceSpec
 from shared.settings import Settings, check_production
+from shared.tracing import configure_tracing, instrument_app
 from shared.web import (
     BodyLimitMiddleware,
     RequestIdMiddleware,
@@ -31,6 +33,8 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     is not a valid protocol stops the process before it serves anything."""
     settings = settings or Settings(service_name=spec.name)
     check_production(settings)
+    configure_logging(settings)  # JSON (or console) lines for every logger of the process
+    configure_tracing(spec.name)  # off unless the OTEL_* variables ask for an exporter
     protocol = load_protocol(settings.protocol_dir)
 
     @contextlib.asynccontextmanager
@@ -54,6 +58,8 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_service_metrics(app)
+    app.add_middleware(RequestLogMiddleware, service=spec.name)  # one line a request, outermost
+    instrument_app(app, spec.name)  # server spans (only when tracing is on)
     if (unapplied := spec.unapplied) is not None:
         gauge_at_scrape(app, "trial_safety_records_unapplied", "trial.safety records this service "
                         "could not apply and no operator has resolved: what they may concern is "

@@ -27,6 +27,7 @@ from shared.kafka import LazyProducer, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, Transaction
+from shared.tracing import noted_apply, noted_parse, traced_batch, traced_record
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ class ConsumerRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), min(0.05, left))
 
+    @traced_record  # its span and log line (shared/tracing.py)
     async def handle_record(self, record: ConsumerRecord) -> None:
         """Handle one record to completion: processed, skipped, or dead-lettered.
 
@@ -256,6 +258,7 @@ class ConsumerRunner:
         except Exception as exc:  # a handler bug or a constraint, every try
             await self._dead_letter(record, f"{type(exc).__name__}: {exc}")
 
+    @traced_batch  # its span and log line (shared/tracing.py)
     async def handle_batch(self, records: list[ConsumerRecord]) -> None:
         """One partition's fetched records in one transaction (batchable handlers only), in
         order. Anything but a database or network failure (which is waited out, like a
@@ -284,6 +287,7 @@ class ConsumerRunner:
         self.handled += sum(applied)
         self.duplicates += len(applied) - sum(applied)
 
+    @noted_parse  # what the log line reports
     def _parse(self, record: ConsumerRecord) -> tuple[Handler, Delivery] | None:
         """The record's handler and what it receives; None when no handler wants it."""
         try:
@@ -306,6 +310,7 @@ class ConsumerRunner:
             raise PoisonRecord(f"event type {event.type} is not in the catalogue")
         return handler, Delivery(event, data, record.topic)
 
+    @noted_apply  # what the log line reports
     async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
         """Handle and mark one delivery in `tx`; False when it was processed before."""
         if await tx.was_processed(self.group_id, delivery.event.id):

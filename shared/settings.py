@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     # Tests and demonstrations only: dosing and efficacy read "now" from this file (an RFC 3339
     # instant) instead of the wall clock, so a test can move time for running processes.
     clock_file: Path | None = None
+    # Log lines as JSON objects or readable text (shared/logs.py); unset: JSON in production,
+    # the console elsewhere. The level of what is written (DEBUG shows the health probes' lines).
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -19,9 +19,11 @@ from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
 from services.gateway.routes import ROUTES, Route, match_route, route_for
 from shared.auth import JWTVerifier, Principal
+from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.permissions import allowed
 from shared.settings import Settings, check_production
+from shared.tracing import configure_tracing, instrument_app, instrument_client
 from shared.web import (
     BodyLimitMiddleware,
     Problem,
@@ -43,6 +45,8 @@ RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-repla
 def create_gateway(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings(service_name="gateway")
     check_production(settings)
+    configure_logging(settings)
+    configure_tracing("gateway")  # off unless the OTEL_* variables ask for an exporter
     verifier = JWTVerifier(settings)
     upstreams = settings.service_urls()
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
@@ -51,6 +55,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         async with httpx.AsyncClient(timeout=settings.upstream_timeout_s, limits=limits) as client:
+            instrument_client(client)  # its spans and traceparent: gateway -> service, one trace
             app.state.client = client
             yield
 
@@ -83,6 +88,8 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     # Forwarded requests all match one catch-all route: label them by the public route instead.
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, label=_public_route)
+    app.add_middleware(RequestLogMiddleware, service="gateway", route=_public_route)
+    instrument_app(app, "gateway")
     app.add_api_route("/metrics", metrics_endpoint, include_in_schema=False)
     install_problem_handlers(app)
     app.include_router(health_router(ready, services))
@@ -123,6 +130,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         if route is None:
             raise Problem(404, "not_found", "No such resource")
         who = verifier.principal(request.headers.get("authorization"))  # else 401
+        request.state.principal = who  # for the request's log line (sub and role only)
         wait = limiter.take(who.sub)
         if wait > 0:
             problem = Problem(429, "rate_limited", "Too many requests",

@@ -1,0 +1,132 @@
+"""Structured logs (shared/logs.py): one JSON line a request, with the fields an operator searches
+by, and no token, secret or patient data in any line; the standard library's calls come out as
+JSON too. The gateway runs in process, its upstream answered by a mock transport."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.gateway.app import create_gateway
+from shared.auth import issue_dev_token
+from shared.logs import configure_logging
+from shared.settings import Settings
+
+SECRET = "unit-test-jwt-secret-that-is-long-enough-0123456789"
+PATIENT = "PT-7Q3ZKX91AB"
+NAME = "Wilhelmina Zwanenburg"  # a name-like field in a body: must appear in no line
+
+
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging(Settings(service_name="gateway", log_format="json"), stream=stream)
+    yield stream
+    configure_logging(Settings(service_name="gateway", log_format="json"))  # back to stderr
+
+
+def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
+    text = stream.getvalue()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def settings() -> Settings:
+    return Settings(service_name="gateway", jwt_secret=SECRET, log_format="json",
+                    randomization_url="http://randomization.test")
+
+
+async def gateway_with(upstream: httpx.MockTransport) -> tuple[Any, Any]:
+    app = create_gateway(settings())
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    await app.state.client.aclose()
+    app.state.client = httpx.AsyncClient(transport=upstream)
+    return app, lifespan
+
+
+async def test_a_request_is_one_json_line_with_its_fields_and_no_secret(
+        lines: io.StringIO) -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, json={"arm": "mtx"})
+
+    app, lifespan = await gateway_with(httpx.MockTransport(answer))
+    token = issue_dev_token(SECRET, "site_coordinator", "S1", sub="coordinator-17")
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gateway") as client:
+            r = await client.post(f"/v1/patients/{PATIENT}/randomization",
+                                  json={"full_name": NAME, "note": f"password={SECRET}"},
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "X-Request-ID": "req-logs-1"})
+    finally:
+        await lifespan.__aexit__(None, None, None)
+    assert r.status_code == 201 and len(seen) == 1  # forwarded, body and all
+
+    found = parsed(lines)
+    requests = [line for line in found if line.get("logger") == "trial.request"]
+    assert len(requests) == 1, found
+    line = requests[0]
+    assert line["event"] == "request" and line["level"] == "info"
+    assert line["service"] == "gateway"
+    assert line["method"] == "POST"
+    assert line["route"] == "/v1/patients/{patient_id}/randomization"  # the template, not the id
+    assert line["status"] == 201
+    assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+    assert line["request_id"] == line["correlation_id"] == "req-logs-1"
+    assert line["principal"] == {"sub": "coordinator-17", "role": "site_coordinator"}
+    assert line["timestamp"].endswith("Z") and line["timestamp"][:4].isdigit()
+
+    text = lines.getvalue()
+    for leak in (token, token.split(".")[1], SECRET, NAME, PATIENT, "Bearer"):
+        assert leak not in text, leak
+
+
+async def test_a_stdlib_log_call_in_a_request_comes_out_as_json(lines: io.StringIO) -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    app, lifespan = await gateway_with(httpx.MockTransport(down))
+    token = issue_dev_token(SECRET, "monitor")  # may not enrol: the refusal is reported upstream
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gateway") as client:
+            r = await client.post("/v1/patients", json={"screening_id": "s-1", "name": NAME},
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "X-Request-ID": "req-logs-2"})
+    finally:
+        await lifespan.__aexit__(None, None, None)
+    assert r.status_code == 403
+
+    found = parsed(lines)
+    # services/gateway/app.py's own `log.warning(...)`: a plain logging call
+    warning = [line for line in found if line.get("logger") == "services.gateway.app"]
+    assert len(warning) == 1, found
+    assert warning[0]["level"] == "warning"
+    assert warning[0]["event"].startswith("could not report AccessDenied to randomization")
+    assert warning[0]["request_id"] == "req-logs-2" and warning[0]["service"] == "gateway"
+    request = [line for line in found if line.get("logger") == "trial.request"]
+    assert [(x["status"], x["route"], x["principal"]["role"]) for x in request] == [
+        (403, "/v1/patients", "monitor")]
+    assert token not in lines.getvalue() and NAME not in lines.getvalue()
+
+
+def test_outside_a_request_a_stdlib_line_is_json_and_token_like_text_is_blanked(
+        lines: io.StringIO) -> None:
+    token = issue_dev_token(SECRET, "monitor")
+    logging.getLogger("shared.relay").warning("publish failed: %r", f"Authorization: Bearer {token}",
+                                              extra={"jwt_secret": SECRET, "topic": "trial.x"})
+    (line,) = parsed(lines)
+    assert line["level"] == "warning" and line["logger"] == "shared.relay"
+    assert line["service"] == "gateway" and line["topic"] == "trial.x"
+    assert "request_id" not in line
+    assert token not in lines.getvalue() and SECRET not in lines.getvalue()
+    assert line["jwt_secret"] == "[redacted]"
