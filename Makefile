@@ -5,13 +5,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run demo test test-real lint infra-down clean
+.PHONY: run demo test test-real lint lock infra-down clean
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# The exact versions in requirements-dev.lock (`make lock` resolves them from pyproject.toml), so
+# every machine and CI install the same packages; the project itself on top, without resolving.
+$(STAMP): pyproject.toml requirements-dev.lock
+	@test -x $(BIN)/python || { echo "Setting up: a virtualenv in $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "Setting up: $$(grep -c '==' requirements-dev.lock) pinned packages into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -r requirements-dev.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	@echo "Setting up: done"
 	@touch $(STAMP)
+
+## make lock: resolve requirements.lock (the image's) and requirements-dev.lock again.
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --no-header -q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --no-header -q -o requirements-dev.lock
 
 ## make run: the whole system on SQLite and the embedded broker; prints where it is.
 run: $(STAMP)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -63,3 +65,34 @@ def test_docker_compose_runs_every_service_against_postgres_and_kafka() -> None:
     assert services["postgres"]["environment"]["TRIAL_APP_DB_PASSWORD"].startswith(
         "${TRIAL_APP_DB_PASSWORD:?")
     assert any("postgres-init-roles.sh" in v for v in services["postgres"]["volumes"])
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, sep, version = line.partition("==")
+            assert sep, f"{path.name}: {line!r} is not an exact pin"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.split(";")[0].strip()
+    return pins
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0]).lower()
+            for r in requirements}
+
+
+def test_installs_are_pinned_by_the_lock_files_make_and_the_image_use() -> None:
+    """Reproducible installs: every dependency of pyproject.toml is pinned to one version,
+    the image's lock agrees with the development one, and both installers use them."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime, dev = _pins(REPO / "requirements.lock"), _pins(REPO / "requirements-dev.lock")
+    assert _requirement_names(project["dependencies"]) <= set(runtime)
+    assert _requirement_names(project["optional-dependencies"]["dev"]) <= set(dev)
+    assert {name: dev.get(name) for name in runtime} == runtime  # the same versions in both
+    makefile = (REPO / "Makefile").read_text()
+    assert "$(STAMP): pyproject.toml requirements-dev.lock" in makefile
+    assert "pip install -q -r requirements-dev.lock" in makefile
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir -r requirements.lock" in dockerfile
+    assert "--no-deps ." in dockerfile
