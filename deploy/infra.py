@@ -594,7 +594,29 @@ def _controller_port(config: Path, port: int, avoid: frozenset[int] = frozenset(
     return free_port()
 
 
-def _write_kafka_config(base: Path, port: int, avoid: frozenset[int] = frozenset()) -> Path:
+def _secure_settings(port: int, admin_password: str) -> dict[str, str]:
+    """SASL/SCRAM on the client listener and ACLs enforced (D48): only `admin` (and the
+    controller listener, bound to loopback and serving no client request) is a super user;
+    everyone else may do only what an ACL allows."""
+    jaas = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="admin" password="{admin_password}";')
+    return {
+        "listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
+        "advertised.listeners": f"SASL_PLAINTEXT://127.0.0.1:{port}",
+        "inter.broker.listener.name": "SASL_PLAINTEXT",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-256",
+        "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-256",
+        "listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config": jaas,
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": "User:admin;User:ANONYMOUS",
+        "allow.everyone.if.no.acl.found": "false",
+        "auto.create.topics.enable": "false",
+    }
+
+
+def _write_kafka_config(base: Path, port: int, avoid: frozenset[int] = frozenset(),
+                        admin_password: str | None = None) -> Path:
     config = base / "server.properties"
     controller = _controller_port(config, port, avoid)
     data = base / "data"
@@ -627,6 +649,9 @@ def _write_kafka_config(base: Path, port: int, avoid: frozenset[int] = frozenset
         "group.initial.rebalance.delay.ms": "0",
         "log.retention.hours": "168",
     }
+    if admin_password is not None:
+        settings.update(_secure_settings(port, admin_password))
+        settings["listeners"] += f",CONTROLLER://127.0.0.1:{controller}"
     base.mkdir(parents=True, exist_ok=True)
     config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
     # Everything to stdout, which _spawn sends to <state>/kafka-<port>.log; no rolling files.
@@ -676,20 +701,27 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def _format_kafka_storage(base: Path, libs: Path, config: Path) -> None:
+def _format_kafka_storage(base: Path, libs: Path, config: Path,
+                          users: dict[str, str] | None = None) -> None:
     if (base / "data" / "meta.properties").exists():
         return  # formatted before: keep the data (restarts must not lose topics)
+    scram = [f"--add-scram=SCRAM-SHA-256=[name={name},password={password}]"
+             for name, password in (users or {}).items()]
     cmd = _java_cmd(base, libs, "kafka.tools.StorageTool", "format",
-                    f"--cluster-id={new_cluster_id()}", "--config", str(config))  # fmt: skip
+                    f"--cluster-id={new_cluster_id()}", "--config", str(config),
+                    *scram)  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     if result.returncode != 0:
         raise InfraError(f"kafka storage format failed:\n{result.stdout}\n{result.stderr}")
 
 
-def start_kafka(port: int = 19092, state_dir: Path | None = None) -> str:
+def start_kafka(port: int = 19092, state_dir: Path | None = None,
+                users: dict[str, str] | None = None) -> str:
     """Start (or reuse) a single-node KRaft Apache Kafka on 127.0.0.1:``port``; return bootstrap.
 
     Data lives in ``<state_dir>/kafka-<port>/data`` and survives stop_kafka/start_kafka.
+    ``users`` (name: password, ``admin`` among them): SASL/SCRAM-SHA-256 and ACLs (D48); the
+    broker is then ready when its port is open, and a client waits for its first answer.
     """
     sd = _state_dir("kafka", port, state_dir)
     bootstrap = f"127.0.0.1:{port}"
@@ -706,14 +738,16 @@ def start_kafka(port: int = 19092, state_dir: Path | None = None) -> str:
             started_here = pid is None
             if pid is None:
                 _version, libs = kafka_libs()
-                _write_kafka_config(base, port, avoid)
-                _format_kafka_storage(base, libs, config)
+                _write_kafka_config(base, port, avoid,
+                                    None if users is None else users["admin"])
+                _format_kafka_storage(base, libs, config, users)
                 cmd = _java_cmd(base, libs, "kafka.Kafka", str(config), server=True)
                 pid = _spawn(cmd, log_file, cwd=base)
                 pid_file.write_text(f"{pid}\n")
             try:
                 _wait_for(
-                    lambda: kafka_ready(bootstrap),
+                    (lambda: kafka_ready(bootstrap)) if users is None else
+                    (lambda: _port_open(port)),
                     timeout=KAFKA_START_TIMEOUT,
                     what="kafka",
                     pid=pid,
@@ -730,6 +764,26 @@ def start_kafka(port: int = 19092, state_dir: Path | None = None) -> str:
                 log_file.write_text("")
                 pid = None
     return bootstrap
+
+
+def grant_kafka_acls(bootstrap: str, admin_password: str, grants: Sequence[str],
+                     state_dir: Path) -> None:
+    """Grant ACLs on a secured broker (``principal:OPERATION:TYPE:name`` each, e.g.
+    ``safety:WRITE:TOPIC:trial.safety``) through the Admin API, as ``admin``: a single-file
+    Java program run with the broker's own client library (deploy/kafka/Acls.java)."""
+    _version, libs = kafka_libs()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    client = state_dir / "acl-admin.properties"
+    client.write_text(
+        f"bootstrap.servers={bootstrap}\nsecurity.protocol=SASL_PLAINTEXT\n"
+        "sasl.mechanism=SCRAM-SHA-256\nsasl.jaas.config=org.apache.kafka.common.security.scram."
+        f'ScramLoginModule required username="admin" password="{admin_password}";\n')
+    source = Path(__file__).parent / "kafka" / "Acls.java"
+    cmd = _java_cmd(state_dir, libs, str(source), str(client), *grants)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise InfraError(f"granting Kafka ACLs failed:\n{result.stdout[-2000:]}\n"
+                         f"{result.stderr[-2000:]}")
 
 
 def stop_kafka(port: int = 19092, state_dir: Path | None = None, timeout: float = STOP_TIMEOUT) -> bool:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic, may_publish
-from shared.kafka import LazyProducer, quietly
+from shared.kafka import LazyProducer, client_options, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, Transaction
@@ -162,7 +162,7 @@ class ConsumerRunner:
     async def _session(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(
             *self.topics,
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            **client_options(self.settings),
             group_id=self.group_id,
             client_id=f"{self.settings.service_name}-consumer",
             enable_auto_commit=False,

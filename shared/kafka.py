@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
 from shared.events import AUDIT_ANCHORS, TOPICS, dlq_topic
@@ -23,11 +25,27 @@ def all_topics() -> list[str]:
     return [*TOPICS, *(dlq_topic(t) for t in TOPICS)]
 
 
+def client_options(settings: Settings) -> dict[str, Any]:
+    """How every Kafka client of a service connects: the bootstrap servers and, where the
+    broker asks for it, SASL as the service's own principal (D48)."""
+    options: dict[str, Any] = {"bootstrap_servers": settings.kafka_bootstrap_servers}
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        password = settings.kafka_sasl_password
+        options.update(
+            security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=password.get_secret_value() if password else None)
+        if settings.kafka_security_protocol == "SASL_SSL":
+            options["ssl_context"] = create_ssl_context()
+    return options
+
+
 def make_producer(settings: Settings) -> AIOKafkaProducer:
     # acks=all and no idempotent producer: the embedded broker lacks it, and delivery is
     # at-least-once by design, made exactly-once in effect by idempotent consumers.
     return AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
+        **client_options(settings),
         acks="all",
         enable_idempotence=False,
         linger_ms=2,
@@ -99,7 +117,7 @@ def new_topic(name: str, settings: Settings) -> NewTopic:
 
 async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
     """Create the trial's topics if missing, so consumers never subscribe to nothing."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+    admin = AIOKafkaAdminClient(**client_options(settings),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:

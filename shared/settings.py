@@ -34,6 +34,12 @@ class Settings(BaseSettings):
     kafka_topic_partitions: int = Field(3, ge=1)
     # Replicas of each topic the services create: 3 in production (the chart), 1 on one broker.
     kafka_replication_factor: int = Field(1, ge=1)
+    # Kafka as a trust boundary (D48): SASL (SCRAM) as this service's own principal, whose ACLs
+    # let it write only its own topics. PLAINTEXT: no authentication (a development broker).
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
 
     relay_enabled: bool = True

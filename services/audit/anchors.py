@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
-from shared.kafka import LazyProducer, ensure_topics, known_partitions
+from shared.kafka import LazyProducer, client_options, ensure_topics, known_partitions
 from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, utcnow
 
@@ -90,8 +90,8 @@ class Anchorer:
 async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
                        ) -> list[AuditChainAnchored]:
     """Every anchor published for `ledger`, read from the beginning of the topic to its end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
+                                auto_offset_reset="earliest",
                                 fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await consumer.start()
