@@ -96,3 +96,10 @@ def test_installs_are_pinned_by_the_lock_files_make_and_the_image_use() -> None:
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert "pip install --no-cache-dir -r requirements.lock" in dockerfile
     assert "--no-deps ." in dockerfile
+
+
+def test_compose_keeps_kafkas_history_on_a_volume() -> None:
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    kafka = services["kafka"]
+    logs = kafka["environment"]["KAFKA_LOG_DIRS"]
+    assert any(v.split(":")[1] == logs for v in kafka["volumes"]), "Kafka's log dirs on no volume"
