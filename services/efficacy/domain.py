@@ -333,9 +333,15 @@ def decide_assessment(state: FollowUp, command: RecordAssessment,
         **command.measured.fields())
     events: list[EventData] = [recorded]
     if command.week is not None and command.week == max(protocol.assessment_weeks):
-        events.append(StudyCompleted(patient_id=patient_id, site_id=site_id,
-                                     assessment_id=command.assessment_id,
-                                     completed_at=assessed_at))
+        # A visit whose window closed before the completing one and that no sweep has marked
+        # yet is missed, not silently cancelled by the completion: the ledger must not depend
+        # on whether the sweep ran first (D49).
+        closed = [_missed(state, v, command.now) for v in state.visits
+                  if v.status == "planned" and v.visit.week != command.week
+                  and v.visit.window_end < assessed_on]
+        events = [*closed, recorded, StudyCompleted(
+            patient_id=patient_id, site_id=site_id, assessment_id=command.assessment_id,
+            completed_at=assessed_at)]
     return events
 
 
@@ -409,6 +415,15 @@ def _missed_in_a_row(state: FollowUp) -> tuple[int, ...]:
                  if v.status == "missed" and (seen is None or v.visit.due_date > seen))
 
 
+def _missed(state: FollowUp, slot: AssessmentVisit, now: datetime) -> VisitMissed:
+    """An assessment visit whose window closed undone."""
+    assert state.patient_id is not None and state.site_id is not None
+    return VisitMissed(patient_id=state.patient_id, site_id=state.site_id,
+                       arm=state.arm or state.randomized_arm, week=slot.visit.week,
+                       kind="assessment", due_date=slot.visit.due_date,
+                       window_end=slot.visit.window_end, detected_at=now)
+
+
 @dataclass(frozen=True)
 class Sweep:
     now: datetime
@@ -422,12 +437,8 @@ def decide_sweep(state: FollowUp, command: Sweep, protocol: ProtocolConfig) -> l
     if state.ended is not None:
         return []
     today = protocol.site_date(state.site_id, command.now)
-    missed: list[EventData] = [
-        VisitMissed(patient_id=state.patient_id, site_id=state.site_id,
-                    arm=state.arm or state.randomized_arm, week=v.visit.week, kind="assessment",
-                    due_date=v.visit.due_date, window_end=v.visit.window_end,
-                    detected_at=command.now)
-        for v in state.visits if v.status == "planned" and v.visit.window_end < today]
+    missed: list[EventData] = [_missed(state, v, command.now) for v in state.visits
+                               if v.status == "planned" and v.visit.window_end < today]
     if not missed:
         return []
     after = decider.fold(evolve, state, missed)

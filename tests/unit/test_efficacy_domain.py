@@ -418,15 +418,37 @@ def test_an_assessment_after_the_treatment_was_discontinued_is_flagged() -> None
 
 
 def test_the_week_52_assessment_completes_the_study() -> None:
-    found = decide(FOLLOWED, on_due_day(52))
+    done = FOLLOWED
+    for week in (0, 4, 8, 12, 16, 24, 36):
+        done = then(done, on_due_day(week))
+    found = decide(done, on_due_day(52))
     assert types(found) == ["AssessmentRecorded", "StudyCompleted"]
     recorded, completed = found
     assert isinstance(recorded, AssessmentRecorded) and isinstance(completed, StudyCompleted)
     assert (completed.assessment_id, completed.completed_at) == ("a-52", recorded.assessed_at)
-    state = FOLLOWUPS.fold(FOLLOWED + found)
+    state = FOLLOWUPS.fold(done + found)
     assert (state.ended, state.ended_at) == ("completed", recorded.assessed_at)
-    assert [v.status for v in state.visits] == ["cancelled"] * 7 + ["done"]
+    assert [v.status for v in state.visits] == ["done"] * 8
     assert types(decide(FOLLOWED, on_due_day(36))) == ["AssessmentRecorded"]  # not before 52
+
+
+def test_a_visit_closed_before_completion_is_missed_whether_or_not_the_sweep_ran_first() -> None:
+    """D49: the same history gives the same ledger, however the sweep's timing fell."""
+    done = FOLLOWED
+    for week in (0, 4, 8, 12, 16, 24):  # week 36 is never assessed
+        done = then(done, on_due_day(week))
+    completion = on_due_day(52)
+    at_once = decide(done, completion)  # the sweep had not run since week 36's window closed
+    assert types(at_once) == ["VisitMissed", "AssessmentRecorded", "StudyCompleted"]
+    assert isinstance(at_once[0], VisitMissed) and at_once[0].week == 36
+    swept = then(done, domain.Sweep(site_time(VISIT[52].due_date)))
+    assert types(swept[len(done):]) == ["VisitMissed"]  # the sweep first, then the visit
+    after_sweep = decide(swept, completion)
+    assert types(after_sweep) == ["AssessmentRecorded", "StudyCompleted"]
+    for history in (done + at_once, swept + after_sweep):
+        state = FOLLOWUPS.fold(history)
+        assert [v.status for v in state.visits] == ["done"] * 6 + ["missed", "done"]
+        assert state.ended == "completed"
 
 
 # --- baseline ---------------------------------------------------------------------------------
