@@ -1,20 +1,24 @@
-"""Refused writes of known principals become `AccessDenied` events on `trial.access` (D19)."""
+"""Refused writes of known principals become `AccessDenied` events on `trial.access` (D19); a
+monitor's or the DSMB's read of a patient's data becomes `PatientDataViewed` (D50)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import Principal
 from shared.deps import metadata_for, principal, runtime
-from shared.events import AccessDenied
-from shared.store import EventStore, NewEvent, utcnow
-from shared.web import OnProblem, Problem
+from shared.events import AccessDenied, PatientDataViewed
+from shared.metrics import route_template
+from shared.store import EventStore, NewEvent, Transaction, utcnow
+from shared.web import OnProblem, Problem, problem_response
 
 log = logging.getLogger(__name__)
 DENIED_STATUSES = frozenset({403, 404})
@@ -71,3 +75,63 @@ def access_router() -> APIRouter:
         return JSONResponse({"recorded": True}, status_code=202)
 
     return router
+
+
+# Whose reads of a patient's data are audited (D50): the roles that read across sites. A site's
+# own staff reading their patients is their work, not oversight.
+VIEWERS = frozenset({"monitor", "dsmb"})
+_PATIENT_READ = re.compile(r"^/v1/(?:audit/)?patients/([^/]+)")
+# How a service files a view: in its own store by default (relayed to trial.access, filed by the
+# ledger); the ledger itself files it straight in (services.audit).
+RecordView = Callable[[Transaction, PatientDataViewed, Principal], Awaitable[None]]
+
+
+async def append_view(tx: Transaction, viewed: PatientDataViewed, who: Principal) -> None:
+    await tx.append(f"view-{viewed.view_id}", [NewEvent.of(viewed, metadata_for(who))], 0)
+
+
+class PatientReadAudit:
+    """A GET of one patient's data (`/v1/patients/{id}...`, `/v1/audit/patients/{id}...`)
+    answered 200 to a monitor or the DSMB is recorded before the answer leaves: when it cannot
+    be recorded, the reader gets 503 and retries, so no such read goes unaudited (fails closed,
+    like the dose checks)."""
+
+    def __init__(self, app: ASGIApp, service: str, record: RecordView = append_view) -> None:
+        self.app, self.service, self.record = app, service, record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = (_PATIENT_READ.match(scope["path"])
+                 if scope["type"] == "http" and scope["method"] == "GET" else None)
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        refused = False
+
+        async def audited(message: Message) -> None:
+            nonlocal refused
+            if refused:
+                return  # the body of an answer replaced by the 503 below
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                who = scope.get("state", {}).get("principal")
+                if isinstance(who, Principal) and who.role in VIEWERS:
+                    try:
+                        await self._record(scope, found.group(1), who)
+                    except Exception as error:
+                        log.error("could not record PatientDataViewed: %r", error)
+                        refused = True
+                        answer = problem_response(Problem(
+                            503, "view_not_recorded", "The read could not be recorded in the "
+                            "audit trail; retry shortly", retry_after_s=1), {"Retry-After": "1"})
+                        await answer(scope, receive, send)
+                        return
+            await send(message)
+
+        await self.app(scope, receive, audited)
+
+    async def _record(self, scope: Scope, patient_id: str, who: Principal) -> None:
+        viewed = PatientDataViewed(view_id=str(uuid.uuid4()), service=self.service,
+                                   route=route_template(scope)[:300],
+                                   patient_id=patient_id[:200], viewed_at=utcnow())
+        store = scope["app"].state.runtime.store
+        async with store.transaction() as tx:
+            await self.record(tx, viewed, who)

@@ -11,7 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 
-from shared.access import access_router, refused_writes_logger
+from shared.access import PatientReadAudit, access_router, append_view, refused_writes_logger
 from shared.idempotency import IdempotencyMiddleware
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import install_service_metrics
@@ -51,8 +51,11 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         return await request.app.state.runtime.ready()
 
     app = FastAPIOffline(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
-                  dependencies=[Depends(reject_unknown_query)])
+                         dependencies=[Depends(reject_unknown_query)])
     app.state.protocol = protocol
+    # A monitor's or the DSMB's read of a patient, recorded before the answer leaves (D50).
+    app.add_middleware(PatientReadAudit, service=spec.name,
+                       record=spec.record_view or append_view)
     # Added first, so it runs inside the request id middleware: replays carry the new id.
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

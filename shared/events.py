@@ -785,6 +785,19 @@ class AccessDenied(EventData):
     denied_at: datetime
 
 
+class PatientDataViewed(EventData):
+    """A monitor's or the DSMB's read of one patient's data, answered: the audit trail of who saw
+    what (21 CFR 11). Who is in the envelope's actor; no patient data is repeated here."""
+
+    topic = ACCESS
+    subject_field = "view_id"
+    view_id: str
+    service: str  # which one answered the read
+    route: str  # the route template read, e.g. /v1/patients/{patient_id}/schedule
+    patient_id: str
+    viewed_at: datetime
+
+
 # --- trial.protocol ---------------------------------------------------------------------------
 
 

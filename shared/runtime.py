@@ -47,6 +47,9 @@ class ServiceSpec:
     # ready and `trial_safety_records_unapplied` counts them (D32).
     fail_closed: Mapping[str, FailClosed] = field(default_factory=dict)
     unapplied: Callable[[EventStore], Awaitable[Sequence[object]]] | None = None
+    # How a monitor's or the DSMB's read of a patient is filed (D50); None: in the service's own
+    # store, relayed to trial.access (`shared.access.append_view`).
+    record_view: Callable[..., Awaitable[None]] | None = None
 
 
 class Runtime:

@@ -7,6 +7,7 @@ from prometheus_client import Gauge
 
 from services.audit import api, reports
 from services.audit.anchors import Anchorer
+from services.audit.commands import record_view
 from services.audit.handlers import handlers
 from shared.app import create_app, run_beside
 from shared.events import LEDGER_TOPICS
@@ -16,7 +17,7 @@ from shared.settings import Settings
 # The ledger's queries (/v1/audit/...) and what is made of it (/v1/reports, /v1/exports, /v1/fhir).
 router = APIRouter(routes=[*api.router.routes, *reports.router.routes])
 spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS), handlers=handlers,
-                   publishes=False)
+                   publishes=False, record_view=record_view)
 
 
 def create_audit_app(settings: Settings | None = None) -> FastAPI:

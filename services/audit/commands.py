@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 from services.audit.domain import ledger_stream, ledger_time
+from shared.auth import Principal
 from shared.consumer import Delivery, batchable
+from shared.events import ACCESS, CloudEvent, PatientDataViewed
 from shared.store import NewEvent, Transaction
+from shared.web import current_request_id
 
 
 @batchable  # reads nothing but `has_event`, which sees the batch's staged entries
@@ -23,3 +28,15 @@ async def record(tx: Transaction, delivery: Delivery) -> None:
         return
     # Position is arrival order (docs/decisions.md, D6 and "Audit: the ledger files by patient").
     await tx.append(ledger_stream(e.subject, e.data), [entry], None)
+
+
+async def record_view(tx: Transaction, viewed: PatientDataViewed, who: Principal) -> None:
+    """A read of the ledger's own patient history (D50), filed as every entry is: the envelope
+    the audit service would have published, under the patient, in the chain."""
+    request_id = current_request_id()
+    event = CloudEvent(id=str(uuid.uuid4()), source="/services/audit", type=viewed.event_type(),
+                       subject=viewed.subject(), time=viewed.viewed_at,
+                       data=viewed.model_dump(mode="json"), sequence=0,
+                       correlationid=request_id, actor=who.sub, actorrole=who.role,
+                       actorsite=who.site)
+    await record(tx, Delivery(event, viewed, ACCESS))

@@ -33,6 +33,7 @@ from shared.events import (
     EventData,
     InfusionGiven,
     MethotrexateDoseGiven,
+    PatientDataViewed,
     PatientDosingHeld,
     PatientEnrolled,
     PatientScreened,
@@ -103,6 +104,9 @@ SAMPLES: dict[str, tuple[EventData, str]] = {
     "AccessDenied": (AccessDenied(
         access_id="acc-1", service="gateway", method="POST", path="/v1/patients/p-1/infusions",
         status=403, code="forbidden", patient_id="p-1", denied_at=AT), "acc-1"),
+    "PatientDataViewed": (PatientDataViewed(
+        view_id="view-1", service="dosing", route="/v1/patients/{patient_id}/schedule",
+        patient_id="p-1", viewed_at=AT), "view-1"),
     # randomization (issue 3): the allocation and safety holds it keeps as events of its own
     "AllocationSlotUsed": (AllocationSlotUsed(
         randomization_number=1, stratum="S1:pasi_lt20", stratum_slot=1, patient_id="p-1",

@@ -55,7 +55,8 @@ def test_the_asyncapi_document_names_every_topic_and_event() -> None:
     assert all(name in text for name in CATALOGUE)
     assert all(topic in text for topic in TOPICS)
     assert all(_resolves(document, ref) for ref in _refs(document))
-    assert set(document["channels"][channel_id("trial.access")]["messages"]) == {"AccessDenied"}
+    assert set(document["channels"][channel_id("trial.access")]["messages"]) == {
+        "AccessDenied", "PatientDataViewed"}
 
 
 def test_the_api_docs_load_nothing_from_outside() -> None:
