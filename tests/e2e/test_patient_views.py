@@ -4,6 +4,7 @@ audit trail says who saw what; a site's own reads and reads answered with an err
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from tests.e2e.conftest import client
 from tests.e2e.test_efficacy import new_patient
@@ -20,7 +21,7 @@ async def test_monitor_and_dsmb_reads_of_a_patient_are_in_the_audit_trail(system
         assert (await monitor.get(f"/v1/patients/{patient}/schedule")).status_code == 200
         assert (await monitor.get("/v1/patients/no-such-patient")).status_code == 404
 
-        async def views() -> list[dict[str, object]]:
+        async def views() -> list[dict[str, Any]]:
             answer = await dsmb.get("/v1/audit/events", params={
                 "type": "PatientDataViewed", "patient_id": patient})
             assert answer.status_code == 200, answer.text
@@ -42,9 +43,9 @@ async def test_monitor_and_dsmb_reads_of_a_patient_are_in_the_audit_trail(system
                    if e["type"] == "PatientDataViewed")
 
 
-async def _until(read: Callable[[], Awaitable[list[dict[str, object]]]],
-                 done: Callable[[list[dict[str, object]]], bool]) -> list[dict[str, object]]:
-    found: list[dict[str, object]] = []
+async def _until(read: Callable[[], Awaitable[list[dict[str, Any]]]],
+                 done: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
 
     async def check() -> bool:
         nonlocal found
