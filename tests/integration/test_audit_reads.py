@@ -193,12 +193,18 @@ async def test_the_history_route_answers_the_same_json(ledger: EventStore) -> No
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://audit", headers=headers) as client:
             for patient in patients:
+                expected = await _old_history(ledger, patient)  # before this read is filed
                 r = await client.get(f"/v1/audit/patients/{patient}/history")
                 assert r.status_code == 200
                 assert r.headers["content-type"] == "application/json"
                 assert r.json() == {"patient_id": patient,
                                     "order": "source time; a cause always before its effects",
-                                    "items": await _old_history(ledger, patient)}
+                                    "items": expected}
+                # The DSMB's read is itself in the ledger now, under the patient (D50).
+                views = [e for e in await ledger.read_stream(patient)
+                         if e.type == "PatientDataViewed"]
+                assert [(v.metadata["role"], v.data["route"]) for v in views] == [
+                    ("dsmb", "/v1/audit/patients/{patient_id}/history")]
             r = await client.get("/v1/audit/patients/PT-nobody/history")
             assert (r.status_code, r.json()["code"]) == (404, "patient_not_found")
             r = await client.get(f"/v1/audit/patients/{patients[0]}/history", headers={
