@@ -39,7 +39,7 @@ from bench.system import (
     whole_system,
 )
 from shared.events import ENROLLMENT
-from shared.kafka import known_partitions
+from shared.kafka import client_options, known_partitions, physical
 from shared.settings import Settings
 
 TARGETS_MS = {10: 50.0, 50: 100.0}  # rate (requests/s) -> p99 target
@@ -60,14 +60,16 @@ class Watcher:
     """An outside reader of trial.enrollment: when it first received each patient's ArmAssigned."""
 
     def __init__(self, bootstrap: str, fetch_wait_ms: int) -> None:
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                         fetch_max_wait_ms=fetch_wait_ms)
+        # The environment's SASL settings and topic prefix, as the services' (D48, D52).
+        self.settings = Settings(kafka_bootstrap_servers=bootstrap)
+        self.consumer = AIOKafkaConsumer(**client_options(self.settings),
+                                         enable_auto_commit=False, fetch_max_wait_ms=fetch_wait_ms)
         self.seen: dict[str, float] = {}
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.consumer.start()
-        partitions = await known_partitions(self.consumer, ENROLLMENT)
+        partitions = await known_partitions(self.consumer, physical(self.settings, ENROLLMENT))
         assert partitions, "trial.enrollment does not exist yet"
         self.consumer.assign(partitions)
         await self.consumer.seek_to_end(*partitions)

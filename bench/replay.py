@@ -65,7 +65,7 @@ from services.safety.state import Draft, SafetyState
 from shared.consumer import ConsumerRunner
 from shared.decider import Identified
 from shared.events import LEDGER_TOPICS
-from shared.kafka import ensure_topics, make_producer
+from shared.kafka import client_options, ensure_topics, make_producer, physical
 from shared.migrate import upgrade
 from shared.protocol import load_protocol
 from shared.settings import Settings
@@ -182,13 +182,14 @@ def own_broker(backend: str) -> Iterator[str]:
 
 async def publish(settings: Settings, patients: int) -> int:
     """The lives on their topics, keyed by subject, as the relays publish them."""
-    await ensure_topics(settings, list(LEDGER_TOPICS))
+    await ensure_topics(settings, [physical(settings, t) for t in LEDGER_TOPICS])
     producer = make_producer(settings)
     await producer.start()
     sent = []
     try:
         for topic, cloud in cloud_events(patients):
-            sent.append(await producer.send(topic, cloud.to_bytes(), key=cloud.subject.encode()))
+            sent.append(await producer.send(physical(settings, topic), cloud.to_bytes(),
+                                            key=cloud.subject.encode()))
             if len(sent) % 5000 == 0:
                 await asyncio.gather(*sent[-5000:])
         await asyncio.gather(*sent)
@@ -221,8 +222,9 @@ async def audit_consumer(url: str, settings: Settings, total: int) -> Timing:
     return timing
 
 
-async def bare_consumer(bootstrap: str, total: int) -> Timing:
-    consumer = AIOKafkaConsumer(*LEDGER_TOPICS, bootstrap_servers=bootstrap,
+async def bare_consumer(settings: Settings, total: int) -> Timing:
+    consumer = AIOKafkaConsumer(*(physical(settings, t) for t in LEDGER_TOPICS),
+                                **client_options(settings),
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     read = 0
     with clocked() as timing:
@@ -244,7 +246,7 @@ def ledger_from_kafka(backend: str, events: int) -> None:
                                 EMBEDDED_SESSION_TIMEOUT_MS if backend != "real" else 10_000))
         total = asyncio.run(publish(settings, patients))
         print(f"replay of the audit ledger from Kafka ({total:,} CloudEvents published):")
-        show("bare aiokafka consumer", total, asyncio.run(bare_consumer(bootstrap, total)))
+        show("bare aiokafka consumer", total, asyncio.run(bare_consumer(settings, total)))
         timing = asyncio.run(audit_consumer(url, settings, total))
         show("project (consumer)", total, timing)
         rate = total / timing.wall

@@ -33,7 +33,9 @@ from bench.system import fresh_databases, stop_infrastructure
 from deploy import infra
 from shared.auth import issue_dev_token
 from shared.events import ArmAssigned, CloudEvent, EventData, PatientEnrolled
+from shared.kafka import client_options, physical
 from shared.settings import SERVICES as ALL_SERVICES
+from shared.settings import Settings
 from shared.store import EventStore, utcnow
 from tooling.launcher import System
 
@@ -53,14 +55,16 @@ async def publish_patient(bootstrap: str, patient_id: str) -> None:
                         baseline_weight_kg=70.0, baseline_pasi=14.0, enrolled_at=now),
         ArmAssigned(patient_id=patient_id, site_id="S1", arm="msc_high", randomization_number=1,
                     stratum="S1:pasi_lt20", baseline_weight_kg=70.0, assigned_at=now)]
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    settings = Settings(kafka_bootstrap_servers=bootstrap)  # the environment's topic prefix
+    producer = AIOKafkaProducer(**client_options(settings), acks="all")
     await producer.start()
     try:
         for data in events:
             ce = CloudEvent(id=str(uuid.uuid4()), source="/services/bench", type=data.event_type(),
                             subject=patient_id, time=now, data=data.model_dump(mode="json"),
                             sequence=1)
-            await producer.send_and_wait(data.topic, ce.to_bytes(), key=patient_id.encode())
+            await producer.send_and_wait(physical(settings, data.topic), ce.to_bytes(),
+                                         key=patient_id.encode())
     finally:
         await producer.stop()
 

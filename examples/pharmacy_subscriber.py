@@ -5,6 +5,12 @@ Standalone on purpose (aiokafka only, no project imports): it is what a pharmacy
 write against docs/asyncapi.json. Each record is one CloudEvents 1.0 JSON object.
 
     python examples/pharmacy_subscriber.py --bootstrap 127.0.0.1:9092 --group pharmacy-S1
+
+Against a secured broker (SASL/SCRAM, the pharmacy's own principal, which may only read
+trial.dosing and use its group) whose topics carry an environment's prefix (prod.trial.dosing):
+
+    KAFKA_SASL_PASSWORD=... python examples/pharmacy_subscriber.py --bootstrap kafka:9092 \
+        --security-protocol SASL_SSL --sasl-username pharmacy --topic-prefix prod.
 """
 
 from __future__ import annotations
@@ -12,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.helpers import create_ssl_context
 
 TOPIC = "trial.dosing"
 
@@ -74,13 +82,29 @@ def concerns(event: dict[str, Any], patient: str | None) -> bool:
             or data.get("scope") in ("arm", "trial"))
 
 
+def connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The bootstrap and, on a secured broker, SASL as the pharmacy's principal (its password
+    from the environment, never an argument: arguments show in the process list)."""
+    options: dict[str, Any] = {"bootstrap_servers": args.bootstrap}
+    if args.security_protocol != "PLAINTEXT":
+        options.update(security_protocol=args.security_protocol,
+                       sasl_mechanism=args.sasl_mechanism,
+                       sasl_plain_username=args.sasl_username,
+                       sasl_plain_password=os.environ.get("KAFKA_SASL_PASSWORD"))
+        if args.security_protocol == "SASL_SSL":
+            options["ssl_context"] = create_ssl_context()
+    return options
+
+
 async def run(args: argparse.Namespace) -> int:
+    topic = args.topic_prefix + TOPIC  # the environment's name of trial.dosing on the broker
+    group = args.group or args.topic_prefix + "pharmacy"
     consumer = AIOKafkaConsumer(
-        TOPIC, bootstrap_servers=args.bootstrap, group_id=args.group,
+        topic, **connection(args), group_id=group,
         auto_offset_reset="earliest", enable_auto_commit=True, metadata_max_age_ms=5000)
     await consumer.start()
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else None
-    print(f"LISTENING topic={TOPIC} group={args.group}", flush=True)
+    print(f"LISTENING topic={topic} group={group}", flush=True)
     try:
         while deadline is None or time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)
@@ -106,10 +130,19 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
-    parser.add_argument("--group", default="pharmacy", help="this pharmacy's consumer group")
+    parser.add_argument("--group", help="this pharmacy's consumer group (default: pharmacy, "
+                                         "after the topic prefix)")
     parser.add_argument("--patient", help="only this patient (and arm- or trial-wide holds)")
     parser.add_argument("--until", help="exit after printing an event of this type")
     parser.add_argument("--max-seconds", type=float, help="exit after this long")
+    parser.add_argument("--topic-prefix", default="",
+                        help="the environment's topic prefix (TRIAL_KAFKA_TOPIC_PREFIX), e.g. prod.")
+    parser.add_argument("--security-protocol", default="PLAINTEXT",
+                        choices=["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"])
+    parser.add_argument("--sasl-mechanism", default="SCRAM-SHA-512",
+                        choices=["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+    parser.add_argument("--sasl-username", default="pharmacy",
+                        help="the pharmacy's principal (password: KAFKA_SASL_PASSWORD)")
     return asyncio.run(run(parser.parse_args()))
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 
@@ -18,14 +19,19 @@ from shared.metrics import install_service_metrics
 from shared.protocol import load_protocol
 from shared.runtime import Loop, Runtime, ServiceSpec
 from shared.settings import Settings, check_production
+from shared.store import UNAVAILABLE_ERRORS, database_unavailable
 from shared.tracing import configure_tracing, instrument_app
 from shared.web import (
     BodyLimitMiddleware,
     RequestIdMiddleware,
+    database_unavailable_problem,
     health_router,
     install_problem_handlers,
+    problem_response,
     reject_unknown_query,
 )
+
+log = logging.getLogger(__name__)
 
 
 def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
@@ -68,6 +74,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
                         "could not apply and no operator has resolved: what they may concern is "
                         "refused (D32)", lambda rt: _count(unapplied(rt.store)))
     install_problem_handlers(app, on_problem=refused_writes_logger(spec.name))
+    install_database_unavailable_handler(app)
     async def health(request: Request) -> dict[str, object]:
         return await request.app.state.runtime.health()
 
@@ -75,6 +82,22 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.include_router(access_router())
     app.include_router(spec.router)
     return app
+
+
+def install_database_unavailable_handler(app: FastAPI) -> None:
+    """A request that meets its database down or restarting is answered 503 with Retry-After,
+    never 500: the caller retries with the same Idempotency-Key (issue 15). Any other database
+    error stays what it is, a 500 for a defect."""
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        if not database_unavailable(exc):
+            raise exc
+        log.warning("database unavailable: %s %s: %r", request.method, request.url.path, exc)
+        problem = database_unavailable_problem()
+        return problem_response(problem, problem.headers)
+
+    for error in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(error, unavailable)
 
 
 def run_beside(app: FastAPI, start: Callable[[FastAPI], Loop]) -> None:

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic, may_publish
-from shared.kafka import LazyProducer, client_options, quietly
+from shared.failpoints import BEFORE_OFFSET_COMMIT, Failpoints
+from shared.kafka import LazyProducer, client_options, logical, physical, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, Transaction
@@ -122,6 +123,11 @@ def _transient(exc: BaseException) -> bool:
 
 
 class ConsumerRunner:
+    """Consumes `topics` (logical names: shared.events) as `group_id`. On the broker the topics
+    and the group carry the settings' prefix (`shared.kafka.physical`: environments sharing a
+    cluster share no group); a record's topic is mapped back to its logical name before anything
+    looks at it (the source check, the handlers, the DLQ, D52)."""
+
     def __init__(self, store: EventStore, settings: Settings, topics: list[str],
                  handlers: Mapping[str, Handler], group_id: str | None = None,
                  fail_closed: Mapping[str, FailClosed] | None = None) -> None:
@@ -137,6 +143,7 @@ class ConsumerRunner:
         self.duplicates = 0
         self.dead_lettered = 0
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
+        self.failpoints = Failpoints(settings)  # or a fault test kills the process there
         self._consumer: AIOKafkaConsumer | None = None  # while a session runs
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
@@ -161,9 +168,9 @@ class ConsumerRunner:
 
     async def _session(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(
-            *self.topics,
+            *(physical(self.settings, topic) for topic in self.topics),
             **client_options(self.settings),
-            group_id=self.group_id,
+            group_id=physical(self.settings, self.group_id),
             client_id=f"{self.settings.service_name}-consumer",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -195,6 +202,7 @@ class ConsumerRunner:
                     for record in records:
                         await self.handle_record(record)
                 # Only now is every record of the batch in the database (or the DLQ).
+                self.failpoints.reach(BEFORE_OFFSET_COMMIT)
                 if self.commit_offsets:
                     await consumer.commit({tp: records[-1].offset + 1})
                     self.committed_here[tp] = records[-1].offset + 1
@@ -203,8 +211,9 @@ class ConsumerRunner:
 
     async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
         """Whether this service's group has handled every record of `key`'s partition of
-        `topic` that existed when asked, waiting up to `timeout` seconds for it to get there.
-        False when it cannot tell in time (not yet in its group, the broker away, behind).
+        `topic` (a logical name) that existed when asked, waiting up to `timeout` seconds for it
+        to get there. False when it cannot tell in time (not yet in its group, the broker away,
+        behind).
 
         The log's end is asked once; the group's committed offset is asked of the broker, then
         followed here as this process commits (woken at once, not polled) while the partition is
@@ -212,6 +221,7 @@ class ConsumerRunner:
         deadline = time.monotonic() + timeout
         end: int | None = None
         committed: int | None = None
+        topic = physical(self.settings, topic)
         while True:
             consumer = self._consumer
             moved = self._moved
@@ -221,6 +231,11 @@ class ConsumerRunner:
                     tp = TopicPartition(topic, _PARTITIONER(key.encode(), partitions, partitions))
                     if end is None:  # what existed when asked: the log's end, now
                         end = (await consumer.end_offsets([tp]))[tp]
+                        # The embedded broker answers ListOffsets with its last batch's base
+                        # offset + 1, short of the end when a batch held several records; the
+                        # high watermark of this process's own fetches is exact (issue 15).
+                        end = max(end, consumer.highwater(tp) or 0) if tp in (
+                            consumer.assignment()) else end
                     if committed is None or tp not in consumer.assignment():
                         committed = await consumer.committed(tp)
                     here = self.committed_here.get(tp)
@@ -294,9 +309,10 @@ class ConsumerRunner:
             event = CloudEvent.from_bytes(record.value or b"")
         except ValidationError as exc:
             raise PoisonRecord(f"not a CloudEvent: {_short(exc)}") from exc
-        if not may_publish(event.source, record.topic):
+        topic = logical(self.settings, record.topic)
+        if not may_publish(event.source, topic):
             # Forged, or published by mistake: never applied, never filed (D42).
-            raise PoisonRecord(f"source {event.source} may not publish to {record.topic}")
+            raise PoisonRecord(f"source {event.source} may not publish to {topic}")
         handler = self.handlers.get(event.type) or self.handlers.get(ANY_TYPE)
         if handler is None:
             return None  # not ours to handle; committing past it loses nothing
@@ -308,7 +324,7 @@ class ConsumerRunner:
                 raise PoisonRecord(f"invalid {event.type} data: {_short(exc)}") from exc
         elif event.type in self.handlers:
             raise PoisonRecord(f"event type {event.type} is not in the catalogue")
-        return handler, Delivery(event, data, record.topic)
+        return handler, Delivery(event, data, topic)
 
     @noted_apply  # what the log line reports
     async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
@@ -333,27 +349,28 @@ class ConsumerRunner:
     async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
         log.error("consumer %s: %s:%s:%s to DLQ: %s", self.group_id, record.topic,
                   record.partition, record.offset, error)
+        topic = logical(self.settings, record.topic)  # the DLQ's header names it so (D52)
         headers = [
             ("dlq_error", error.encode()[:2000]),
             ("dlq_consumer", self.group_id.encode()),
-            ("dlq_topic", record.topic.encode()),
+            ("dlq_topic", topic.encode()),
             ("dlq_partition", str(record.partition).encode()),
             ("dlq_offset", str(record.offset).encode()),
         ]
 
         async def publish() -> None:
             async with self.dlq.using() as producer:
-                await producer.send_and_wait(dlq_topic(record.topic), value=record.value,
-                                             key=record.key, headers=headers)
+                await producer.send_and_wait(physical(self.settings, dlq_topic(topic)),
+                                             value=record.value, key=record.key, headers=headers)
 
         # The offset is not committed until the DLQ has the record.
         await retry(publish, what=f"consumer {self.group_id}: DLQ publish", initial=0.2)
         self.dead_lettered += 1
-        closed = self.fail_closed.get(record.topic)
+        closed = self.fail_closed.get(topic)
         if closed is not None:
             # Not skipped: the service records, in its own store, that it could not apply it,
             # and refuses what the record may concern until an operator resolves it (D32).
-            unapplied = Unapplied(record.topic, record.partition, record.offset, record.key,
+            unapplied = Unapplied(topic, record.partition, record.offset, record.key,
                                   record.value, error)
 
             async def record_it() -> None:

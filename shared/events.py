@@ -71,6 +71,18 @@ class EventData(BaseModel):
         """The topic this event goes to."""
         return self.topic
 
+    def published(self) -> EventData:
+        """The form of this event the relay publishes to Kafka: the event itself, unless its
+        type keeps some of its fields in the writing service's store (issue 14, D51).
+
+        A topic is read by more than the trial's services (pharmacies, any subscriber the
+        broker's ACLs let in), and is kept forever: what goes on it is the minimum its readers
+        need. The store keeps the event whole (its hash chain is over the whole event), and the
+        service answers its own API from there. Override it to return a copy without what stays
+        home; the copy must still validate as this type, so a field left out is optional.
+        """
+        return self
+
 
 # --- records a service could not apply (D32): the same shape on each service's own topic ---
 
@@ -127,14 +139,28 @@ class Reason(BaseModel):
     message: str
 
 
+# What PatientScreened keeps in the randomization store and never publishes (issue 14, D51).
+_NEVER_PUBLISHED = ("Kept in the randomization store, never published: on trial.enrollment it is "
+                    "always {empty} (issue 14, D51).")
+
+
 class PatientScreened(EventData):
+    """A site screened a patient against the protocol's eligibility criteria, eligible or not.
+
+    On trial.enrollment it carries the minimum (issue 14, D51): no screening number and no
+    failing criteria, which only the randomization store keeps."""
+
     topic = ENROLLMENT
     subject_field = "screening_id"
     screening_id: str
     site_id: str
-    screening_number: str
+    screening_number: str | None = Field(
+        None, description="The site's own number for the screening (every screening has one). "
+                          + _NEVER_PUBLISHED.format(empty="null"))
     eligible: bool
-    reasons: tuple[Reason, ...] = ()
+    reasons: tuple[Reason, ...] = Field(
+        (), description="Every eligibility criterion the patient failed, with its message. "
+                        + _NEVER_PUBLISHED.format(empty="empty"))
     age_years: int
     weight_kg: float
     pasi: float
@@ -148,6 +174,15 @@ class PatientScreened(EventData):
     dlqi: int | None = None
     # Added (reporting): the sex the site recorded (SDTM DM.SEX); no direct identifier.
     sex: Literal["female", "male", "other"] | None = None
+
+    def published(self) -> PatientScreened:
+        """Without the screening number and the failing criteria (issue 14, D51): any reader of
+        trial.enrollment would otherwise learn which patient failed the HIV or the pregnancy
+        criterion, and hold the number that names them at their site. `eligible` stays (enrolment
+        and the reports count screen failures); the whole screening stays in the randomization
+        store, from which its API answers the site (the screening's answer, and the reasons
+        again when an ineligible screening is enrolled)."""
+        return self.model_copy(update={"screening_number": None, "reasons": ()})
 
 
 class PatientEnrolled(EventData):

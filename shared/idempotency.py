@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -16,8 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.auth import AuthError, JWTVerifier, Principal
-from shared.store import BeforeCommit, EventStore, as_utc, before_commit, utcnow
-from shared.web import PROBLEM_JSON, Problem, problem_response
+from shared.store import (
+    UNAVAILABLE_ERRORS,
+    BeforeCommit,
+    EventStore,
+    as_utc,
+    before_commit,
+    database_unavailable,
+    utcnow,
+)
+from shared.web import PROBLEM_JSON, Problem, database_unavailable_problem, problem_response
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +218,14 @@ class IdempotencyMiddleware:
         digest = request_hash("POST", scope["path"], scope.get("query_string", b""), body)
         records = IdempotencyRecords(runtime.store,
                                      timedelta(seconds=runtime.settings.idempotency_lease_s))
-        stored = await records.claim(who.sub, key, digest)
+        try:
+            stored = await records.claim(who.sub, key, digest)
+        except UNAVAILABLE_ERRORS as exc:
+            if not database_unavailable(exc):
+                raise
+            problem = database_unavailable_problem()  # nothing claimed: the retry runs it
+            await problem_response(problem, problem.headers)(scope, receive, send)
+            return
         if stored is not None:
             await self._answer_again(stored, digest, scope, receive, send)
             return
@@ -294,5 +310,32 @@ class IdempotencyMiddleware:
 async def _quietly_give_up(records: IdempotencyRecords, principal: str, key: str) -> None:
     try:
         await records.give_up(principal, key)
-    except Exception as exc:  # the answer is already failing; the lease settles the key later
-        log.warning("could not give up idempotency key: %r", exc)
+    except Exception as exc:  # the answer is already failing: settle the key when we can
+        log.warning("could not give up idempotency key (trying again in the background): %r",
+                    exc)
+        task = asyncio.create_task(_give_up_later(records, principal, key))
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+
+
+_settling: set[asyncio.Task[None]] = set()  # keys being settled in the background (strong refs)
+
+
+async def _give_up_later(records: IdempotencyRecords, principal: str, key: str) -> None:
+    """Give the key up once the database answers again (it was down when the request failed),
+    so the caller's retry with the same key runs at once instead of meeting 409
+    `idempotency_key_in_progress` until the lease runs out (issue 15: retries with the same key
+    succeed after a database restart). Within the lease only: past it, `claim` settles the key
+    itself."""
+    deadline = asyncio.get_running_loop().time() + records.lease.total_seconds()
+    pause = 0.2
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(pause)
+        try:
+            await records.give_up(principal, key)
+            return
+        except Exception as exc:
+            if not database_unavailable(exc):
+                log.warning("could not give up idempotency key: %r", exc)
+                return
+        pause = min(pause * 2, 2.0)

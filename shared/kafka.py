@@ -8,7 +8,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import (
+    AIOKafkaClient,
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
@@ -22,7 +28,29 @@ log = logging.getLogger(__name__)
 
 
 def all_topics() -> list[str]:
+    """Every topic of the trial, by its logical name (the topics and their DLQs)."""
     return [*TOPICS, *(dlq_topic(t) for t in TOPICS)]
+
+
+# The code names topics by their logical names (shared.events: trial.enrollment, its DLQ
+# trial.enrollment.dlq...), which are the public contract. On the broker each has this
+# deployment's prefix before it (TRIAL_KAFKA_TOPIC_PREFIX: "prod." gives prod.trial.enrollment),
+# so environments can share a cluster; consumer groups get it too (two environments' dosing
+# never share a group). These two functions are the only place the prefix is applied or taken
+# off: at the broker boundary (topic creation, the relay's send, subscriptions and the topic of
+# a record received, DLQs, partitions read, the operators' CLI, ACL grants).
+
+
+def physical(settings: Settings, topic: str) -> str:
+    """The name the logical `topic` (or consumer group) has on the broker."""
+    return settings.kafka_topic_prefix + topic
+
+
+def logical(settings: Settings, name: str) -> str:
+    """The logical topic of `name`, a topic on the broker (a record's): the prefix taken off.
+    A name without the prefix is no topic of this deployment's and is returned as it is."""
+    prefix = settings.kafka_topic_prefix
+    return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -103,26 +131,32 @@ async def quietly(awaitable: Awaitable[object]) -> None:
 
 
 def new_topic(name: str, settings: Settings) -> NewTopic:
-    """How the trial's topics are made: they are history (replays, pharmacies reading from the
-    start, the ledger rebuilt), so kept forever; replicated as configured (3 in the chart, 1 on
-    one development broker), a write acknowledged by at least two replicas where there are 3."""
+    """How the trial's topics are made (`name` as on the broker): they are history (replays,
+    pharmacies reading from the start, the ledger rebuilt), so kept forever; replicated as
+    configured (3 in the chart, 1 on one development broker), a write acknowledged by at least
+    two replicas where there are 3."""
     replicas = settings.kafka_replication_factor
     configs = {"retention.ms": "-1", "retention.bytes": "-1"}
     if replicas >= 3:
         configs["min.insync.replicas"] = "2"
     # The ledger's witnesses (D27): one ordered partition.
-    partitions = 1 if name == AUDIT_ANCHORS else settings.kafka_topic_partitions
+    partitions = (1 if logical(settings, name) == AUDIT_ANCHORS
+                  else settings.kafka_topic_partitions)
     return NewTopic(name, partitions, replicas, topic_configs=configs)
 
 
 async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
-    """Create the trial's topics if missing, so consumers never subscribe to nothing."""
+    """Create topics if missing, so consumers never subscribe to nothing: `topics` by their
+    names on the broker (`physical`), or every topic of the trial under the settings' prefix.
+    One the principal may not create (its ACLs, D48) is left to whoever may: the broker's refusal
+    is not an error here."""
     admin = AIOKafkaAdminClient(**client_options(settings),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in (topics or all_topics()) if t not in existing]
+        wanted = topics or [physical(settings, t) for t in all_topics()]
+        missing = [t for t in wanted if t not in existing]
         for name in missing:
             try:
                 await admin.create_topics([new_topic(name, settings)])
@@ -143,7 +177,8 @@ async def broker_view(client: AIOKafkaClient, topics: Iterable[str]
 
 
 async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The topic's partitions as the broker knows them now ([] if it has no such topic).
+    """The partitions of `topic` (its name on the broker, `physical`) as the broker knows them
+    now ([] if it has no such topic).
 
     aiokafka's public calls either answer from the client's cached metadata or fetch fresh
     metadata without keeping it, so a group-less reader of a topic the client has not heard of
@@ -151,6 +186,25 @@ async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     """
     await consumer._client.force_metadata_update()
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
+async def drain(consumer: AIOKafkaConsumer, partitions: Iterable[TopicPartition],
+                timeout: float) -> AsyncIterator[list[ConsumerRecord]]:
+    """The records of the assigned `partitions` from where the consumer stands to each one's
+    end, a fetch's worth at a time. The end is the high watermark the fetches report, not
+    ListOffsets: the embedded broker answers that with its last batch's base offset + 1, short
+    of the end when a batch held several records (D53). TimeoutError after `timeout` seconds."""
+    pending = set(partitions)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending:
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"could not read {sorted(pending)} to the end in {timeout:g} s")
+        for records in (await consumer.getmany(*pending, timeout_ms=200)).values():
+            yield records
+        for tp in list(pending):
+            end = consumer.highwater(tp)
+            if end is not None and await consumer.position(tp) >= end:
+                pending.discard(tp)
 
 
 async def broker_reachable(bootstrap: str, timeout: float = 2.0) -> bool:

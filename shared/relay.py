@@ -1,12 +1,31 @@
-"""The relay: publishes committed events to Kafka in position order, at least once."""
+"""The relay: publishes committed events to Kafka in position order, each once.
+
+Once, not merely at least once (issue 15): only the replica holding the store's leadership for
+the relay publishes (`shared.leader`), and a relay that starts, takes over, or failed mid-batch
+first reads what the broker already holds of its own after its checkpoint (`_resume`), so a batch
+the broker kept before the checkpoint could be saved is not sent again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
-from shared.kafka import LazyProducer, broker_view, ensure_topics
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from shared.events import PUBLISHERS, TOPICS
+from shared.kafka import (
+    LazyProducer,
+    broker_view,
+    client_options,
+    drain,
+    ensure_topics,
+    known_partitions,
+    physical,
+)
+from shared.leader import Leadership
 from shared.retry import Stopped, retry
 from shared.settings import Settings
 from shared.store import EventStore, RecordedEvent
@@ -26,9 +45,13 @@ class BrokerChanged(Exception):
 class Relay:
     """Reads events after its stored checkpoint, publishes them, then moves the checkpoint.
 
-    A crash between publishing and saving the checkpoint republishes; consumers drop duplicates
-    by event id. While the broker is down the relay backs off and retries the same batch; the
-    service's writes are unaffected, since they only touch the database.
+    With the checkpoint it saves, per partition, the offset after the last record it published
+    there. A crash between publishing and saving the checkpoint leaves records on the broker
+    past those offsets: `_resume` reads them (its own, by source) and the batch is sent again
+    without them. Consumers still drop duplicates by event id, the second line. While the broker
+    is down the relay backs off and retries the same batch; the service's writes are unaffected,
+    since they only touch the database. Only the holder of the store's leadership for the relay's
+    name publishes; the other replicas wait to take over.
     """
 
     def __init__(self, store: EventStore, settings: Settings, name: str = "kafka") -> None:
@@ -41,6 +64,14 @@ class Relay:
         self.healthy = True  # false while the last publish attempt failed
         self._cluster: str | None = None  # the broker cluster's id, as last seen
         self._delivery_timeout_s = 3 * settings.kafka_request_timeout_ms / 1000
+        self.leadership = Leadership(store, f"relay-{name}")
+        self.leading = False  # this replica publishes (health detail)
+        self._resumed = False  # the broker's tail has been read since the last start or failure
+        self._on_broker: set[str] = set()  # ids after the checkpoint the broker already holds
+        # Where its records can be: the topics the service owns (a name the table does not know,
+        # a test's, may publish anywhere).
+        self._topics = sorted(t for t, owners in PUBLISHERS.items() if self.source in owners
+                              ) or sorted(TOPICS)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -52,12 +83,14 @@ class Relay:
             pass
         finally:
             await self.producer.drop()
+            await self.leadership.release()
 
     async def _publish_or_drop(self) -> int:
         try:
             return await self.publish_pending()
         except Exception:  # the broker or the database failed: retry the same batch
             self.healthy = False
+            self._resumed = False  # what reached the broker is unknown: read its tail again
             raise
 
     async def _wait(self, stop: asyncio.Event) -> None:
@@ -75,10 +108,20 @@ class Relay:
         published to before (the embedded broker restarted empty, a Kafka cluster rebuilt) has a
         cluster id of its own, so a checkpoint at 0, and gets the whole history again; consumers
         drop what they have seen, by event id (issue 15)."""
+        if not await self.leadership.hold():
+            if self.leading:
+                log.warning("relay %s: no longer the leader; another replica publishes", self.name)
+            self.leading = self._resumed = False
+            return 0
+        if not self.leading:
+            log.info("relay %s: this replica publishes now", self.name)
+        self.leading = True
         async with self.producer.using() as producer:
             if self._cluster is None:
                 self._cluster, _ = await broker_view(producer.client, [])
             name = self.checkpoint_name
+            if not self._resumed:
+                await self._resume(producer)
             checkpoint = await self.store.checkpoint(name)
             batch = await self.store.read_all(after=checkpoint,
                                               limit=self.settings.relay_batch_size)
@@ -88,10 +131,11 @@ class Relay:
             # records of one partition land in the order queued. The wait is bounded: a
             # producer connected before a broker restart can retry a batch forever without
             # failing it (seen with aiokafka 0.14), and a fresh producer recovers.
-            records = [self._record(event) for event in batch]
-            with publishing(batch, records, self.settings.service_name):  # traceparent headers
+            fresh = [event for event in batch if event.event_id not in self._on_broker]
+            records = [self._record(event) for event in fresh]
+            with publishing(fresh, records, self.settings.service_name):  # traceparent headers
                 futures = [await producer.send(**record) for record in records]
-                await asyncio.wait_for(asyncio.gather(*futures), self._delivery_timeout_s)
+                sent = await asyncio.wait_for(asyncio.gather(*futures), self._delivery_timeout_s)
             # The checkpoint moves only if the broker that acknowledged the batch is the one
             # the checkpoint is for, and has every topic of the batch: the embedded broker
             # acknowledges records for a topic it does not have (one a restart made it forget,
@@ -105,11 +149,63 @@ class Relay:
             if missing:
                 await ensure_topics(self.settings, sorted(missing))
                 raise TopicsForgotten(f"the broker had no {', '.join(sorted(missing))}")
+        ends: dict[str, int] = {}  # per partition: the offset after our last record there
+        for meta in sent:
+            key = _offset_name(name, meta.topic, meta.partition)
+            ends[key] = max(ends.get(key, 0), meta.offset + 1)
         async with self.store.transaction() as tx:
             await tx.save_checkpoint(name, batch[-1].position)
+            for key, end in ends.items():
+                await tx.save_checkpoint(key, end)
+        self._on_broker.difference_update(event.event_id for event in batch)
         self.published_position = batch[-1].position
         self.healthy = True
         return len(batch)
+
+    async def _resume(self, producer: AIOKafkaProducer) -> None:
+        """Learn which events after the checkpoint the broker already holds: on every partition
+        of the relay's topics, the records after the offset saved with the checkpoint whose
+        source is this service. A batch published before a crash (or a failed delivery wait,
+        or another replica's last batch before it lost the leadership) is thus not sent again.
+
+        Where no offset was saved (a checkpoint from before this was kept) the last
+        `4 x relay_batch_size` records of the partition are read: more than one unsaved batch
+        can leave there. A new broker cluster has a checkpoint at 0: read from its start."""
+        # Our own records still queued land before the tail is read.
+        await asyncio.wait_for(producer.flush(), self._delivery_timeout_s)
+        name = self.checkpoint_name
+        at_start = await self.store.checkpoint(name) == 0
+        consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    fetch_max_wait_ms=50,
+                                    request_timeout_ms=self.settings.kafka_request_timeout_ms,
+                                    client_id=f"{self.settings.service_name}-relay-resume")
+        await consumer.start()
+        await asyncio.sleep(0)  # aiokafka: let its no-group task start, or stop() re-raises its cancel
+        seen: set[str] = set()
+        try:
+            partitions = [tp for topic in self._topics
+                          for tp in await known_partitions(consumer,
+                                                           physical(self.settings, topic))]
+            if not partitions:
+                self._on_broker, self._resumed = seen, True
+                return
+            consumer.assign(partitions)
+            for tp in partitions:
+                saved = await self.store.checkpoint(_offset_name(name, tp.topic, tp.partition))
+                consumer.seek(tp, saved if saved or at_start else await _tail(
+                    consumer, tp, 4 * self.settings.relay_batch_size))
+            async for records in drain(consumer, partitions, self._delivery_timeout_s * 2):
+                for record in records:
+                    envelope = _source_and_id(record.value) if record.value else None
+                    if envelope is not None and envelope[0] == self.source:
+                        seen.add(envelope[1])
+        finally:
+            await consumer.stop()
+        if seen:
+            log.warning("relay %s: %d events after the checkpoint were already on the broker; "
+                        "not sending them again", self.name, len(seen))
+        self._on_broker, self._resumed = seen, True
 
     @property
     def checkpoint_name(self) -> str:
@@ -117,12 +213,37 @@ class Relay:
         return f"{self.name}@{self._cluster}" if self._cluster else self.name
 
     def _record(self, event: RecordedEvent) -> dict[str, Any]:
-        payload = event.payload()
+        payload = event.payload().published()
         cloud = event.to_cloudevent(self.source, payload)
         return {
-            "topic": payload.topic_of(),
+            "topic": physical(self.settings, payload.topic_of()),
             "value": cloud.to_bytes(),
             "key": cloud.subject.encode(),
             "headers": [("content-type", b"application/cloudevents+json"),
                         ("ce_type", event.type.encode())],
         }
+
+
+def _offset_name(checkpoint: str, topic: str, partition: int) -> str:
+    """The checkpoint row that keeps, for the relay checkpoint `checkpoint`, the offset after
+    its last record on one partition."""
+    return f"{checkpoint}#{topic}/{partition}"
+
+
+def _source_and_id(value: bytes) -> tuple[str, str] | None:
+    """A record's CloudEvent source and id, or None for a record that is not one of ours."""
+    try:
+        envelope = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    source, event_id = envelope.get("source"), envelope.get("id")
+    return (source, event_id) if isinstance(source, str) and isinstance(event_id, str) else None
+
+
+async def _tail(consumer: AIOKafkaConsumer, tp: TopicPartition, records: int) -> int:
+    """Where the last `records` records of the partition start (by its ListOffsets end, which
+    on the embedded broker falls short: then more is read, never less)."""
+    end = (await consumer.end_offsets([tp]))[tp]
+    return max(0, end - records)

@@ -116,7 +116,8 @@ class Runtime:
         detail: dict[str, object] = {"broker": broker}
         if self.relay is not None:
             detail["relay"] = {"publishing": self.relay.healthy,
-                               "published_position": self.relay.published_position}
+                               "published_position": self.relay.published_position,
+                               "leading": self.relay.leading}  # the replica that publishes
         if self.consumer is not None:
             detail["consumer"] = {"reading": self.consumer.reading.is_set()}
         return detail

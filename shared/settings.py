@@ -41,6 +41,14 @@ class Settings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_request_timeout_ms: int = Field(10_000, ge=1000)
+    # Production refuses PLAINTEXT (no authentication: anyone who reaches the broker could
+    # publish as a service) unless this says so, as for HS256 tokens (D52).
+    kafka_allow_plaintext: bool = False
+    # Put before every topic name on the broker ("prod." gives prod.trial.enrollment), so that
+    # environments can share a cluster; the code and the public contract keep the logical
+    # names (shared.events), mapped only at the broker by shared.kafka.physical/logical (D52).
+    # Empty: the names are the contract's.
+    kafka_topic_prefix: str = Field("", max_length=100, pattern=r"^[A-Za-z0-9._-]*$")
 
     relay_enabled: bool = True
     relay_batch_size: int = Field(500, ge=1)
@@ -99,6 +107,9 @@ class Settings(BaseSettings):
     # Tests and demonstrations only: dosing and efficacy read "now" from this file (an RFC 3339
     # instant) instead of the wall clock, so a test can move time for running processes.
     clock_file: Path | None = None
+    # Fault tests only (issue 15; refused in production): `name:n` makes this process kill
+    # itself (SIGKILL) the n-th time it reaches the failpoint `name` (shared/failpoints.py).
+    failpoint: str | None = Field(None, pattern=r"^[a-z_.]+:[1-9][0-9]*$")
     # Log lines as JSON objects or readable text (shared/logs.py); unset: JSON in production,
     # the console elsewhere. The level of what is written (DEBUG shows the health probes' lines).
     log_format: Literal["json", "console"] | None = None
@@ -145,6 +156,10 @@ def production_refusals(settings: Settings) -> list[str]:
     elif settings.jwt_audience is None or settings.jwt_issuer is None:
         found.append("with a JWKS, TRIAL_JWT_AUDIENCE and TRIAL_JWT_ISSUER must both be set: "
                      "a token another application was issued would be accepted")
+    if settings.failpoint is not None:
+        found.append("TRIAL_FAILPOINT is set: a fault test's switch that kills the process")
+    if settings.service_name in SERVICES:  # the processes with Kafka clients (not the gateway)
+        found += _kafka_refusals(settings)
     if settings.service_name == "randomization":
         seed = settings.randomization_secret.get_secret_value()
         if seed == DEV_RANDOMIZATION_SECRET:
@@ -153,6 +168,20 @@ def production_refusals(settings: Settings) -> list[str]:
         elif len(seed.encode()) < MIN_SECRET_BYTES:
             found.append(f"TRIAL_RANDOMIZATION_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
     return found
+
+
+def _kafka_refusals(settings: Settings) -> list[str]:
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        if settings.kafka_allow_plaintext:
+            return []
+        return ["Kafka is PLAINTEXT (no authentication): anyone who reaches the broker could "
+                "publish as this service; set TRIAL_KAFKA_SECURITY_PROTOCOL=SASL_SSL (or "
+                "SASL_PLAINTEXT) with TRIAL_KAFKA_SASL_USERNAME and TRIAL_KAFKA_SASL_PASSWORD, "
+                "the service's own principal, or TRIAL_KAFKA_ALLOW_PLAINTEXT=true"]
+    if not settings.kafka_sasl_username or settings.kafka_sasl_password is None:
+        return [f"TRIAL_KAFKA_SECURITY_PROTOCOL is {settings.kafka_security_protocol} but "
+                "TRIAL_KAFKA_SASL_USERNAME or TRIAL_KAFKA_SASL_PASSWORD is not set"]
+    return []
 
 
 def check_production(settings: Settings) -> None:

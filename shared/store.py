@@ -104,7 +104,10 @@ class RecordedEvent:
             type=self.type,
             subject=(payload or self.payload()).subject(),
             time=self.recorded_at,
-            data=self.data,
+            # A type with a published form of its own (D51) publishes that form's data; every
+            # other event its stored data, as is.
+            data=self.data if payload is None or type(payload).published is EventData.published
+            else payload.published().model_dump(mode="json"),
             schemaversion=self.schema_version,
             sequence=self.position,
             correlationid=m.get("correlation_id") or m.get("request_id"),
@@ -327,6 +330,13 @@ def _disconnected(exc: BaseException) -> bool:
     return isinstance(exc, (*_DISCONNECTS, *_ASYNCPG_DISCONNECTS))
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached now (down, restarting, refusing
+    connections, a connection it dropped), as opposed to a write it refused or a bug."""
+    return _disconnected(exc) or (isinstance(exc, sa.exc.DBAPIError)
+                                  and bool(exc.connection_invalidated))
+
+
 def _as_conflict(tx: Transaction, exc: Exception) -> Exception:
     """A unique key the database refused (an event id, a processed mark, a stream version
     written by a process outside the store): the transaction's premise was wrong, run it again.
@@ -521,6 +531,10 @@ _DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, Timeout
 _ASYNCPG_DISCONNECTS = (asyncpg.exceptions.InterfaceError,  # the connection is closed, ...
                         asyncpg.exceptions.PostgresConnectionError,  # SQLSTATE class 08
                         asyncpg.exceptions.OperatorInterventionError)  # 57: shutting down
+# What a request may meet while the database is down or restarting (issue 15): the classes an
+# app answers as 503 with Retry-After when `database_unavailable` says so, never as a 500.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    *_DISCONNECTS, *_ASYNCPG_DISCONNECTS, sa.exc.DBAPIError)
 
 
 class EventStore:

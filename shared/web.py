@@ -54,6 +54,16 @@ class Problem(Exception):
         return body
 
 
+def database_unavailable_problem() -> Problem:
+    """The answer while a service's database is down or restarting: retry the same request (with
+    the same Idempotency-Key) after Retry-After; nothing was written (issue 15)."""
+    problem = Problem(503, "database_unavailable", "The service's database is unavailable",
+                      "Send the same request again, with the same Idempotency-Key, after "
+                      "Retry-After")
+    problem.headers = {"Retry-After": "2"}
+    return problem
+
+
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(problem.body(), status_code=problem.status, media_type=PROBLEM_JSON,
                         headers=headers)

@@ -14,8 +14,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db import is_sqlite
-from shared.kafka import known_partitions
+from shared.kafka import client_options, drain, known_partitions
 from shared.schema import append_only_ddl, events
+from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, event_hash
 
 
@@ -97,3 +98,26 @@ async def rewrite_history(store: EventStore, position: int, data: dict[str, Any]
             row["hash"] = prev = event_hash(prev, row)
             await conn.execute(events.update().where(events.c.position == row["position"]).values(
                 data=row["data"], prev_hash=row["prev_hash"], hash=row["hash"]))
+
+
+async def read_to_end(source: str | Settings, topic: str,
+                      timeout: float = 60.0) -> list[ConsumerRecord]:
+    """Every record `topic` (its name on the broker) holds now, read from the beginning without
+    a group, to each partition's end (`shared.kafka.drain`); none if there is no such topic.
+    `source`: a bootstrap address, or the settings of a client (its SASL, its prefix aside)."""
+    options = (client_options(source) if isinstance(source, Settings)
+               else {"bootstrap_servers": source})
+    consumer = AIOKafkaConsumer(**options, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=50)
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        tps = await known_partitions(consumer, topic)
+        if tps:
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            async for part in drain(consumer, tps, timeout):
+                records.extend(part)
+    finally:
+        await consumer.stop()
+    return records

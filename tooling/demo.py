@@ -542,20 +542,25 @@ async def audit_figures(api: Api) -> tuple[dict[str, Counter[str]], Counter[str]
 
 
 async def broker_doses(bootstrap: str, expected: dict[str, int]) -> dict[str, int]:
-    """Doses per arm as a pharmacy reads them from trial.dosing (each event id once)."""
+    """Doses per arm as a pharmacy reads them from trial.dosing (each event id once), with the
+    environment's SASL settings and topic prefix (D48, D52)."""
     from aiokafka import AIOKafkaConsumer
 
-    from shared.kafka import known_partitions
+    from shared.events import DOSING
+    from shared.kafka import client_options, known_partitions, physical
+    from shared.settings import Settings
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    settings = Settings(kafka_bootstrap_servers=bootstrap)
+    topic = physical(settings, DOSING)
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await consumer.start()
     seen: dict[str, str] = {}
     try:
         deadline = time.monotonic() + WAIT
-        while not (tps := await known_partitions(consumer, "trial.dosing")):
+        while not (tps := await known_partitions(consumer, topic)):
             if time.monotonic() > deadline:
-                raise DemoError("trial.dosing never appeared on the broker")
+                raise DemoError(f"{topic} never appeared on the broker")
             await asyncio.sleep(0.2)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

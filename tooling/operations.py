@@ -2,7 +2,10 @@
 
 `trial dlq list|show|replay` reads a topic's `<topic>.dlq` without a consumer group and
 republishes records to the topic they came from; nothing is ever removed from a DLQ, so a replay
-can always be repeated and every dead-lettered record stays on file. `trial backup` and `trial
+can always be repeated and every dead-lettered record stays on file. Their Kafka clients connect
+as the services' do (`shared.kafka.client_options`: TRIAL_KAFKA_SECURITY_PROTOCOL and the SASL
+settings, D48), and name topics by their logical names, mapped to the broker's with
+TRIAL_KAFKA_TOPIC_PREFIX (D52). `trial backup` and `trial
 restore` copy one service's store (pg_dump/pg_restore, or SQLite's online backup API) with a
 manifest that names the chain head, which a restore checks. `trial rebuild-projection audit`
 files every ledger topic from its beginning into a fresh audit ledger, through the audit
@@ -61,6 +64,13 @@ def _run_or_exit(work: Coroutine[Any, Any, T]) -> T:
 
 def _bootstrap(given: str | None) -> str:
     return given or Settings().kafka_bootstrap_servers
+
+
+def kafka_settings(bootstrap: str | None = None) -> Settings:
+    """How the operators' Kafka clients connect: as the services do, from the environment
+    (TRIAL_KAFKA_SECURITY_PROTOCOL, TRIAL_KAFKA_SASL_*, TRIAL_KAFKA_TOPIC_PREFIX; D48), to
+    `bootstrap` when one is given. On a secured broker, an operator's principal (or admin)."""
+    return Settings(kafka_bootstrap_servers=_bootstrap(bootstrap))
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,23 +160,25 @@ def _int(text: str | None) -> int | None:
         return None
 
 
-async def read_dlq(bootstrap: str, topic: str, timeout: float = READ_TIMEOUT_S
+async def read_dlq(settings: Settings, topic: str, timeout: float = READ_TIMEOUT_S
                    ) -> list[DeadLetter]:
-    """Every record of `topic`'s DLQ that existed when asked, by partition then offset.
-    Read without a consumer group: nothing is committed, nothing is taken off the queue."""
+    """Every record of `topic`'s DLQ (`topic` a logical name) that existed when asked, by
+    partition then offset. Read without a consumer group: nothing is committed, nothing is
+    taken off the queue."""
     from aiokafka import AIOKafkaConsumer
 
-    from shared.kafka import known_partitions
+    from shared.kafka import client_options, known_partitions, physical
 
-    name = dlq_topic(topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    name = physical(settings, dlq_topic(topic))
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
                                 auto_offset_reset="earliest", metadata_max_age_ms=1000,
                                 request_timeout_ms=40_000)
     try:
         await consumer.start()
         tps = await known_partitions(consumer, name)
         if not tps:
-            raise OperationFailed(f"the broker at {bootstrap} has no topic {name}")
+            raise OperationFailed(
+                f"the broker at {settings.kafka_bootstrap_servers} has no topic {name}")
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         await consumer.seek_to_beginning(*tps)
@@ -230,7 +242,7 @@ BOOTSTRAP = typer.Option(None, "--bootstrap",
 
 def _read_or_exit(bootstrap: str | None, topic: str) -> list[DeadLetter]:
     try:
-        return _run_or_exit(read_dlq(_bootstrap(bootstrap), topic))
+        return _run_or_exit(read_dlq(kafka_settings(bootstrap), topic))
     except OperationFailed as exc:
         raise _fail(str(exc)) from exc
 
@@ -256,7 +268,10 @@ def dlq_list(topic: str = typer.Argument(..., help="the topic, e.g. trial.safety
         origin = f"{r.origin_topic}:{r.origin_partition}:{r.origin_offset}"
         typer.echo(f"{r.record_id}\t{origin}\t{r.consumer}\t{r.event_id or '-'}\t"
                    f"{r.event_type or '-'}\t{repeats.get(r.record_id, '-')}\t{r.error or '-'}")
-    typer.echo(f"{len(records)} record(s) in {dlq_topic(topic)}", err=True)
+    from shared.kafka import physical
+
+    dlq = physical(kafka_settings(bootstrap), dlq_topic(topic))
+    typer.echo(f"{len(records)} record(s) in {dlq}", err=True)
 
 
 @dlq_app.command("show")
@@ -283,12 +298,15 @@ class Replayed:
     skipped: str | None = None  # why it was not sent
 
 
-async def replay(bootstrap: str, topic: str, chosen: Sequence[DeadLetter],
+async def replay(settings: Settings, topic: str, chosen: Sequence[DeadLetter],
                  dry_run: bool = False) -> list[Replayed]:
-    """Republish `chosen` to `topic` as they were (key, value), on the partition they came from
-    when it still exists, each acknowledged before the next. The DLQ keeps every record."""
+    """Republish `chosen` to `topic` (a logical name, as their dlq_topic header has it) as they
+    were (key, value), on the partition they came from when it still exists, each acknowledged
+    before the next. The DLQ keeps every record."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.errors import KafkaError
+
+    from shared.kafka import client_options, physical
 
     done: list[Replayed] = []
     sent: dict[tuple[str | None, bytes | None, bytes | None], str] = {}
@@ -308,11 +326,12 @@ async def replay(bootstrap: str, topic: str, chosen: Sequence[DeadLetter],
         return done + [Replayed(r, skipped="dry run") for r in to_send]
     if not to_send:
         return done
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+    producer = AIOKafkaProducer(**client_options(settings), acks="all",
                                 enable_idempotence=False, client_id="trial-dlq-replay")
+    on_broker = physical(settings, topic)
     try:
         await producer.start()
-        partitions = await producer.partitions_for(topic)
+        partitions = await producer.partitions_for(on_broker)
         for i, r in enumerate(to_send):
             headers = [("content-type", b"application/cloudevents+json"),
                        ("dlq_replayed_from", f"{r.dlq}:{r.partition}:{r.offset}".encode())]
@@ -320,7 +339,7 @@ async def replay(bootstrap: str, topic: str, chosen: Sequence[DeadLetter],
                 headers.append(("ce_type", r.event_type.encode()))
             keep = r.origin_partition if r.origin_partition in partitions else None
             try:
-                meta = await producer.send_and_wait(topic, value=r.value, key=r.key,
+                meta = await producer.send_and_wait(on_broker, value=r.value, key=r.key,
                                                     partition=keep, headers=headers)
             except KafkaError as exc:  # say what was sent before it, and what was not
                 done += [Replayed(left, skipped=f"send failed ({type(exc).__name__}: {exc}); "
@@ -356,14 +375,17 @@ def dlq_replay(topic: str = typer.Argument(..., help="the topic, e.g. trial.safe
     try:
         chosen = ([r for r in records if consumer is None or r.consumer == consumer]
                   if replay_all else _pick(records, offset, partition))
-        results = _run_or_exit(replay(_bootstrap(bootstrap), topic, chosen, dry_run))
+        results = _run_or_exit(replay(kafka_settings(bootstrap), topic, chosen, dry_run))
     except OperationFailed as exc:
         raise _fail(str(exc)) from exc
+    from shared.kafka import physical
+
+    target = physical(kafka_settings(bootstrap), topic)
     for d in results:
         r = d.record
         what = f"{r.dlq}:{r.record_id} ({r.event_type or '-'} {r.event_id or '-'})"
         if d.skipped is None:
-            typer.echo(f"replayed {what} -> {topic}:{d.partition}:{d.offset}")
+            typer.echo(f"replayed {what} -> {target}:{d.partition}:{d.offset}")
         else:
             typer.echo(f"not sent {what}: {d.skipped}")
     sent = sum(d.skipped is None for d in results)
@@ -717,18 +739,20 @@ class Rebuilt:
     head_hash: str | None
 
 
-async def _end_offsets(bootstrap: str, topics: Sequence[str], group: str) -> dict[Any, int]:
-    """The topics' ends now, once it is sure that `group` has committed no offset on them (it
-    would resume there, not read from the beginning)."""
+async def _end_offsets(settings: Settings, topics: Sequence[str], group: str
+                       ) -> dict[Any, int]:
+    """The ends of `topics` (logical names) now, once it is sure that `group` has committed no
+    offset on them (it would resume there, not read from the beginning)."""
     from aiokafka import AIOKafkaConsumer
 
-    from shared.kafka import known_partitions
+    from shared.kafka import client_options, known_partitions, physical
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                group_id=group)
+    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False,
+                                group_id=physical(settings, group))  # as ConsumerRunner's
     try:
         await consumer.start()
-        tps = [tp for topic in topics for tp in await known_partitions(consumer, topic)]
+        tps = [tp for topic in topics
+               for tp in await known_partitions(consumer, physical(settings, topic))]
         for tp in tps:
             if await consumer.committed(tp) is not None:
                 raise OperationFailed(f"consumer group {group} has read {tp.topic} before: it "
@@ -754,11 +778,12 @@ async def rebuild_ledger(url: str, bootstrap: str, topics: Sequence[str] = LEDGE
         raise OperationFailed(f"the target already holds {held} event(s): rebuild into a fresh "
                               "database")
     group = group or f"audit-rebuild-{uuid.uuid4().hex[:8]}"
-    ends = {tp: end for tp, end in (await _end_offsets(bootstrap, topics, group)).items()
-            if end > 0}
-    await upgrade(url)
+    # The environment's SASL settings and topic prefix, as the audit service's (D48, D52).
     settings = Settings(service_name="audit", database_url=url,
                         kafka_bootstrap_servers=bootstrap)
+    ends = {tp: end for tp, end in (await _end_offsets(settings, topics, group)).items()
+            if end > 0}
+    await upgrade(url)
     store = EventStore(url)
     try:
         runner = ConsumerRunner(store, settings, list(topics),

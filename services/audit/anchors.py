@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from pydantic import ValidationError
 
 from shared.events import AUDIT_ANCHORS, AuditChainAnchored, CloudEvent
-from shared.kafka import LazyProducer, client_options, ensure_topics, known_partitions
+from shared.kafka import LazyProducer, client_options, ensure_topics, known_partitions, physical
 from shared.settings import Settings
 from shared.store import GENESIS_HASH, EventStore, utcnow
 
@@ -34,7 +34,7 @@ class Anchorer:
         # The topic is made before the first anchor, so that a broker's auto-creation never
         # gives it its default retention (days) instead of forever.
         self.producer = LazyProducer(
-            settings, before_start=lambda: ensure_topics(settings, [AUDIT_ANCHORS]))
+            settings, before_start=lambda: ensure_topics(settings, [physical(settings, AUDIT_ANCHORS)]))
         self.anchored_position, self.anchored_hash = 0, GENESIS_HASH
         self.ledger: str | None = None
         self.broken_at: int | None = None  # a chain that does not verify is never vouched for
@@ -67,7 +67,7 @@ class Anchorer:
                            sequence=anchor.position)
         async with self.producer.using() as producer:
             await producer.send_and_wait(
-                AUDIT_ANCHORS, cloud.to_bytes(), key=anchor.ledger.encode(),
+                physical(self.settings, AUDIT_ANCHORS), cloud.to_bytes(), key=anchor.ledger.encode(),
                 headers=[("content-type", b"application/cloudevents+json"),
                          ("ce_type", b"AuditChainAnchored")])
         self.anchored_position, self.anchored_hash = anchor.position, anchor.hash
@@ -96,7 +96,7 @@ async def read_anchors(settings: Settings, ledger: str, timeout: float = 30.0
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await consumer.start()
     try:
-        partitions = await known_partitions(consumer, AUDIT_ANCHORS)
+        partitions = await known_partitions(consumer, physical(settings, AUDIT_ANCHORS))
         if not partitions:
             return []
         consumer.assign(partitions)

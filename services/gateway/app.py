@@ -172,9 +172,10 @@ async def _forward(request: Request, service: str, base_url: str) -> Response:
     except httpx.TimeoutException as exc:
         raise Problem(504, "upstream_timeout", f"The {service} service did not answer in time"
                       ) from exc
-    except httpx.ConnectError as exc:
-        raise Problem(503, "service_unavailable", f"The {service} service is unavailable"
-                      ) from exc
+    except httpx.ConnectError as exc:  # restarting, most likely: the caller retries
+        unavailable = Problem(503, "service_unavailable", f"The {service} service is unavailable")
+        unavailable.headers = {"Retry-After": "1"}
+        raise unavailable from exc
     except httpx.HTTPError as exc:
         raise Problem(502, "bad_gateway", f"The {service} service failed") from exc
     passed = {k: v for k, v in upstream.headers.items() if k.lower() in RETURNED_HEADERS}

@@ -64,6 +64,7 @@ async def test_a_service_that_is_down_is_a_503_and_a_slow_one_a_504(lone_gateway
         assert r.json()["code"] == "service_unavailable" and "randomization" in r.json()["title"]
         assert r.headers["content-type"] == "application/problem+json"
         assert r.headers["x-request-id"] == "down-1"
+        assert r.headers["retry-after"] == "1"  # a restart, most likely: try again (issue 15)
         r = await monitor.get("/v1/audit/verify")
         assert (r.status_code, r.json()["code"]) == (503, "service_unavailable")
         r = await monitor.get("/v1/safety/status")

@@ -26,4 +26,7 @@ def test_production_mode_refuses_to_start_with_the_development_secrets(
     assert "TRIAL_JWT_SECRET is the development secret" in done.stderr
     assert ("TRIAL_RANDOMIZATION_SECRET is the development secret" in done.stderr) == (
         service == "randomization")
+    # No SASL and no TRIAL_KAFKA_ALLOW_PLAINTEXT, on purpose: a service refuses plaintext Kafka
+    # too (D52); the gateway has no Kafka client.
+    assert ("Kafka is PLAINTEXT" in done.stderr) == (service == "randomization")
     assert not list(tmp_path.iterdir())  # nothing created: it stopped before any store

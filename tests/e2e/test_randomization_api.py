@@ -30,6 +30,7 @@ from deploy import infra
 from services.randomization.allocation import Slot, sequence
 from shared.events import ENROLLMENT, CloudEvent
 from shared.protocol import DEFAULT_PATH, load_protocol
+from shared.store import EventStore
 from tests.conftest import REAL, Broker
 from tests.e2e.conftest import client, screening, start_system
 from tests.support import read_topic
@@ -178,20 +179,30 @@ async def test_every_criterion_at_its_boundary_through_the_gateway(trial: Trial)
             assert body["eligible"] is (not expected), name
             assert all(x["message"] for x in body["reasons"])
             ids[body["screening_id"]] = (name, expected)
-        # An ineligible screening cannot be enrolled; the reasons come back.
+        # An ineligible screening cannot be enrolled; the reasons come back, from the store.
         failed = next(sid for sid, (_, exp) in ids.items() if exp)
         r = await site.post("/v1/patients", json={"screening_id": failed})
         assert r.status_code == 422 and r.json()["code"] == "not_eligible"
+        assert [x["criterion"] for x in r.json()["reasons"]] == ids[failed][1]
         assert r.headers["content-type"] == "application/problem+json"
 
-    # Every screening is recorded as PatientScreened, eligible or not, with its reasons.
+    # Every screening is recorded as PatientScreened, eligible or not, with its reasons and
+    # screening number in the randomization store; trial.enrollment carries neither (D51).
     events = await enrollment_events(trial, lambda es: set(ids) <= {e.subject for e in es})
     screened = {e.subject: e.data for e in events if e.type == "PatientScreened"}
+    store = EventStore(trial.system.database_urls["randomization"])
+    try:
+        kept = {e.data["screening_id"]: e.data for e in await store.read_all(limit=100_000)
+                if e.type == "PatientScreened"}
+    finally:
+        await store.close()
     for screening_id, (name, expected) in ids.items():
         data = screened[screening_id]
-        assert [x["criterion"] for x in data["reasons"]] == expected, name
+        assert data.get("screening_number") is None and not data.get("reasons"), name
         assert data["eligible"] is (not expected)
         assert data["protocol_version"] == "1.2.0"
+        assert [x["criterion"] for x in kept[screening_id]["reasons"]] == expected, name
+        assert kept[screening_id]["screening_number"], name
 
 
 @pytest.mark.parametrize(("changes", "field"), [

@@ -396,6 +396,13 @@ def kafka_problems(docs: Docs, values: dict[str, Any]) -> list[str]:
                           ("TRIAL_KAFKA_BOOTSTRAP_SERVERS", values["kafka"]["bootstrapServers"])):
             if env.get(var, {}).get("value") != want:
                 problems.append(f"{component}: {var} is {env.get(var, {}).get('value')!r}, not {want!r}")
+        if values["kafka"]["sasl"]["enabled"]:  # each service its own principal (D48)
+            for var in ("TRIAL_KAFKA_SASL_USERNAME", "TRIAL_KAFKA_SASL_PASSWORD"):
+                key = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef", {}).get("key", "")
+                if not key.startswith(f"{component}-"):
+                    problems.append(f"{component}: {var} is read from key {key!r}, not its own")
+        elif "TRIAL_KAFKA_ALLOW_PLAINTEXT" not in env:
+            problems.append(f"{component}: plaintext Kafka without TRIAL_KAFKA_ALLOW_PLAINTEXT")
     return problems
 
 
@@ -529,13 +536,28 @@ def test_every_container_starts_with_its_settings(rendered: tuple[str, Docs, dic
     (["auth.allowHs256=false"], "production needs auth.jwksUrl"),
     (["auth.jwksUrl=https://idp.example/jwks.json", "auth.issuer=https://idp.example/"],
      "needs auth.issuer and auth.audience"),
-], ids=["environment", "misspelt-service", "replication-factor", "no-jwks-no-hs256", "jwks-no-audience"])
+    (["kafka.sasl.enabled=false"], "production refuses plaintext Kafka"),
+    (["kafka.topicPrefix=prod/"], "/kafka/topicPrefix"),
+], ids=["environment", "misspelt-service", "replication-factor", "no-jwks-no-hs256", "jwks-no-audience",
+        "plaintext-kafka", "topic-prefix"])
 def test_the_chart_refuses_values_that_cannot_run(helm: Path, values: list[str], refusal: str) -> None:
     args = [a for v in values for a in ("--set", v)]
     done = subprocess.run([str(helm), "template", RELEASE, str(CHART), *args],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0, f"rendered with {values}"
     assert refusal in done.stderr, done.stderr
+
+
+def test_plaintext_kafka_renders_only_when_allowed_and_then_says_so(helm: Path) -> None:
+    text = run_helm(helm, "template", RELEASE, str(CHART), "--set", "kafka.sasl.enabled=false",
+                    "--set", "kafka.allowPlaintext=true")
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    values = _merged(yaml.safe_load((CHART / "values.yaml").read_text()),
+                     {"kafka": {"sasl": {"enabled": False}, "allowPlaintext": True}})
+    assert kafka_problems(docs, values) == []
+    env = env_of(_container(docs, "dosing"))
+    assert env["TRIAL_KAFKA_ALLOW_PLAINTEXT"]["value"] == "true"
+    assert "TRIAL_KAFKA_SASL_USERNAME" not in env
 
 
 def test_the_values_schema_is_a_valid_json_schema() -> None:
@@ -673,6 +695,12 @@ def _replication_factor_one(docs: Docs) -> None:
     next(e for e in env if e["name"] == "TRIAL_KAFKA_REPLICATION_FACTOR")["value"] = "1"
 
 
+def _shared_kafka_principal(docs: Docs) -> None:
+    env = _container(docs, "safety")["env"]
+    ref = next(e for e in env if e["name"] == "TRIAL_KAFKA_SASL_USERNAME")["valueFrom"]
+    ref["secretKeyRef"]["key"] = "dosing-kafka-sasl-username"
+
+
 Check = Callable[[str, Docs, dict[str, Any]], list[str]]
 CHECKS: dict[str, Check] = {
     "deployments": lambda text, docs, values: deployment_problems(docs, values),
@@ -695,7 +723,7 @@ SPOILS = [
     ("migrations", _migration_not_a_hook), ("migrations", _migration_post_install),
     ("migrations", _migrate_as_runtime_role), ("migrations", _grant_no_service_role),
     ("protocol", _protocol_not_mounted), ("protocol", _protocol_changed),
-    ("kafka", _replication_factor_one),
+    ("kafka", _replication_factor_one), ("kafka", _shared_kafka_principal),
 ]
 
 

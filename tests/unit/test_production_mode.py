@@ -24,6 +24,9 @@ from shared.settings import (
 STRONG = "a-real-secret-of-this-deployment-" + "7" * 16
 SEED = "the-allocation-seed-of-this-trial-" + "3" * 16
 JWKS = {"jwt_jwks_url": "https://idp.example/jwks.json"}
+# A service's Kafka as production has it: SASL as its own principal (D48).
+SASL = {"kafka_security_protocol": "SASL_SSL", "kafka_sasl_mechanism": "SCRAM-SHA-512",
+        "kafka_sasl_username": "randomization", "kafka_sasl_password": "kafka-" + "5" * 32}
 
 
 def production(**values: Any) -> Settings:
@@ -56,13 +59,62 @@ def test_production_refuses_a_jwks_without_audience_and_issuer() -> None:
 
 
 def test_production_randomization_needs_a_seed_of_its_own() -> None:
-    ok = {**JWKS, "jwt_audience": "trial-api", "jwt_issuer": "https://idp.example"}
+    ok = {**JWKS, "jwt_audience": "trial-api", "jwt_issuer": "https://idp.example", **SASL}
     found = production_refusals(production(service_name="randomization", **ok))
     assert len(found) == 1 and "TRIAL_RANDOMIZATION_SECRET is the development secret" in found[0]
     short = production(service_name="randomization", randomization_secret="x" * 31, **ok)
     assert production_refusals(short) == ["TRIAL_RANDOMIZATION_SECRET is shorter than 32 bytes"]
     assert production_refusals(production(service_name="randomization",
                                           randomization_secret=SEED, **ok)) == []
+
+
+TOKENS_OK = {"jwt_allow_hs256": True, "jwt_secret": STRONG}
+
+
+@pytest.mark.parametrize("service", ["randomization", "dosing", "safety", "efficacy", "audit"])
+def test_production_refuses_plaintext_kafka_in_every_service_and_says_how_to_fix_it(
+        service: str) -> None:
+    seed = {"randomization_secret": SEED} if service == "randomization" else {}
+    found = production_refusals(production(service_name=service, **TOKENS_OK, **seed))
+    assert len(found) == 1, found
+    assert "Kafka is PLAINTEXT" in found[0]
+    for fix in ("TRIAL_KAFKA_SECURITY_PROTOCOL=SASL_SSL", "TRIAL_KAFKA_SASL_USERNAME",
+                "TRIAL_KAFKA_SASL_PASSWORD", "TRIAL_KAFKA_ALLOW_PLAINTEXT=true"):
+        assert fix in found[0]
+    # With SASL as the service's own principal, nothing is refused.
+    assert production_refusals(production(service_name=service, **TOKENS_OK, **seed,
+                                          **SASL)) == []
+
+
+def test_the_gateway_has_no_kafka_client_and_so_no_kafka_refusal() -> None:
+    assert production_refusals(production(service_name="gateway", **TOKENS_OK)) == []
+
+
+def test_plaintext_kafka_only_when_explicitly_allowed() -> None:
+    allowed = production(service_name="dosing", kafka_allow_plaintext=True, **TOKENS_OK)
+    assert production_refusals(allowed) == []
+    # The allowance changes nothing in development, which refuses nothing anyway.
+    assert production_refusals(Settings(service_name="dosing")) == []
+    assert Settings().kafka_allow_plaintext is False
+
+
+def test_production_refuses_sasl_without_the_services_credentials() -> None:
+    for missing in ("kafka_sasl_username", "kafka_sasl_password"):
+        partial = {k: v for k, v in SASL.items() if k != missing}
+        found = production_refusals(production(service_name="safety", **TOKENS_OK, **partial))
+        assert found == ["TRIAL_KAFKA_SECURITY_PROTOCOL is SASL_SSL but TRIAL_KAFKA_SASL_USERNAME "
+                         "or TRIAL_KAFKA_SASL_PASSWORD is not set"]
+
+
+def test_a_refused_service_names_plaintext_kafka_and_never_the_sasl_password() -> None:
+    from services.dosing.api import router
+
+    password = "kafka-password-of-this-deployment"
+    settings = production(service_name="dosing", **TOKENS_OK, kafka_sasl_password=password)
+    with pytest.raises(InsecureSettings) as refused:
+        create_app(ServiceSpec(name="dosing", router=router, consumes=[]), settings)
+    assert "Kafka is PLAINTEXT" in str(refused.value)
+    assert password not in str(refused.value) + repr(settings)
 
 
 @pytest.mark.parametrize("service", ["gateway", "dosing"])

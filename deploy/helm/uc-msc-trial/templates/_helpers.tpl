@@ -115,7 +115,8 @@ app.kubernetes.io/component: {{ .component }}
   value: /tmp/matplotlib
 {{- end -}}
 
-{{/* Refuse at render time what production mode refuses at start-up (shared/settings.py). */}}
+{{/* Refuse at render time what production mode refuses at start-up (shared/settings.py): the
+token checks (D41) and plaintext Kafka (D52). */}}
 {{- define "trial.checkAuth" -}}
 {{- if eq .Values.environment "production" -}}
 {{- if .Values.auth.jwksUrl -}}
@@ -124,6 +125,9 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- else if not .Values.auth.allowHs256 -}}
 {{- fail "production needs auth.jwksUrl (with auth.issuer and auth.audience), or auth.allowHs256=true to accept tokens signed with the shared secret" -}}
+{{- end -}}
+{{- if not (or .Values.kafka.sasl.enabled .Values.kafka.allowPlaintext) -}}
+{{- fail "production refuses plaintext Kafka: set kafka.sasl.enabled=true (each service its own principal), or kafka.allowPlaintext=true where nothing else reaches the brokers" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
