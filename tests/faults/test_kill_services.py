@@ -1,0 +1,241 @@
+"""Issue 15, first fault: every process killed outright (SIGKILL) in turn, under load.
+
+While site systems run the whole patient workflow through the gateway at a steady rate (with
+Idempotency-Keys and retries, `tests.faults.driver`), each service and then the gateway is
+killed with -9 at a moment it has work half done (a relay's batch on the broker and not yet
+checkpointed, the ledger filing, requests in flight: `tests.faults.moments`), left dead for a
+couple of seconds of load, started again and waited for. Then the load stops, the system is left
+to go quiet, and the accounting (`tests.faults.accounting`) proves:
+
+- no request was answered 500 (a dead service is a 502/503/504 or no answer: retried);
+- no acknowledged write is lost: each is in its service's store, as the site was told;
+- nothing took effect twice: no write (a retry under its key) and no consumed event (a record
+  redelivered after a consumer died before committing its offset) changed a store twice;
+- every event of every store is on Kafka, none twice (a relay killed between publishing and
+  saving its checkpoint must not republish; consumers would drop the copies, but pharmacies and
+  other readers see them);
+- the audit ledger holds every record once and its hash chain (and anchors) verify;
+- every consumer has handled exactly the records of its topics; randomization numbers are 1..n;
+- and how long each process took to recover: to ready, and to its first acknowledged write
+  (the audit ledger: to its first record filed again).
+
+The table of rows (fault | service | writes acknowledged | lost | duplicated | duplicates on Kafka
+| time to recover) is printed and appended to `TRIAL_FAULTS_REPORT` when set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.system import UNLIMITED, protocol_with_cap
+from shared.protocol import load_protocol
+from shared.settings import SERVICES
+from shared.store import EventStore
+from tests.e2e.conftest import SECRET, system_of_its_own, token
+from tests.faults.accounting import Accounting, account, cluster_id, open_stores, wait_quiet
+from tests.faults.driver import LoadDriver
+from tests.faults.moments import BrokerTail, Moment, requests_in_flight
+from tests.faults.report import Row, publish
+from tests.support import eventually
+from tooling.launcher import System
+
+RATE_PER_S = 2.0  # new patient workflows a second
+DOWN_S = 2.0  # how long each killed process stays dead, the load running against it
+STEADY_S = 3.0  # load on the recovered system before the next kill
+MOMENT_TIMEOUT_S = 15.0  # how long to wait for a harmful moment to kill in (then kill anyway)
+RECOVERY_TIMEOUT_S = 60.0  # a process not serving writes again this long after its restart failed
+WARM_UP_WORKFLOWS = 3  # whole workflows through before the first kill
+MIN_ACKNOWLEDGED = 250  # writes the run must have had acknowledged, faults and all
+# A key whose request never answered (its process was killed) is "in progress" until its lease
+# runs out (D25); the default, 300 s, would outlast a site's retries. 20 s is still twice the
+# gateway's upstream timeout, longer than any request lives in a service that is not killed.
+IDEMPOTENCY_LEASE_S = 20
+
+pytestmark = pytest.mark.timeout(480)
+
+
+@dataclass
+class Recovery:
+    """One kill: when (monotonic and wall clock), and when the process was ready again and
+    served its first write after it."""
+
+    service: str
+    moment: Moment
+    killed_at: float
+    killed_wall: datetime
+    restarted_at: float
+    ready_at: float
+    first_write_at: float | None
+
+
+async def ready(client: httpx.AsyncClient, system: System, service: str) -> bool:
+    try:
+        return (await client.get(f"{system.url(service)}/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def kill_at_moment(system: System, service: str, driver: LoadDriver,
+                         stores: dict[str, EventStore], cluster: str | None,
+                         killed: list[tuple[float, datetime]]) -> Moment:
+    """kill -9 `service` the moment a kill does harm (`tests.faults.moments`); when (monotonic,
+    wall clock) is appended to `killed`."""
+    proc = system.processes[service]
+
+    def kill() -> None:
+        proc.kill()
+        killed.append((time.monotonic(), datetime.now(UTC)))
+
+    if service == "gateway":
+        return await requests_in_flight(driver, MOMENT_TIMEOUT_S, kill)
+    async with BrokerTail(system.bootstrap) as tail:
+        if service == "audit":
+            return await tail.filing(MOMENT_TIMEOUT_S, kill)
+        return await tail.mid_batch(service, stores[service], cluster, MOMENT_TIMEOUT_S, kill)
+
+
+async def kill_and_restart(system: System, service: str, driver: LoadDriver,
+                           stores: dict[str, EventStore], cluster: str | None) -> Recovery:
+    """kill -9 `service` at a moment it has work half done, let the load meet it dead for
+    DOWN_S, start it again, wait until it is ready and has served a write (the ledger: filed a
+    record) again, then give the load STEADY_S on the whole system before the next fault. A
+    process that serves no write within RECOVERY_TIMEOUT_S of its restart has not recovered:
+    its Recovery says so (`first_write_at` None) and the test stops killing."""
+    proc = system.processes[service]
+    killed: list[tuple[float, datetime]] = []
+    moment = await kill_at_moment(system, service, driver, stores, cluster, killed)
+    (killed_at, killed_wall), = killed
+    head_before = await stores["audit"].head()  # the ledger's, frozen if audit is the one dead
+    await asyncio.to_thread(proc.wait)
+    await asyncio.sleep(DOWN_S)  # the outage itself, a duration: the load runs against it
+    restarted_at = time.monotonic()
+    system.start_one(service)
+    async with httpx.AsyncClient(timeout=2) as client:
+        await eventually(lambda: ready(client, system, service), 90, f"{service} ready again")
+    ready_at = time.monotonic()
+    first_write_at: float | None = None
+    try:
+        if service == "audit":
+            async def filing() -> bool:
+                return bool(await stores["audit"].head() > head_before)
+            await eventually(filing, RECOVERY_TIMEOUT_S, "the ledger filing again")
+            first_write_at = time.monotonic()
+        else:
+            ack = await eventually(lambda: driver.first_ack_through(service, restarted_at),
+                                   RECOVERY_TIMEOUT_S, f"a write acknowledged by {service} again")
+            first_write_at = ack.acked_at
+    except AssertionError:  # not recovered: recorded (first_write_at None), the run ends here
+        return Recovery(service, moment, killed_at, killed_wall, restarted_at, ready_at, None)
+    await asyncio.sleep(STEADY_S)  # a duration of load, not a condition
+    return Recovery(service, moment, killed_at, killed_wall, restarted_at, ready_at,
+                    first_write_at)
+
+
+def rows_of(recoveries: list[Recovery], driver: LoadDriver, result: Accounting,
+            ended_at: float) -> list[Row]:
+    """One row per kill, over the writes acknowledged from it to the next kill, and a total."""
+    rows = []
+    for i, r in enumerate(recoveries):
+        until = recoveries[i + 1].killed_at if i + 1 < len(recoveries) else ended_at
+        until_wall = recoveries[i + 1].killed_wall if i + 1 < len(recoveries) else None
+        acks = [a for a in driver.acks if r.killed_at <= a.acked_at < until]
+        lost = [x for x in result.lost if r.killed_at <= x.acked_at < until]
+        duplicated = [d for d in result.duplicated if d.last_recorded_at >= r.killed_wall
+                      and (until_wall is None or d.last_recorded_at < until_wall)]
+        rows.append(Row(
+            "kill -9", r.service, len(acks), len(lost), len(duplicated),
+            result.kafka.duplicates_by_service.get(r.service, 0),
+            round(r.ready_at - r.killed_at, 2),
+            None if r.first_write_at is None else round(r.first_write_at - r.killed_at, 2),
+            {"killed": r.moment.what, "moment_hit": r.moment.hit, "down_s": DOWN_S,
+             "steady_s": STEADY_S, "rate_per_s": RATE_PER_S,
+             "restart_to_ready_s": round(r.ready_at - r.restarted_at, 2)}))
+    rows.append(Row("kill -9, each in turn", "all (whole run)", len(driver.acks),
+                    len(result.lost), len(result.duplicated), result.kafka.duplicate_ids,
+                    detail={"driver": driver.summary(), "accounting": result.summary()}))
+    return rows
+
+
+async def test_kill_each_process_under_load(pg_dsn: str | None, tmp_path: Path) -> None:
+    """Every process killed -9 in turn under load: nothing acknowledged lost, nothing applied
+    or published twice, the ledger whole and verified, every consumer complete."""
+    protocol_dir = protocol_with_cap(tmp_path / "protocol", 100_000)
+    protocol = load_protocol(protocol_dir)
+    env = {"TRIAL_PROTOCOL_DIR": str(protocol_dir), **UNLIMITED,
+           "TRIAL_IDEMPOTENCY_LEASE_S": str(IDEMPOTENCY_LEASE_S)}
+    started = time.monotonic()
+    with system_of_its_own(pg_dsn, tmp_path, env=env) as system:
+        async with open_stores(system.database_urls) as stores:
+            driver = LoadDriver([system.url("gateway")], SECRET, protocol, RATE_PER_S)
+            stop = asyncio.Event()
+            load = asyncio.create_task(driver.run(stop))
+            recoveries: list[Recovery] = []
+            try:
+                await eventually(lambda: len(driver.acks_of("assessment")) >= WARM_UP_WORKFLOWS,
+                                 90, "the first whole workflows")
+                cluster = await cluster_id(system.bootstrap)
+                for service in (*SERVICES, "gateway"):
+                    recovery = await kill_and_restart(system, service, driver, stores, cluster)
+                    recoveries.append(recovery)
+                    if recovery.first_write_at is None:
+                        break  # it did not recover: account for what happened, then fail
+            finally:
+                stop.set()
+                await asyncio.wait_for(load, 3 * driver.request_deadline_s)
+            ended_at = time.monotonic()
+            quiet = await wait_quiet(stores, system.bootstrap, protocol)
+            result = await account(stores, system.bootstrap, driver.acks, protocol)
+            async with httpx.AsyncClient(base_url=system.url("gateway"), timeout=60) as http:
+                verified = (await http.get("/v1/audit/verify", headers={
+                    "Authorization": f"Bearer {token('admin')}"})).json()
+        rows = rows_of(recoveries, driver, result, ended_at)
+        publish(rows, "kill -9 each process in turn under load")
+        print(json.dumps({"kills": {r.service: r.moment.what for r in recoveries},
+                          "driver": driver.summary(), "accounting": result.summary(),
+                          "quiet": quiet.__dict__, "verify": verified,
+                          "seconds": round(time.monotonic() - started, 1),
+                          "logs": str(system.log_dir)}, indent=1, default=str))
+
+        s, k = result.summary(), result.kafka
+        unrecovered = [r.service for r in recoveries if r.first_write_at is None]
+        checks = [
+            (not unrecovered, f"no write served again within {RECOVERY_TIMEOUT_S:g} s of the "
+                              f"restart of {unrecovered} (refusals: {driver.summary()['refusals']})"),
+            (quiet.quiet, f"the system never went quiet: {quiet.pending}"),
+            (not driver.tally.server_errors, f"500s: {driver.tally.server_errors[:5]}"),
+            (not driver.summary()["driver_errors"], f"driver: {driver.summary()['driver_errors']}"),
+            (len(driver.acks) >= MIN_ACKNOWLEDGED,
+             f"only {len(driver.acks)} writes acknowledged (< {MIN_ACKNOWLEDGED})"),
+            (not result.lost, f"{len(result.lost)} acknowledged writes lost: {result.lost[:5]}"),
+            (not result.duplicated,
+             f"{len(result.duplicated)} duplicated effects: {result.duplicated[:5]}"),
+            (not k.missing, f"store events not on Kafka: "
+                            f"{ {n: ids[:5] for n, ids in k.missing.items()} }"),
+            (not k.duplicates, f"{k.duplicate_ids} event ids on Kafka more than once, by "
+                               f"service {dict(k.duplicates_by_service)}: "
+                               f"{list(k.duplicates.items())[:5]}"),
+            (not k.unknown and not k.unreadable,
+             f"records on Kafka of no store: {k.unknown[:5]}, unreadable: {k.unreadable}"),
+            (not result.ledger.missing and not result.ledger.repeated
+             and not result.ledger.not_on_kafka,
+             f"ledger: missing {result.ledger.missing[:5]}, repeated "
+             f"{list(result.ledger.repeated)[:5]}, never on Kafka {result.ledger.not_on_kafka[:5]}"),
+            (result.ledger.chain_ok and verified.get("ok") is True,
+             f"ledger chain: ok {result.ledger.chain_ok}, first broken at "
+             f"{result.ledger.first_broken_position}; GET /v1/audit/verify: {verified}"),
+            (all(result.chains.values()), f"store chains: {result.chains}"),
+            (all(not c.missing and not c.extra for c in result.processed.values()),
+             f"processed marks: {s['processed']}"),
+            (result.numbers.gapless, f"randomization numbers: {s['randomization_numbers']}"),
+            (not result.dead_lettered, f"dead-lettered: {result.dead_lettered}"),
+        ]
+        failed = [message for ok, message in checks if not ok]
+        assert not failed, "\n".join(failed) + f"\n(logs: {system.log_dir})"
