@@ -152,6 +152,9 @@ class ConsumerRunner:
         # event set (then replaced) whenever one moves: `caught_up` waits on it.
         self.committed_here: dict[TopicPartition, int] = {}
         self._moved = asyncio.Event()
+        # The last ask of the broker for each partition's committed offset (`_committed`).
+        self._committed_asks: dict[
+            TopicPartition, tuple[float, AIOKafkaConsumer, asyncio.Future[int | None]]] = {}
         # Records a fetch hands over at most: a batched consumer files them in one commit.
         self.max_records = 1000 if self.batched else 200
 
@@ -237,7 +240,7 @@ class ConsumerRunner:
                         end = max(end, consumer.highwater(tp) or 0) if tp in (
                             consumer.assignment()) else end
                     if committed is None or tp not in consumer.assignment():
-                        committed = await consumer.committed(tp)
+                        committed = await self._committed(consumer, tp)
                     here = self.committed_here.get(tp)
                     if here is not None and tp in consumer.assignment():
                         committed = max(committed or 0, here)
@@ -250,6 +253,19 @@ class ConsumerRunner:
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), min(0.05, left))
+
+    async def _committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+        """The group's committed offset of `tp`, asked of the broker at most once per 50 ms
+        however many requests wait (issue 15: after a restart, dozens of requests each asking
+        every 50 ms flooded the one client that must also rejoin the group and fetch). A value
+        asked a moment ago can only be lower than now's: a waiter waits longer, never less."""
+        now = time.monotonic()
+        asked = self._committed_asks.get(tp)
+        if asked is None or asked[1] is not consumer or (
+                now - asked[0] > 0.05 and asked[2].done()):
+            asked = (now, consumer, asyncio.ensure_future(consumer.committed(tp)))
+            self._committed_asks[tp] = asked
+        return await asyncio.shield(asked[2])
 
     @traced_record  # its span and log line (shared/tracing.py)
     async def handle_record(self, record: ConsumerRecord) -> None:

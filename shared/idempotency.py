@@ -8,7 +8,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -91,6 +91,7 @@ class IdempotencyRecords:
     def __init__(self, store: EventStore, lease: timedelta = timedelta(minutes=5)) -> None:
         self.store = store
         self.lease = lease
+        self.claimed_at: datetime | None = None  # this request's claim (`give_up` is of it only)
 
     async def claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
         """None: the caller owns the key now and must run the request. Else what is stored."""
@@ -110,17 +111,19 @@ class IdempotencyRecords:
                 await conn.execute(t.delete().where(where, t.c.created_at == row.created_at))
                 row = None
             if row is None:
+                self.claimed_at = utcnow()
                 await conn.execute(t.insert().values(
-                    principal=principal, key=key, request_hash=digest, created_at=utcnow()))
+                    principal=principal, key=key, request_hash=digest, created_at=self.claimed_at))
                 return None
             if (row.status is None and row.written_at is None and row.request_hash == digest
                     and as_utc(row.created_at) < utcnow() - self.lease):
                 # The first attempt wrote nothing and never answered: its process died. Running
                 # the request again cannot repeat a write, so this retry takes the key over,
                 # unless another retry took it over first (then the row has moved on).
+                self.claimed_at = utcnow()
                 taken = await conn.execute(t.update().where(
                     where, t.c.created_at == row.created_at, t.c.written_at.is_(None),
-                    t.c.status.is_(None)).values(created_at=utcnow()))
+                    t.c.status.is_(None)).values(created_at=self.claimed_at))
                 if taken.rowcount != 1:
                     raise _LostRace
                 return None
@@ -152,6 +155,10 @@ class IdempotencyRecords:
         time, so the key's answer becomes 409 `idempotency_key_outcome_unknown`."""
         t = idempotency_keys
         where = sa.and_(t.c.principal == principal, t.c.key == key)
+        if self.claimed_at is not None:
+            # Only this request's own claim: given up late (the database was down, D54), a
+            # retry may have claimed the key since, and its claim is not this one's to drop.
+            where = sa.and_(where, t.c.created_at == self.claimed_at)
         async with self.store.engine.begin() as conn:
             await conn.execute(t.delete().where(where, t.c.written_at.is_(None)))
             await conn.execute(t.update().where(where, t.c.status.is_(None)).values(

@@ -71,3 +71,22 @@ def publish(rows: Sequence[Row], test: str, path: str | None = None) -> str:
                 out.write(json.dumps({"test": test, "backend": BACKEND, "at": at, **asdict(row)},
                                      default=str) + "\n")
     return text
+
+
+def from_file(path: str) -> str:
+    """The Markdown tables of a report file, one per backend (with each row's backend and test
+    in the fault cell), as docs/faults.md shows them."""
+    by_backend: dict[str, list[Row]] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        fields = {k: entry[k] for k in Row.__dataclass_fields__ if k in entry}
+        by_backend.setdefault(entry["backend"], []).append(Row(**fields))
+    return "\n\n".join(f"**{backend}**\n\n{table(rows)}" for backend, rows in by_backend.items())
+
+
+if __name__ == "__main__":  # python -m tests.faults.report <report file>
+    import sys
+
+    print(from_file(sys.argv[1]))

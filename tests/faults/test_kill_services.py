@@ -35,15 +35,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.system import UNLIMITED, protocol_with_cap
-from shared.protocol import load_protocol
 from shared.settings import SERVICES
 from shared.store import EventStore
-from tests.e2e.conftest import SECRET, system_of_its_own, token
-from tests.faults.accounting import Accounting, account, cluster_id, open_stores, wait_quiet
+from tests.e2e.conftest import SECRET, system_of_its_own
+from tests.faults.accounting import Accounting, cluster_id, open_stores
 from tests.faults.driver import LoadDriver
 from tests.faults.moments import BrokerTail, Moment, requests_in_flight
 from tests.faults.report import Row, publish
+from tests.faults.scenario import failures, fault_env, settle
 from tests.support import eventually
 from tooling.launcher import System
 
@@ -54,10 +53,6 @@ MOMENT_TIMEOUT_S = 15.0  # how long to wait for a harmful moment to kill in (the
 RECOVERY_TIMEOUT_S = 60.0  # a process not serving writes again this long after its restart failed
 WARM_UP_WORKFLOWS = 3  # whole workflows through before the first kill
 MIN_ACKNOWLEDGED = 250  # writes the run must have had acknowledged, faults and all
-# A key whose request never answered (its process was killed) is "in progress" until its lease
-# runs out (D25); the default, 300 s, would outlast a site's retries. 20 s is still twice the
-# gateway's upstream timeout, longer than any request lives in a service that is not killed.
-IDEMPOTENCY_LEASE_S = 20
 
 pytestmark = pytest.mark.timeout(480)
 
@@ -167,10 +162,7 @@ def rows_of(recoveries: list[Recovery], driver: LoadDriver, result: Accounting,
 async def test_kill_each_process_under_load(pg_dsn: str | None, tmp_path: Path) -> None:
     """Every process killed -9 in turn under load: nothing acknowledged lost, nothing applied
     or published twice, the ledger whole and verified, every consumer complete."""
-    protocol_dir = protocol_with_cap(tmp_path / "protocol", 100_000)
-    protocol = load_protocol(protocol_dir)
-    env = {"TRIAL_PROTOCOL_DIR": str(protocol_dir), **UNLIMITED,
-           "TRIAL_IDEMPOTENCY_LEASE_S": str(IDEMPOTENCY_LEASE_S)}
+    protocol, env = fault_env(tmp_path)
     started = time.monotonic()
     with system_of_its_own(pg_dsn, tmp_path, env=env) as system:
         async with open_stores(system.database_urls) as stores:
@@ -191,51 +183,17 @@ async def test_kill_each_process_under_load(pg_dsn: str | None, tmp_path: Path) 
                 stop.set()
                 await asyncio.wait_for(load, 3 * driver.request_deadline_s)
             ended_at = time.monotonic()
-            quiet = await wait_quiet(stores, system.bootstrap, protocol)
-            result = await account(stores, system.bootstrap, driver.acks, protocol)
-            async with httpx.AsyncClient(base_url=system.url("gateway"), timeout=60) as http:
-                verified = (await http.get("/v1/audit/verify", headers={
-                    "Authorization": f"Bearer {token('admin')}"})).json()
-        rows = rows_of(recoveries, driver, result, ended_at)
+            settled = await settle(system, stores, driver, protocol)
+        rows = rows_of(recoveries, driver, settled.result, ended_at)
         publish(rows, "kill -9 each process in turn under load")
         print(json.dumps({"kills": {r.service: r.moment.what for r in recoveries},
-                          "driver": driver.summary(), "accounting": result.summary(),
-                          "quiet": quiet.__dict__, "verify": verified,
+                          "driver": driver.summary(), "accounting": settled.result.summary(),
+                          "quiet": settled.quiet.__dict__, "verify": settled.verified,
                           "seconds": round(time.monotonic() - started, 1),
                           "logs": str(system.log_dir)}, indent=1, default=str))
 
-        s, k = result.summary(), result.kafka
         unrecovered = [r.service for r in recoveries if r.first_write_at is None]
-        checks = [
+        failed = failures(settled, driver, MIN_ACKNOWLEDGED, more=[
             (not unrecovered, f"no write served again within {RECOVERY_TIMEOUT_S:g} s of the "
-                              f"restart of {unrecovered} (refusals: {driver.summary()['refusals']})"),
-            (quiet.quiet, f"the system never went quiet: {quiet.pending}"),
-            (not driver.tally.server_errors, f"500s: {driver.tally.server_errors[:5]}"),
-            (not driver.summary()["driver_errors"], f"driver: {driver.summary()['driver_errors']}"),
-            (len(driver.acks) >= MIN_ACKNOWLEDGED,
-             f"only {len(driver.acks)} writes acknowledged (< {MIN_ACKNOWLEDGED})"),
-            (not result.lost, f"{len(result.lost)} acknowledged writes lost: {result.lost[:5]}"),
-            (not result.duplicated,
-             f"{len(result.duplicated)} duplicated effects: {result.duplicated[:5]}"),
-            (not k.missing, f"store events not on Kafka: "
-                            f"{ {n: ids[:5] for n, ids in k.missing.items()} }"),
-            (not k.duplicates, f"{k.duplicate_ids} event ids on Kafka more than once, by "
-                               f"service {dict(k.duplicates_by_service)}: "
-                               f"{list(k.duplicates.items())[:5]}"),
-            (not k.unknown and not k.unreadable,
-             f"records on Kafka of no store: {k.unknown[:5]}, unreadable: {k.unreadable}"),
-            (not result.ledger.missing and not result.ledger.repeated
-             and not result.ledger.not_on_kafka,
-             f"ledger: missing {result.ledger.missing[:5]}, repeated "
-             f"{list(result.ledger.repeated)[:5]}, never on Kafka {result.ledger.not_on_kafka[:5]}"),
-            (result.ledger.chain_ok and verified.get("ok") is True,
-             f"ledger chain: ok {result.ledger.chain_ok}, first broken at "
-             f"{result.ledger.first_broken_position}; GET /v1/audit/verify: {verified}"),
-            (all(result.chains.values()), f"store chains: {result.chains}"),
-            (all(not c.missing and not c.extra for c in result.processed.values()),
-             f"processed marks: {s['processed']}"),
-            (result.numbers.gapless, f"randomization numbers: {s['randomization_numbers']}"),
-            (not result.dead_lettered, f"dead-lettered: {result.dead_lettered}"),
-        ]
-        failed = [message for ok, message in checks if not ok]
+                              f"restart of {unrecovered} (refusals: {driver.summary()['refusals']})")])
         assert not failed, "\n".join(failed) + f"\n(logs: {system.log_dir})"
