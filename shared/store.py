@@ -333,8 +333,19 @@ def _disconnected(exc: BaseException) -> bool:
 def database_unavailable(exc: BaseException) -> bool:
     """Whether `exc` says the database cannot be reached now (down, restarting, refusing
     connections, a connection it dropped), as opposed to a write it refused or a bug."""
-    return _disconnected(exc) or (isinstance(exc, sa.exc.DBAPIError)
-                                  and bool(exc.connection_invalidated))
+    if _disconnected(exc) or (isinstance(exc, sa.exc.DBAPIError)
+                              and bool(exc.connection_invalidated)):
+        return True
+    # A connection refused while PostgreSQL shuts down or starts (SQLSTATE 57P03) comes as a
+    # plain DBAPIError: the asyncpg error is its `orig`'s cause (docs/faults.md, defect 3).
+    seen: BaseException | None = getattr(exc, "orig", None) or exc.__cause__
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, _ASYNCPG_DISCONNECTS):
+            return True
+        seen = seen.__cause__ or getattr(seen, "orig", None)
+    return False
 
 
 def _as_conflict(tx: Transaction, exc: Exception) -> Exception:
