@@ -137,7 +137,12 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
         return
     _state.update(format=fmt, level=level)
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
-                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+                     # A plain stack: rich's, with every frame's locals, printed thousands of
+                     # lines per error (the event loop stalled 12-31 s, long enough to lose a
+                     # Kafka session: docs/faults.md, defect 4), and locals can hold patient data.
+                     else structlog.dev.ConsoleRenderer(
+                         colors=sys.stderr.isatty(),
+                         exception_formatter=structlog.dev.plain_traceback))
     final = [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
              structlog.processors.format_exc_info, _scrub, _ordered, renderer]
     if fmt != "json":

@@ -130,3 +130,20 @@ def test_outside_a_request_a_stdlib_line_is_json_and_token_like_text_is_blanked(
     assert "request_id" not in line
     assert token not in lines.getvalue() and SECRET not in lines.getvalue()
     assert line["jwt_secret"] == "[redacted]"
+
+
+def test_a_console_traceback_shows_the_stack_and_never_the_locals() -> None:
+    """Locals can hold patient data and, rendered by rich, ran to thousands of lines an error
+    (docs/faults.md, defect 4): the development console prints a plain stack."""
+    stream = io.StringIO()
+    configure_logging(Settings(service_name="gateway", log_format="console"), stream=stream)
+    try:
+        patient_secret = "PATIENT-BIRTHDATE-1980-05-01"  # noqa: F841 (a local rich would show)
+        raise RuntimeError("boom")
+    except RuntimeError:
+        logging.getLogger("test").exception("failed")
+    finally:
+        configure_logging(Settings(service_name="gateway", log_format="json"))
+    text = stream.getvalue()
+    assert "RuntimeError: boom" in text and "Traceback" in text
+    assert "PATIENT-BIRTHDATE" not in text
