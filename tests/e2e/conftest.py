@@ -58,16 +58,15 @@ def start_system(broker: Broker, pg_dsn: str | None, folder: Path,
 
 
 @contextmanager
-def system_of_its_own(pg_dsn: str | None, folder: Path,
+def system_and_broker(pg_dsn: str | None, folder: Path,
                       services: tuple[str, ...] = (*SERVICES, "gateway"),
-                      env: dict[str, str] | None = None) -> Iterator[System]:
-    """A system on a broker of its own, for a test whose holds or protocol must not reach the
-    session system (a suspended arm there would stop every other test's doses)."""
+                      env: dict[str, str] | None = None) -> Iterator[tuple[System, Broker]]:
+    """A system on a broker of its own, and that Broker (a fault test stops and starts it)."""
     broker = _new_broker(folder / "broker")
     try:
         system, created = start_system(broker, pg_dsn, folder / "system", services, env)
         try:
-            yield system
+            yield system, broker
         finally:
             system.stop()
             for name in created:
@@ -75,6 +74,16 @@ def system_of_its_own(pg_dsn: str | None, folder: Path,
                 infra.drop_database(pg_dsn, name)
     finally:
         broker.stop()
+
+
+@contextmanager
+def system_of_its_own(pg_dsn: str | None, folder: Path,
+                      services: tuple[str, ...] = (*SERVICES, "gateway"),
+                      env: dict[str, str] | None = None) -> Iterator[System]:
+    """A system on a broker of its own, for a test whose holds or protocol must not reach the
+    session system (a suspended arm there would stop every other test's doses)."""
+    with system_and_broker(pg_dsn, folder, services, env) as (system, _):
+        yield system
 
 
 @pytest.fixture(scope="session")

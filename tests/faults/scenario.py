@@ -7,8 +7,7 @@ A fault test is then: start (`fault_env`, `system_of_its_own`), load (`LoadDrive
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,9 @@ from typing import Any
 import httpx
 
 from bench.system import UNLIMITED, protocol_with_cap
-from deploy import infra
 from shared.protocol import ProtocolConfig, load_protocol
 from shared.store import EventStore
-from tests.conftest import Broker, _new_broker
-from tests.e2e.conftest import start_system, token
+from tests.e2e.conftest import token
 from tests.faults.accounting import Accounting, Quiet, account, wait_quiet
 from tests.faults.driver import LoadDriver, _problem_code
 from tooling.launcher import System
@@ -98,24 +95,6 @@ def failures(settled: Settled, driver: LoadDriver, min_acknowledged: int,
         (not result.dead_lettered, f"dead-lettered: {result.dead_lettered}"),
     ]
     return [message for ok, message in checks if not ok]
-
-
-@contextmanager
-def system_and_broker(pg_dsn: str | None, folder: Path, env: dict[str, str] | None = None
-                      ) -> Iterator[tuple[System, Broker]]:
-    """`system_of_its_own`, and the Broker it runs on, for a test that stops and starts it."""
-    broker = _new_broker(folder / "broker")
-    try:
-        system, created = start_system(broker, pg_dsn, folder / "system", env=env)
-        try:
-            yield system, broker
-        finally:
-            system.stop()
-            for name in created:
-                assert pg_dsn is not None
-                infra.drop_database(pg_dsn, name)
-    finally:
-        broker.stop()
 
 
 @dataclass(frozen=True)
