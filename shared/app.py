@@ -17,6 +17,7 @@ from shared.idempotency import IdempotencyMiddleware
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import install_service_metrics
 from shared.protocol import load_protocol
+from shared.relay import AnswerWhenPublished
 from shared.runtime import Loop, Runtime, ServiceSpec
 from shared.settings import Settings, check_production
 from shared.store import UNAVAILABLE_ERRORS, database_unavailable
@@ -62,6 +63,8 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     # A monitor's or the DSMB's read of a patient, recorded before the answer leaves (D50).
     app.add_middleware(PatientReadAudit, service=spec.name,
                        record=spec.record_view or append_view)
+    # A write's answer once its events are on the broker (D56); inside the idempotency key's.
+    app.add_middleware(AnswerWhenPublished)
     # Added first, so it runs inside the request id middleware: replays carry the new id.
     app.add_middleware(IdempotencyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -20,6 +20,10 @@ CATCH_UP_S = 2.0
 # runs after the commit), so what the broker holds at the first look can lack it.
 PUBLISH_GRACE_S = 0.3
 MIN_CATCH_UP_S = 0.5  # the least a look that ran long still gives the consumer
+# How long after the group gave this service its partitions again (a broker restart, a
+# rebalance) a patient not found is 503 `not_caught_up`, not 404: the service that made the
+# patient may still be publishing what it wrote while the broker was away (issue 15).
+SETTLING_S = 15.0
 UNKNOWN = frozenset({"patient_not_found"})
 
 
@@ -43,7 +47,10 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
                     or not rt.settings.consumers_enabled):  # nothing consumed: nothing to wait for
                 raise
             if caught_up_at is not None and time.monotonic() - caught_up_at >= PUBLISH_GRACE_S:
-                raise  # caught up, and nothing about the patient arrived since: unknown
+                if not consumer.settling(SETTLING_S):
+                    raise  # caught up, and nothing about the patient arrived since: unknown
+                if time.monotonic() - started >= CATCH_UP_S:  # the broker was away just now
+                    raise _not_caught_up() from refused
             # The consumer is always asked before "unknown", however long the look took (a
             # busy service's first look can outlast the grace on its own).
             budget = max(CATCH_UP_S - (time.monotonic() - started), MIN_CATCH_UP_S)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -146,6 +146,12 @@ class ConsumerRunner:
         self.failpoints = Failpoints(settings)  # or a fault test kills the process there
         self._consumer: AIOKafkaConsumer | None = None  # while a session runs
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
+        # When the group last gave this process its partitions again (monotonic): after a
+        # broker restart, a rebalance or a lost session. Not the first time. Until it has
+        # settled, "unknown" is not said (`shared.catchup`): the other services' relays may
+        # still be publishing what they wrote while it lasted (issue 15).
+        self.reassigned_at: float | None = None
+        self._assignments = 0
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
                                                    for h in self.handlers.values())
         # The next offset of each partition this process has handled and committed, and an
@@ -171,7 +177,6 @@ class ConsumerRunner:
 
     async def _session(self, stop: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(
-            *(physical(self.settings, topic) for topic in self.topics),
             **client_options(self.settings),
             group_id=physical(self.settings, self.group_id),
             client_id=f"{self.settings.service_name}-consumer",
@@ -187,6 +192,8 @@ class ConsumerRunner:
         )
         try:
             await consumer.start()
+            consumer.subscribe([physical(self.settings, topic) for topic in self.topics],
+                               listener=_Assignments(self))
             self._consumer = consumer
             await self._consume(consumer, stop)
         finally:
@@ -211,6 +218,16 @@ class ConsumerRunner:
                     self.committed_here[tp] = records[-1].offset + 1
                     self._moved.set()
                     self._moved = asyncio.Event()
+
+    def assigned(self) -> None:
+        """The group gave this process its partitions (again)."""
+        self._assignments += 1
+        if self._assignments > 1:
+            self.reassigned_at = time.monotonic()
+
+    def settling(self, window_s: float) -> bool:
+        """Whether the group gave this process its partitions again less than `window_s` ago."""
+        return self.reassigned_at is not None and time.monotonic() - self.reassigned_at < window_s
 
     async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
         """Whether this service's group has handled every record of `key`'s partition of
@@ -399,3 +416,16 @@ class ConsumerRunner:
 
 def _short(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+
+
+class _Assignments(ConsumerRebalanceListener):
+    """Tells the runner each time the group hands it its partitions."""
+
+    def __init__(self, runner: ConsumerRunner) -> None:
+        self.runner = runner
+
+    async def on_partitions_revoked(self, revoked: object) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: object) -> None:
+        self.runner.assigned()

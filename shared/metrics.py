@@ -126,7 +126,7 @@ def install_service_metrics(app: FastAPI) -> None:
         head = await rt.store.head()
         metrics.head.set(head)
         if rt.relay is not None:
-            metrics.relay_lag.set(head - await rt.store.checkpoint(rt.relay.checkpoint_name))
+            metrics.relay_lag.set(head - await rt.store.published_through(rt.relay.name))
         broker_up.set(1 if await broker_reachable(rt.settings.kafka_bootstrap_servers) else 0)
 
     def consumed() -> dict[str, int]:
@@ -135,7 +135,14 @@ def install_service_metrics(app: FastAPI) -> None:
         return {} if c is None else {"seen": c.records_seen, "handled": c.handled,
                                      "duplicate": c.duplicates, "dead_lettered": c.dead_lettered}
 
+    def answers() -> dict[str, int]:
+        rt = getattr(app.state, "runtime", None)
+        return dict(rt.relay.answers) if rt is not None and rt.relay is not None else {}
+
     app.state.refresh_metrics = refresh
+    metrics.registry.register(CountersCollector(
+        answers, "trial_write_answers", "Write answers that waited for their events to reach "
+        "the broker: published in time, or sent before (D56)", "outcome"))
     metrics.registry.register(CountersCollector(
         consumed, "trial_consumer_records", "Records this service's consumer took from Kafka",
         "outcome"))

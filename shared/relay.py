@@ -9,11 +9,13 @@ the broker kept before the checkpoint could be saved is not sent again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.events import PUBLISHERS, TOPICS
 from shared.kafka import (
@@ -28,7 +30,7 @@ from shared.kafka import (
 from shared.leader import Leadership
 from shared.retry import Stopped, retry
 from shared.settings import Settings
-from shared.store import EventStore, RecordedEvent
+from shared.store import EventStore, RecordedEvent, Written, written
 from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,10 @@ class Relay:
         self.source = f"/services/{settings.service_name}"
         self.producer = LazyProducer(settings)
         self.published_position = 0
+        self._moved = asyncio.Event()  # set (then replaced) whenever published_position moves
         self.healthy = True  # false while the last publish attempt failed
+        # Answers that waited for their events (D56): on the broker in time, or sent before.
+        self.answers = {"published": 0, "before_published": 0}
         self._cluster: str | None = None  # the broker cluster's id, as last seen
         self._delivery_timeout_s = 3 * settings.kafka_request_timeout_ms / 1000
         self.leadership = Leadership(store, f"relay-{name}")
@@ -160,7 +165,34 @@ class Relay:
         self._on_broker.difference_update(event.event_id for event in batch)
         self.published_position = batch[-1].position
         self.healthy = True
+        self._moved.set()
+        self._moved = asyncio.Event()
         return len(batch)
+
+    async def published(self, position: int, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until the event at `position` is on the broker (D56).
+        On the replica that publishes, woken as its batches land; on another replica, by the
+        store's checkpoint, looked at every 50 ms. False at once while this replica publishes
+        and its broker is failing: the write stands, and the wait would only delay its answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            moved = self._moved
+            if self.published_position >= position:
+                return self._answered(True)
+            if self.leading and not self.healthy:
+                return self._answered(False)
+            if not self.leading and await self.store.published_through(self.name) >= position:
+                return self._answered(True)
+            left = deadline - loop.time()
+            if left <= 0:
+                return self._answered(False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), left if self.leading else min(left, 0.05))
+
+    def _answered(self, published: bool) -> bool:
+        self.answers["published" if published else "before_published"] += 1
+        return published
 
     async def _resume(self, producer: AIOKafkaProducer) -> None:
         """Learn which events after the checkpoint the broker already holds: on every partition
@@ -247,3 +279,40 @@ async def _tail(consumer: AIOKafkaConsumer, tp: TopicPartition, records: int) ->
     on the embedded broker falls short: then more is read, never less)."""
     end = (await consumer.end_offsets([tp]))[tp]
     return max(0, end - records)
+
+
+class AnswerWhenPublished:
+    """A write's answer (a POST's 2xx) leaves once the events it appended are on the broker,
+    waiting up to `answer_after_publish_s` (D56). A site acts on the answer at once (a dose
+    right after the randomization, a dose refused right after a withdrawal): the service that
+    learns of the fact from Kafka must know it by then, and "the consumer has read what the
+    broker holds" (D33, D37) only says so if the broker holds it. Past the wait, or while the
+    broker is away, the answer goes out anyway: the write is committed, the relay publishes it
+    when it can, and the other services answer 503 `not_caught_up` meanwhile, never a wrong
+    yes. Runs inside the idempotency middleware: a key's answer is kept once published."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        mark = Written()
+        token = written.set(mark)
+
+        async def when_published(message: Message) -> None:
+            if (message["type"] == "http.response.start" and mark.position
+                    and 200 <= message["status"] < 300):
+                runtime = getattr(scope["app"].state, "runtime", None)
+                relay = runtime.relay if runtime is not None else None
+                settings = runtime.settings if runtime is not None else None
+                if (relay is not None and settings is not None and settings.relay_enabled
+                        and settings.answer_after_publish_s > 0):
+                    await relay.published(mark.position, settings.answer_after_publish_s)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, when_published)
+        finally:
+            written.reset(token)

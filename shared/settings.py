@@ -52,7 +52,9 @@ class Settings(BaseSettings):
 
     relay_enabled: bool = True
     relay_batch_size: int = Field(500, ge=1)
-    relay_poll_interval_s: float = Field(0.5, gt=0)
+    relay_poll_interval_s: float = Field(0.2, gt=0)
+    # How long a write's answer may wait for its events to reach the broker (D56); 0: not at all.
+    answer_after_publish_s: float = Field(2.0, ge=0)
     consumers_enabled: bool = True
     kafka_fetch_max_wait_ms: int = Field(50, ge=10, le=5000)
     # A consumer's session: the embedded broker makes a joining member wait half of it before it

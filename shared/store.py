@@ -536,6 +536,19 @@ class Transaction:
 BeforeCommit = Callable[[AsyncConnection], Awaitable[None]]
 before_commit: ContextVar[tuple[BeforeCommit, ...]] = ContextVar("before_commit", default=())
 
+
+class Written:
+    """The last position the current request's transactions appended (0: none yet): its answer
+    waits until the relay has published that far (D56)."""
+
+    __slots__ = ("position",)
+
+    def __init__(self) -> None:
+        self.position = 0
+
+
+written: ContextVar[Written | None] = ContextVar("written", default=None)
+
 _BATCH = 256  # transactions per group commit at most
 Outcome = asyncio.Future[BaseException | None]  # a queued transaction's error, None: committed
 _DISCONNECTS = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError)
@@ -604,6 +617,8 @@ class EventStore:
                 if tx.appends:
                     tx.hooks = before_commit.get()
                 await self._commit(tx)
+                if tx.appended and (mark := written.get()) is not None:
+                    mark.position = max(mark.position, tx.appended[-1].position)
 
     async def append(self, stream_id: str, new_events: Sequence[NewEvent],
                      expected_version: int | None) -> list[RecordedEvent]:
@@ -787,6 +802,17 @@ class EventStore:
         async with self.read_engine.connect() as conn:
             q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
             return int((await conn.execute(q)).scalar_one_or_none() or 0)
+
+    async def published_through(self, relay: str) -> int:
+        """How far the relay `relay` has published, whichever replica runs it: its furthest
+        checkpoint on any broker cluster (`relay@cluster`; not the per-partition offsets kept
+        beside them, `...#topic/partition`)."""
+        name = checkpoints.c.name
+        q = sa.select(sa.func.coalesce(sa.func.max(checkpoints.c.position), 0)).where(
+            sa.or_(name == relay, name.startswith(f"{relay}@", autoescape=True)),
+            ~name.contains("#", autoescape=True))
+        async with self.read_engine.connect() as conn:
+            return int((await conn.execute(q)).scalar_one())
 
     async def verify(self, batch: int = 1000, after: int = 0,
                      after_hash: str = GENESIS_HASH) -> VerifyResult:

@@ -319,6 +319,8 @@ class KafkaCheck:
     missing: dict[str, list[str]] = field(default_factory=dict)  # service: its events not on Kafka
     duplicates: dict[str, int] = field(default_factory=dict)  # event id: times on Kafka (> 1)
     duplicates_by_service: Counter[str] = field(default_factory=Counter)  # such ids, by source
+    # where the first few such ids are: "type id: topic/partition@offset, ..."
+    duplicate_places: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)  # ids on Kafka that no store holds
     unreadable: int = 0  # records that are not CloudEvents
 
@@ -348,6 +350,10 @@ async def kafka_check(stores: Mapping[str, EventStore], log: Sequence[KafkaRecor
     sources = {r.event_id: r.source for r in log if r.event_id in check.duplicates}
     for event_id in check.duplicates:
         check.duplicates_by_service[(sources.get(event_id) or "?").rsplit("/", 1)[-1]] += 1
+    for event_id in list(check.duplicates)[:10]:
+        places = [r for r in log if r.event_id == event_id]
+        check.duplicate_places.append(f"{places[0].type} {event_id}: " + ", ".join(
+            f"{r.topic}/{r.partition}@{r.offset}" for r in places))
     check.unknown = [i for i in counts if i not in held]
     return check
 
@@ -530,6 +536,7 @@ class Accounting:
             "kafka_missing": self.kafka.missing_count,
             "kafka_duplicate_ids": self.kafka.duplicate_ids,
             "kafka_duplicates_by_service": dict(self.kafka.duplicates_by_service),
+            "kafka_duplicate_places": self.kafka.duplicate_places,
             "kafka_unknown_ids": len(self.kafka.unknown),
             "ledger_entries": self.ledger.entries, "ledger_missing": len(self.ledger.missing),
             "ledger_repeated": len(self.ledger.repeated),

@@ -61,6 +61,13 @@ async def status_of(store: EventStore) -> object:
     return jsonable_encoder(domain.status(protocol.safety, state, protocol.enrollment_cap))
 
 
+async def consumed_all(consumer: ConsumerRunner | None, keys: list[str]) -> bool:
+    """Whether the consumer has handled every record its topics hold about each of `keys`."""
+    assert consumer is not None
+    return all([await consumer.caught_up(topic, key, 1.0)
+                for topic in consumer.topics for key in keys])
+
+
 async def replay(settings: Settings, url: str, expected: int) -> ConsumerRunner:
     store = EventStore(url)
     runner = ConsumerRunner(store, settings, [SAFETY], handlers(default_protocol()),
@@ -97,6 +104,10 @@ async def test_replaying_trial_safety_into_a_fresh_database_fires_no_rule_twice(
                 return dosed == [3, 2, 2]
 
             await eventually(all_dosed, timeout=120, what="facts to arrive by Kafka")
+            # ...every one of them: the enrolments come on another topic than the doses, and
+            # may still be on their way when the doses are counted
+            await eventually(lambda: consumed_all(safety.runtime.consumer, patients),
+                             timeout=120, what="the enrolment facts to arrive")
             r = await site.post(f"/v1/patients/{high[0]}/adverse-events",
                                 json=ae_body(grade=4, relatedness="definite"))
             assert {"R2-related-grade4", "R6-bayes-toxicity"} <= set(r.json()["triggered_rules"])
@@ -130,6 +141,10 @@ async def test_replaying_trial_safety_into_a_fresh_database_fires_no_rule_twice(
         await eventually(published, timeout=120, what="the relay to publish everything")
         consumer = safety.runtime.consumer
         assert consumer is not None
+        subjects = {e.payload().subject() for e in await store.read_all(limit=100_000)}
+        await eventually(lambda: consumed_all(consumer, sorted(subjects | set(patients))),
+                         timeout=120, what="the service to read every record about them")
+        await eventually(published, timeout=120, what="the relay to publish everything")
         original = await safety_events(store)
         # its own events came back through trial.safety and changed nothing
         await eventually(lambda: consumer.duplicates + consumer.handled >= len(original),
