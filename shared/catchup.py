@@ -20,9 +20,9 @@ CATCH_UP_S = 2.0
 # runs after the commit), so what the broker holds at the first look can lack it.
 PUBLISH_GRACE_S = 0.3
 MIN_CATCH_UP_S = 0.5  # the least a look that ran long still gives the consumer
-# How long after the group gave this service its partitions again (a broker restart, a
-# rebalance) a patient not found is 503 `not_caught_up`, not 404: the service that made the
-# patient may still be publishing what it wrote while the broker was away (issue 15).
+# How long after this service met the broker away or its group moved (a broker restart, a
+# rebalance: `settling`) a patient not found is 503 `not_caught_up`, not 404: the service that
+# made the patient may still be publishing what it wrote meanwhile (issue 15).
 SETTLING_S = 15.0
 UNKNOWN = frozenset({"patient_not_found"})
 
@@ -47,7 +47,7 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
                     or not rt.settings.consumers_enabled):  # nothing consumed: nothing to wait for
                 raise
             if caught_up_at is not None and time.monotonic() - caught_up_at >= PUBLISH_GRACE_S:
-                if not consumer.settling(SETTLING_S):
+                if not settling(rt):
                     raise  # caught up, and nothing about the patient arrived since: unknown
                 if time.monotonic() - started >= CATCH_UP_S:  # the broker was away just now
                     raise _not_caught_up() from refused
@@ -60,6 +60,15 @@ async def unless_lagging(rt: Runtime, topic: str, patient_id: str,
                 caught_up_at = time.monotonic()
             else:
                 await asyncio.sleep(0.05)  # a publish may still be on its way: look again
+
+
+def settling(rt: Runtime) -> bool:
+    """Whether this service met the broker away, or its group moved, less than SETTLING_S ago
+    (its consumer could not reach it, was handed its partitions again, or its relay failed)."""
+    consumer, relay = rt.consumer, rt.relay
+    failed_at = relay.failed_at if relay is not None else None
+    return ((consumer is not None and consumer.settling(SETTLING_S))
+            or (failed_at is not None and time.monotonic() - failed_at < SETTLING_S))
 
 
 async def having_read(rt: Runtime, topic: str, patient_id: str) -> None:

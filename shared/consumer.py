@@ -151,6 +151,9 @@ class ConsumerRunner:
         # settled, "unknown" is not said (`shared.catchup`): the other services' relays may
         # still be publishing what they wrote while it lasted (issue 15).
         self.reassigned_at: float | None = None
+        # When it last could not reach the broker: a session that failed, a catch-up look
+        # that could not ask (a restarted Kafka may keep the group, with no rebalance).
+        self.trouble_at: float | None = None
         self._assignments = 0
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
                                                    for h in self.handlers.values())
@@ -191,6 +194,8 @@ class ConsumerRunner:
             request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 40_000),
         )
         try:
+            if self._assignments:  # a session again, after one that failed
+                self.trouble_at = time.monotonic()
             await consumer.start()
             consumer.subscribe([physical(self.settings, topic) for topic in self.topics],
                                listener=_Assignments(self))
@@ -226,8 +231,10 @@ class ConsumerRunner:
             self.reassigned_at = time.monotonic()
 
     def settling(self, window_s: float) -> bool:
-        """Whether the group gave this process its partitions again less than `window_s` ago."""
-        return self.reassigned_at is not None and time.monotonic() - self.reassigned_at < window_s
+        """Whether, less than `window_s` ago, the group gave this process its partitions again
+        or it could not reach the broker."""
+        last = max(self.reassigned_at or -window_s, self.trouble_at or -window_s)
+        return time.monotonic() - last < window_s
 
     async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
         """Whether this service's group has handled every record of `key`'s partition of
@@ -264,6 +271,7 @@ class ConsumerRunner:
                     if end == 0 or (committed is not None and committed >= end):
                         return True
             except Exception as exc:  # the group or the broker in flux: try again until the end
+                self.trouble_at = time.monotonic()
                 log.debug("consumer %s: catching up on %s unknown: %r", self.group_id, topic, exc)
             left = deadline - time.monotonic()
             if left <= 0:

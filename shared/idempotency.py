@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -54,6 +55,8 @@ idempotency_keys = sa.Table(
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
     # Set in the transaction that commits the first request's events: never released after that.
     sa.Column("written_at", sa.DateTime(timezone=True), nullable=True),
+    # The process running the first request (`Runtime.instance_id`, D57); None: an older row.
+    sa.Column("owner", sa.String(64), nullable=True),
 )
 
 
@@ -80,7 +83,7 @@ class StoredAnswer:
     headers: list[list[str]]
     body: bytes
     written: bool = False  # the first request's events committed
-    abandoned: bool = False  # no answer, and the lease has run out: its process died
+    abandoned: bool = False  # no answer, and its process died (D57) or the lease has run out
 
 
 class IdempotencyRecords:
@@ -88,9 +91,13 @@ class IdempotencyRecords:
     own; the table's primary key settles a race: of two concurrent duplicates, one inserts the
     key and the other's insert fails, so it reads the first one's row instead (D18)."""
 
-    def __init__(self, store: EventStore, lease: timedelta = timedelta(minutes=5)) -> None:
+    def __init__(self, store: EventStore, lease: timedelta = timedelta(minutes=5),
+                 owner: str | None = None,
+                 alive: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.store = store
         self.lease = lease
+        self.owner = owner  # this process, written on the keys it claims
+        self.alive = alive  # whether the process that claimed a key still runs (D57)
         self.claimed_at: datetime | None = None  # this request's claim (`give_up` is of it only)
 
     async def claim(self, principal: str, key: str, digest: str) -> StoredAnswer | None:
@@ -113,23 +120,32 @@ class IdempotencyRecords:
             if row is None:
                 self.claimed_at = utcnow()
                 await conn.execute(t.insert().values(
-                    principal=principal, key=key, request_hash=digest, created_at=self.claimed_at))
+                    principal=principal, key=key, request_hash=digest, created_at=self.claimed_at,
+                    owner=self.owner))
                 return None
-            if (row.status is None and row.written_at is None and row.request_hash == digest
-                    and as_utc(row.created_at) < utcnow() - self.lease):
+            died = row.status is None and (as_utc(row.created_at) < utcnow() - self.lease
+                                           or await self._owner_died(row.owner))
+            if row.status is None and row.written_at is None and row.request_hash == digest \
+                    and died:
                 # The first attempt wrote nothing and never answered: its process died. Running
                 # the request again cannot repeat a write, so this retry takes the key over,
                 # unless another retry took it over first (then the row has moved on).
                 self.claimed_at = utcnow()
                 taken = await conn.execute(t.update().where(
                     where, t.c.created_at == row.created_at, t.c.written_at.is_(None),
-                    t.c.status.is_(None)).values(created_at=self.claimed_at))
+                    t.c.status.is_(None)).values(created_at=self.claimed_at, owner=self.owner))
                 if taken.rowcount != 1:
                     raise _LostRace
                 return None
         return StoredAnswer(row.request_hash, row.status, list(row.headers or []),
-                            bytes(row.body or b""), row.written_at is not None,
-                            row.status is None and as_utc(row.created_at) < utcnow() - self.lease)
+                            bytes(row.body or b""), row.written_at is not None, died)
+
+    async def _owner_died(self, owner: str | None) -> bool:
+        """Whether the process that claimed a key is gone (killed, crashed: its instance lock
+        went with it), so the key need not wait out its lease. An older row names no owner."""
+        if owner is None or owner == self.owner or self.alive is None:
+            return False
+        return not await self.alive(owner)
 
     def mark_written(self, principal: str, key: str) -> BeforeCommit:
         """Run inside the transaction that commits the request's events (`before_commit`)."""
@@ -194,8 +210,9 @@ class IdempotencyMiddleware:
     kept (a refusal is an answer too); a 5xx releases the key so that a retry can run, unless the
     request wrote (the transaction that commits its events also marks the key written): then the
     key's answer is 409 `idempotency_key_outcome_unknown`, never a second run. A key left without
-    an answer by a process that died is settled once its lease (`TRIAL_IDEMPOTENCY_LEASE_S`) has
-    run out: outcome unknown if it wrote, run again if it did not; before that, in progress (D25).
+    an answer by a process that died is settled as soon as a retry finds that process gone (its
+    instance lock went with it, D57), else once its lease (`TRIAL_IDEMPOTENCY_LEASE_S`) has run
+    out: outcome unknown if it wrote, run again if it did not; before that, in progress (D25).
     Requests without a valid token pass through untouched, and the endpoint answers 401.
     """
 
@@ -224,7 +241,8 @@ class IdempotencyMiddleware:
             return  # nobody to answer, and a cut-off request must not use up its key
         digest = request_hash("POST", scope["path"], scope.get("query_string", b""), body)
         records = IdempotencyRecords(runtime.store,
-                                     timedelta(seconds=runtime.settings.idempotency_lease_s))
+                                     timedelta(seconds=runtime.settings.idempotency_lease_s),
+                                     owner=runtime.instance_id, alive=runtime.instance_alive)
         try:
             stored = await records.claim(who.sub, key, digest)
         except UNAVAILABLE_ERRORS as exc:
@@ -279,8 +297,8 @@ class IdempotencyMiddleware:
             if answer["status"] >= 500:
                 await _quietly_give_up(records, principal, key)
             else:
-                await records.complete(principal, key, answer["status"], answer["headers"],
-                                       b"".join(answer["body"]))
+                await _quietly_complete(records, principal, key, answer["status"],
+                                        answer["headers"], b"".join(answer["body"]))
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -315,12 +333,27 @@ class IdempotencyMiddleware:
 
 
 async def _quietly_give_up(records: IdempotencyRecords, principal: str, key: str) -> None:
+    await _settle_or_later(lambda: records.give_up(principal, key), records, "give up")
+
+
+async def _quietly_complete(records: IdempotencyRecords, principal: str, key: str, status: int,
+                            headers: list[list[str]], body: bytes) -> None:
+    """Keep the answer; if the database went away since the request's own commit (the answer
+    waits for the broker, D56), the answer still goes out (it is true: the request's writes are
+    committed) and is kept when the database is back. Meanwhile a retry finds the key written
+    and in progress, never a second run."""
+    await _settle_or_later(lambda: records.complete(principal, key, status, headers, body),
+                           records, "keep the answer of")
+
+
+async def _settle_or_later(settle: Callable[[], Awaitable[None]], records: IdempotencyRecords,
+                           what: str) -> None:
     try:
-        await records.give_up(principal, key)
-    except Exception as exc:  # the answer is already failing: settle the key when we can
-        log.warning("could not give up idempotency key (trying again in the background): %r",
-                    exc)
-        task = asyncio.create_task(_give_up_later(records, principal, key))
+        await settle()
+    except Exception as exc:  # settle the key when we can, in the background
+        log.warning("could not %s an idempotency key (trying again in the background): %r",
+                    what, exc)
+        task = asyncio.create_task(_settle_later(settle, records, what))
         _settling.add(task)
         task.add_done_callback(_settling.discard)
 
@@ -328,21 +361,22 @@ async def _quietly_give_up(records: IdempotencyRecords, principal: str, key: str
 _settling: set[asyncio.Task[None]] = set()  # keys being settled in the background (strong refs)
 
 
-async def _give_up_later(records: IdempotencyRecords, principal: str, key: str) -> None:
-    """Give the key up once the database answers again (it was down when the request failed),
-    so the caller's retry with the same key runs at once instead of meeting 409
-    `idempotency_key_in_progress` until the lease runs out (issue 15: retries with the same key
-    succeed after a database restart). Within the lease only: past it, `claim` settles the key
-    itself."""
+async def _settle_later(settle: Callable[[], Awaitable[None]], records: IdempotencyRecords,
+                        what: str) -> None:
+    """Settle the key once the database answers again (it was down when the request ended), so
+    the caller's retry with the same key gets its answer (or runs, for a key given up) at once
+    instead of meeting 409 `idempotency_key_in_progress` until the lease runs out (issue 15:
+    retries with the same key succeed after a database restart). Within the lease only: past
+    it, `claim` settles the key itself."""
     deadline = asyncio.get_running_loop().time() + records.lease.total_seconds()
     pause = 0.2
     while asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(pause)
         try:
-            await records.give_up(principal, key)
+            await settle()
             return
         except Exception as exc:
             if not database_unavailable(exc):
-                log.warning("could not give up idempotency key: %r", exc)
+                log.warning("could not %s an idempotency key: %r", what, exc)
                 return
         pause = min(pause * 2, 2.0)

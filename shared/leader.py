@@ -1,4 +1,5 @@
-"""One holder at a time, across every process on one store: which replica's relay publishes.
+"""One holder at a time, across every process on one store: which replica's relay publishes,
+and whether the process that claimed an idempotency key is still alive (D53, D57).
 
 Two replicas of a service share one database (issue 15); each runs a relay, and two relays
 reading the same events would publish each twice. A relay publishes only while it holds the
@@ -100,8 +101,9 @@ class Leadership:
         log.info("leadership %s taken", self.name)
         return True
 
-    async def release(self) -> None:
-        """Let the lock go (at stop, or when its connection failed); never raises."""
+    async def release(self, forget: bool = False) -> None:
+        """Let the lock go (at stop, or when its connection failed); never raises. `forget`:
+        also remove SQLite's lock file (a lock no process will take again, an instance's)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -111,6 +113,19 @@ class Leadership:
                 await conn.close()
         handle, self._file = self._file, None
         if handle is not None:
+            if forget:
+                with contextlib.suppress(OSError):
+                    os.unlink(handle.name)
             with contextlib.suppress(OSError):
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
+
+
+async def held_elsewhere(store: EventStore, name: str) -> bool:
+    """Whether another process holds the lock `name` now, that is, is alive: the lock goes
+    with its holder. A probe that gets the lock lets it go (and forgets it) at once."""
+    probe = Leadership(store, name)
+    if await probe.hold():
+        await probe.release(forget=True)
+        return False
+    return True

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -65,6 +66,7 @@ class Relay:
         self.published_position = 0
         self._moved = asyncio.Event()  # set (then replaced) whenever published_position moves
         self.healthy = True  # false while the last publish attempt failed
+        self.failed_at: float | None = None  # when a publish attempt last failed (monotonic)
         # Answers that waited for their events (D56): on the broker in time, or sent before.
         self.answers = {"published": 0, "before_published": 0}
         self._cluster: str | None = None  # the broker cluster's id, as last seen
@@ -81,7 +83,8 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
-                moved = await retry(self._publish_or_drop, what=f"relay {self.name}", stop=stop)
+                moved = await retry(self._publish_or_drop, what=f"relay {self.name}", stop=stop,
+                                    wake=self._committed_here)
                 if not moved:
                     await self._wait(stop)
         except Stopped:
@@ -95,8 +98,15 @@ class Relay:
             return await self.publish_pending()
         except Exception:  # the broker or the database failed: retry the same batch
             self.healthy = False
+            self.failed_at = time.monotonic()
             self._resumed = False  # what reached the broker is unknown: read its tail again
             raise
+
+    async def _committed_here(self) -> None:
+        """A commit by this process, after a floor of 0.2 s (retries never spin): the database
+        works again, and the request that made it waits for its events (D56)."""
+        await asyncio.sleep(0.2)
+        await self.store.wait_for_commit(3600)
 
     async def _wait(self, stop: asyncio.Event) -> None:
         waiter = asyncio.ensure_future(

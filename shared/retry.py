@@ -4,7 +4,6 @@ with jitter (tenacity), interruptible by the loop's stop event."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -38,13 +37,22 @@ class _StopWhenSet(stop_base):
         return self.event.is_set()
 
 
-def _sleeper(stop: asyncio.Event | None) -> Callable[[float], Awaitable[None]]:
+def _sleeper(stop: asyncio.Event | None,
+             wake: Callable[[], Awaitable[object]] | None = None
+             ) -> Callable[[float], Awaitable[None]]:
     async def sleep(seconds: float) -> None:
-        if stop is None:
+        waits: list[asyncio.Future[object]] = (
+            [] if stop is None else [asyncio.ensure_future(stop.wait())])
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake()))
+        if not waits:
             await asyncio.sleep(seconds)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), seconds)
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
 
     return sleep
 
@@ -53,10 +61,12 @@ async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
                 stop: asyncio.Event | None = None,
                 retry_if: Callable[[BaseException], bool] = lambda _: True,
                 attempts: int | None = None, initial: float = 0.1,
-                maximum: float = 5.0) -> T:
+                maximum: float = 5.0, wake: Callable[[], Awaitable[object]] | None = None) -> T:
     """Run `operation` until it returns. A failure that `retry_if` accepts is retried after
     `initial`, then twice as long each time up to `maximum` seconds, each wait with up to
-    `initial` of jitter, so replicas that failed together do not retry in step.
+    `initial` of jitter, so replicas that failed together do not retry in step. `wake`, when
+    given, is awaited beside each wait: its return cuts the wait short (the relay: a commit
+    here says the database is back, and a write waits for its events, D56).
 
     Gives up with the last error after `attempts` (if given), or with `Stopped` once `stop` is
     set; any other error goes straight to the caller.
@@ -77,7 +87,7 @@ async def retry(operation: Callable[[], Awaitable[T]], *, what: str,
                 retry=retry_if_exception(lambda e: isinstance(e, Exception) and retry_if(e)),
                 stop=give_up,
                 wait=wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial),
-                sleep=_sleeper(stop), before_sleep=note, reraise=True):
+                sleep=_sleeper(stop, wake), before_sleep=note, reraise=True):
             with attempt:
                 return await operation()
     except Exception as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ from shared.consumer import ConsumerRunner, FailClosed, Handler
 from shared.errors import ConcurrencyError
 from shared.events import ProtocolVersionActivated
 from shared.kafka import broker_reachable, ensure_topics_forever
+from shared.leader import Leadership, held_elsewhere
 from shared.migrate import upgrade
 from shared.protocol import ProtocolConfig, load_protocol
 from shared.relay import Relay
@@ -70,9 +72,16 @@ class Runtime:
                          if spec.consumes else None)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        # This process, as the owner of the idempotency keys it claims: a lock held for its
+        # life, so another replica, or this service started again, can tell a request still
+        # running from one whose process died (D57).
+        self.instance_id = uuid.uuid4().hex
+        self._instance = Leadership(self.store, instance_lock(self.instance_id))
 
     async def start(self) -> None:
         await upgrade(self.settings.resolved_database_url())
+        if not await self._instance.hold():
+            raise RuntimeError(f"instance lock {self.instance_id} is held elsewhere")
         await activate_protocol(self.store, self.spec.name, self.protocol)
         if self.relay is not None and self.settings.relay_enabled:
             self._tasks.append(asyncio.create_task(self.relay.run(self._stop)))
@@ -93,7 +102,13 @@ class Runtime:
                 task.cancel()
             except Exception as exc:
                 log.warning("background task ended with %r", exc)
+        await self._instance.release(forget=True)
         await self.store.close()
+
+    async def instance_alive(self, instance_id: str) -> bool:
+        """Whether the process `instance_id` (an owner of idempotency keys) still runs."""
+        return instance_id == self.instance_id or await held_elsewhere(
+            self.store, instance_lock(instance_id))
 
     async def ready(self) -> dict[str, bool]:
         """What `/readyz` decides on: the database (every write and read needs it) and, where
@@ -121,6 +136,10 @@ class Runtime:
         if self.consumer is not None:
             detail["consumer"] = {"reading": self.consumer.reading.is_set()}
         return detail
+
+
+def instance_lock(instance_id: str) -> str:
+    return f"instance-{instance_id}"
 
 
 Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]

@@ -7,20 +7,24 @@ A fault test is then: start (`fault_env`, `system_of_its_own`), load (`LoadDrive
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
 from bench.system import UNLIMITED, protocol_with_cap
 from shared.protocol import ProtocolConfig, load_protocol
 from shared.store import EventStore
+from tests.conftest import REAL
 from tests.e2e.conftest import token
 from tests.faults.accounting import Accounting, Quiet, account, wait_quiet
 from tests.faults.driver import LoadDriver, _problem_code
 from tooling.launcher import System
+
+K = TypeVar("K", bound="Kill")
 
 # A key whose request never answered (its process was killed) is "in progress" until its lease
 # runs out (D25); the default, 300 s, would outlast a site's retries. 20 s is still twice the
@@ -34,7 +38,9 @@ def fault_env(folder: Path) -> tuple[ProtocolConfig, dict[str, str]]:
     protocol_dir = protocol_with_cap(folder / "protocol", 100_000)
     return load_protocol(protocol_dir), {
         "TRIAL_PROTOCOL_DIR": str(protocol_dir), **UNLIMITED,
-        "TRIAL_IDEMPOTENCY_LEASE_S": str(IDEMPOTENCY_LEASE_S)}
+        "TRIAL_IDEMPOTENCY_LEASE_S": str(IDEMPOTENCY_LEASE_S),
+        # Kafka's least (group.min.session.timeout.ms): a dead member's partitions move sooner
+        **({"TRIAL_KAFKA_SESSION_TIMEOUT_MS": "6000"} if REAL else {})}
 
 
 @dataclass
@@ -136,3 +142,41 @@ def unhandled_errors(system: System) -> dict[str, list[str]]:
         if lines:
             found[log.stem] = lines
     return found
+
+
+async def ready(client: httpx.AsyncClient, system: System, service: str) -> bool:
+    """Whether `service` of `system` answers its /readyz 200 now."""
+    try:
+        return (await client.get(f"{system.url(service)}/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Kill(Protocol):
+    killed_at: float  # monotonic
+    killed_wall: datetime
+
+
+@dataclass(frozen=True)
+class Window:
+    """What happened between one kill and the next: writes acknowledged, those of them lost,
+    and the duplicated effects recorded in the same span of wall-clock time."""
+
+    acknowledged: int
+    lost: int
+    duplicated: int
+
+
+def windows(kills: Sequence[K], driver: LoadDriver, result: Accounting,
+            ended_at: float) -> Iterator[tuple[K, Window]]:
+    """Each kill with what happened from it to the next kill (the last: to `ended_at`)."""
+    for i, kill in enumerate(kills):
+        after = kills[i + 1] if i + 1 < len(kills) else None
+        until = after.killed_at if after is not None else ended_at
+        until_wall = after.killed_wall if after is not None else None
+        yield kill, Window(
+            sum(kill.killed_at <= a.acked_at < until for a in driver.acks),
+            sum(kill.killed_at <= x.acked_at < until for x in result.lost),
+            sum(d.last_recorded_at >= kill.killed_wall
+                and (until_wall is None or d.last_recorded_at < until_wall)
+                for d in result.duplicated))

@@ -42,7 +42,7 @@ from tests.faults.accounting import Accounting, cluster_id, open_stores
 from tests.faults.driver import LoadDriver
 from tests.faults.moments import BrokerTail, Moment, requests_in_flight
 from tests.faults.report import Row, publish
-from tests.faults.scenario import failures, fault_env, settle
+from tests.faults.scenario import failures, fault_env, ready, settle, windows
 from tests.support import eventually
 from tooling.launcher import System
 
@@ -69,13 +69,6 @@ class Recovery:
     restarted_at: float
     ready_at: float
     first_write_at: float | None
-
-
-async def ready(client: httpx.AsyncClient, system: System, service: str) -> bool:
-    try:
-        return (await client.get(f"{system.url(service)}/readyz")).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def kill_at_moment(system: System, service: str, driver: LoadDriver,
@@ -138,15 +131,9 @@ def rows_of(recoveries: list[Recovery], driver: LoadDriver, result: Accounting,
             ended_at: float) -> list[Row]:
     """One row per kill, over the writes acknowledged from it to the next kill, and a total."""
     rows = []
-    for i, r in enumerate(recoveries):
-        until = recoveries[i + 1].killed_at if i + 1 < len(recoveries) else ended_at
-        until_wall = recoveries[i + 1].killed_wall if i + 1 < len(recoveries) else None
-        acks = [a for a in driver.acks if r.killed_at <= a.acked_at < until]
-        lost = [x for x in result.lost if r.killed_at <= x.acked_at < until]
-        duplicated = [d for d in result.duplicated if d.last_recorded_at >= r.killed_wall
-                      and (until_wall is None or d.last_recorded_at < until_wall)]
+    for r, w in windows(recoveries, driver, result, ended_at):
         rows.append(Row(
-            "kill -9", r.service, len(acks), len(lost), len(duplicated),
+            "kill -9", r.service, w.acknowledged, w.lost, w.duplicated,
             result.kafka.duplicates_by_service.get(r.service, 0),
             round(r.ready_at - r.killed_at, 2),
             None if r.first_write_at is None else round(r.first_write_at - r.killed_at, 2),
