@@ -487,6 +487,14 @@ def stop_tansu(port: int = 9092, state_dir: Path | None = None, timeout: float =
         return _stop_pid_file(pid_file, _tansu_marker(port), timeout)
 
 
+def tansu_running(port: int = 9092, state_dir: Path | None = None) -> bool:
+    """Whether the Tansu broker started on ``port`` is still alive (its process, not its port)."""
+    sd = _state_dir("tansu", port, state_dir)
+    pid_file, _ = _tansu_paths(sd, port)
+    with _locked(sd / f"tansu-{port}.lock"):
+        return _managed_pid(pid_file, _tansu_marker(port)) is not None
+
+
 def tansu_status(port: int = 9092, state_dir: Path | None = None) -> str | None:
     """Bootstrap address if a healthy broker answers on ``port``, else None."""
     _state_dir("tansu", port, state_dir)

@@ -152,7 +152,8 @@ class ConsumerRunner:
         # still be publishing what they wrote while it lasted (issue 15).
         self.reassigned_at: float | None = None
         # When it last could not reach the broker: a session that failed, a catch-up look
-        # that could not ask (a restarted Kafka may keep the group, with no rebalance).
+        # that could not ask, the group's coordinator lost (a restarted Kafka may keep the
+        # group, with no rebalance).
         self.trouble_at: float | None = None
         self._assignments = 0
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
@@ -208,6 +209,10 @@ class ConsumerRunner:
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
+            if getattr(consumer._coordinator, "coordinator_id", 0) is None:
+                # The group's coordinator is lost (the broker away): aiokafka reconnects on its
+                # own and raises nothing, and a restarted Kafka may keep the group (issue 15).
+                self.trouble_at = time.monotonic()
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
             for tp, records in batches.items():

@@ -98,7 +98,9 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
         stop_signals = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         system.supervise(lambda wait: signal.sigtimedwait(stop_signals, wait) is not None,
-                         say=lambda line: typer.echo(line))
+                         say=lambda line: typer.echo(line),
+                         broker=(lambda: infra.tansu_running(kafka_port),
+                                 lambda: infra.start_tansu(kafka_port, owned=True)))
     finally:
         system.stop()
         infra.stop_tansu(kafka_port)

@@ -56,14 +56,33 @@ class System:
             preexec_fn=die_with_parent())  # prctl only: nothing in the child that locks
 
     def supervise(self, stopping: Callable[[float], bool],
-                  say: Callable[[str], None] = print) -> None:
+                  say: Callable[[str], None] = print,
+                  broker: tuple[Callable[[], bool], Callable[[], object]] | None = None) -> None:
         """Until `stopping(wait)` says so (it waits up to `wait` seconds for a stop): restart any
         service that exits, after a pause that doubles with each exit in a row (1 s up to 30 s;
-        back to 1 s once it has run for a minute), and say so."""
+        back to 1 s once it has run for a minute), and say so.
+
+        `broker`: (alive, start) of an embedded broker, which keeps nothing. When it dies, it is
+        started again and every service with it: fresh clients meet the fresh broker, each
+        relay publishes its history to it (D45) and the consumers drop what they have seen. A
+        broker restarted under clients connected before it misplaces and loses records (issue
+        15, docs/faults.md defect 1)."""
         pause: dict[str, float] = {}
         due: dict[str, float] = {}  # service -> when to start it again
         started = {service: time.monotonic() for service in self.processes}
         while not stopping(0.5):
+            if broker is not None and not broker[0]():
+                say("the embedded broker exited: starting it again, and every service with it "
+                    "(each relay publishes its history to the new broker)")
+                services = tuple(self.processes)
+                self.stop()
+                broker[1]()
+                self.start(services)
+                self.wait_ready()
+                say("restarted with a new broker")
+                due.clear()
+                started = {service: time.monotonic() for service in self.processes}
+                continue
             now = time.monotonic()
             for service, proc in list(self.processes.items()):
                 if service in due:

@@ -20,7 +20,8 @@ from deploy import infra
 from shared.events import ENROLLMENT, CloudEvent
 from shared.settings import SERVICES
 from tests.e2e.conftest import SECRET, screening, token
-from tests.support import read_topic
+from tests.e2e.test_dosing_patients import randomized_patient
+from tests.support import eventually, read_topic
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,3 +187,46 @@ def _listener_pid(port: int) -> int:
             if os.readlink(fd) == f"socket:[{inode}]":
                 return int(fd.parts[2])
     raise AssertionError(f"no process holds port {port}'s socket")
+
+
+async def test_run_restarts_everything_with_a_new_broker_when_its_broker_dies(
+        tmp_path: Path) -> None:
+    """Issue 15, docs/faults.md defect 1: the embedded broker keeps nothing, and restarted under
+    clients connected before it, it misplaces and loses records. When it dies under `trial run`,
+    the launcher starts a new one and every service with it: the new broker gets the whole
+    history again, and the consumers act on what comes after (a new patient's dosing schedule),
+    having dropped what they had seen."""
+    gateway, kafka = infra.free_port(), infra.free_port()
+    ports = {f"TRIAL_{s.upper()}_PORT": infra.free_port() for s in SERVICES}
+    env = {**os.environ, "TRIAL_GATEWAY_PORT": str(gateway), "TRIAL_RUN_KAFKA_PORT": str(kafka),
+           "TRIAL_DATA_DIR": str(tmp_path / "data"), "TRIAL_JWT_SECRET": SECRET,
+           **{k: str(v) for k, v in ports.items()}}
+    bootstrap = f"127.0.0.1:{kafka}"
+    proc, _ = _start_run(tmp_path, env)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway}", timeout=30,
+                                     headers={"Authorization": f"Bearer {token('site_coordinator', 'S1')}"}
+                                     ) as site:
+            before, _ = await randomized_patient(site)
+            await read_topic(bootstrap, ENROLLMENT, until=lambda rs: _has(rs, before))
+            broker = _listener_pid(kafka)
+            os.kill(broker, signal.SIGKILL)
+            said = await asyncio.to_thread(
+                _read_until, proc, lambda line: line.startswith("restarted with a new broker"),
+                180)
+            assert any(line.startswith("the embedded broker exited") for line in said), said
+            assert _listener_pid(kafka) != broker
+            # the new broker holds the history again, published by the restarted relays
+            await read_topic(bootstrap, ENROLLMENT, until=lambda rs: _has(rs, before),
+                             timeout=60)
+            after, _ = await randomized_patient(site)  # acknowledged: on the new broker (D56)
+
+            async def scheduled() -> bool:
+                r = await site.get(f"/v1/patients/{after}/schedule")
+                return r.status_code == 200
+
+            await eventually(scheduled, timeout=60, what="dosing to act on the new patient")
+            assert (await site.get(f"/v1/patients/{before}/schedule")).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(60)
