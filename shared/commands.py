@@ -3,6 +3,7 @@ store transaction that commits only if nothing it read has moved, run again when
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -57,10 +58,21 @@ class Snapshot(Generic[S]):
         self.decider, self.stream = decider, stream
         self._kept: weakref.WeakKeyDictionary[EventStore, tuple[int, S]] = (
             weakref.WeakKeyDictionary())
+        # The state a transaction has staged and not yet committed (D59), per store.
+        self._staged: weakref.WeakKeyDictionary[EventStore, tuple[int, S, Transaction]] = (
+            weakref.WeakKeyDictionary())
 
-    async def load(self, session: Session) -> S:
+    async def load(self, session: Session, staged: bool = False) -> S:
+        """The state at the stream's last version; with `staged`, at the version the last
+        `stage` left while its transaction commits: this session then commits only after that
+        one has (it fails, and runs again, if that one fails). Only a command holding the
+        stream's `exclusive(..., until="queued")` lock may read staged state."""
         store = session.tx.store
         version, state = self._kept.get(store, (0, self.decider.initial))
+        pending = self._staged.get(store) if staged else None
+        if pending is not None and pending[2].state != "failed" and pending[0] > version:
+            version, state, staging = pending
+            session.tx.requires.append(staging)
         newer = await session.tx.read_stream(self.stream, after_version=version)
         if newer:
             state = self.decider.fold((e.payload() for e in newer), state)
@@ -69,6 +81,21 @@ class Snapshot(Generic[S]):
                 self._kept[store] = (version, state)
         session.versions[self.stream] = version
         return state
+
+    def stage(self, session: Session, state: S) -> None:
+        """`state` is the stream's after this session's appends: the next `load(staged=True)`
+        starts from it while this session's transaction commits (D59). Kept once committed,
+        forgotten if it fails."""
+        store, tx, version = session.tx.store, session.tx, session.versions[self.stream]
+        self._staged[store] = (version, state, tx)
+
+        def settled(outcome: asyncio.Future[bool]) -> None:
+            if outcome.result() and version > self._kept.get(store, (0, state))[0]:
+                self._kept[store] = (version, state)
+            if (entry := self._staged.get(store)) is not None and entry[2] is tx:
+                del self._staged[store]
+
+        tx.settled.add_done_callback(settled)
 
 
 def _new(event: Decided, meta: Metadata) -> NewEvent:

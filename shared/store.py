@@ -324,6 +324,15 @@ def _conflict(tx: Transaction, versions: dict[str, int], head: int) -> Concurren
     return None
 
 
+def _unmet(tx: Transaction, passed: set[int]) -> ConcurrencyError | None:
+    """A conflict when a transaction whose staged state `tx` read (D59) has not committed before
+    it: neither in an earlier group commit nor earlier in this one."""
+    for required in tx.requires:
+        if required.state != "committed" and id(required) not in passed:
+            return ConcurrencyError("*", None, -1)
+    return None
+
+
 def _disconnected(exc: BaseException) -> bool:
     """The database (or the way to it) failed, not the write: SQLAlchemy's connection errors,
     and asyncpg's own, which the raw `executemany` and COPY raise unwrapped."""
@@ -408,6 +417,13 @@ class Transaction:
         self._marked: dict[tuple[str, str], bool] = {}  # (consumer, event id): marked processed
         self._staged_ids: set[str] = set()  # the event ids of `appends`
         self._staged_marks: set[tuple[str, str]] = set()  # (consumer, event id) of `processed`
+        # Pipelining (D59): transactions whose staged state this one read instead of the
+        # database's; it commits only after each of them has, or fails with them.
+        self.requires: list[Transaction] = []
+        self.state = "open"  # then "committed" or "failed": the committer's word, or on leaving
+        self.settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._release_when_queued = False  # `exclusive(..., until="queued")`
+        self.queued = False  # handed to the group commit
 
     async def conn(self) -> AsyncConnection:
         """The connection this transaction reads on (opened at its first read: an append that
@@ -518,17 +534,37 @@ class Transaction:
         """Move the checkpoint forward at commit (never back, should two relays race)."""
         self.checkpoints[name] = max(position, self.checkpoints.get(name, 0))
 
-    async def exclusive(self, key: str) -> None:
+    async def exclusive(self, key: str, until: str = "committed") -> None:
         """Hold this process's lock named `key` until the transaction has committed or failed:
         commands on one hot aggregate (the allocation, safety's whole-store state) then queue in
         Python instead of losing the race at commit and running again. Replicas in other
-        processes still meet at the commit's checks."""
+        processes still meet at the commit's checks.
+
+        `until="queued"` lets the lock go once the transaction is queued for the group commit
+        (D59): the next holder decides on the state this one staged (`Snapshot.stage`), so
+        queued commands commit together instead of one commit each. It must then require this
+        transaction (`requires`), so that it fails if this one does."""
+        if until == "queued":
+            self._release_when_queued = True
         if key not in self._keys:
             self._keys.add(key)
             await self._exclusive.enter_async_context(self.store.keyed_lock(key))
 
     def writes(self) -> bool:
         return bool(self.appends or self.processed or self.checkpoints)
+
+    def settle(self, committed: bool) -> None:
+        """Its outcome, once: committed (what it staged is in the database) or failed."""
+        if self.state == "open":
+            self.state = "committed" if committed else "failed"
+            self.settled.set_result(committed)
+
+    async def requirements_met(self) -> bool:
+        """Whether every transaction whose staged state this one read has committed."""
+        for required in self.requires:
+            if not await asyncio.shield(required.settled):
+                return False
+        return True
 
 
 # Work that must commit together with whatever the current request appends, in the same
@@ -586,6 +622,7 @@ class EventStore:
         self._keyed: dict[str, asyncio.Lock] = {}
         self._committed = asyncio.Event()
         self.group_commits = 0  # database transactions the committer has run (D39)
+        self.in_flight = 0  # transactions handed to the committer, waiting for their outcome
 
     async def close(self) -> None:
         """Commit what is queued, stop the committer, close the connections."""
@@ -611,14 +648,26 @@ class EventStore:
         async with AsyncExitStack() as held:
             tx = Transaction(self, held)
             held.push_async_exit(tx._exclusive)
-            yield tx
-            await tx.close_reads()  # give the connection back before waiting for the commit
-            if tx.writes():
-                if tx.appends:
-                    tx.hooks = before_commit.get()
-                await self._commit(tx)
-                if tx.appended and (mark := written.get()) is not None:
-                    mark.position = max(mark.position, tx.appended[-1].position)
+            try:
+                try:
+                    yield tx
+                except Exception as exc:  # a refusal decided on staged state stands only if
+                    if not await tx.requirements_met():  # that state committed (D59)
+                        raise ConcurrencyError("*", None, -1) from exc
+                    raise
+                await tx.close_reads()  # give the connection back before waiting for the commit
+                if tx.writes():
+                    if tx.appends:
+                        tx.hooks = before_commit.get()
+                    await self._commit(tx)
+                    if tx.appended and (mark := written.get()) is not None:
+                        mark.position = max(mark.position, tx.appended[-1].position)
+                elif not await tx.requirements_met():  # read staged state, wrote nothing
+                    raise ConcurrencyError("*", None, -1)
+                tx.settle(True)
+            finally:
+                if not tx.queued:  # left before its commit (a queued one the committer settles)
+                    tx.settle(False)
 
     async def append(self, stream_id: str, new_events: Sequence[NewEvent],
                      expected_version: int | None) -> list[RecordedEvent]:
@@ -635,8 +684,15 @@ class EventStore:
         commits or fails as a whole even if its caller goes away (shielded)."""
         outcome: Outcome = asyncio.get_running_loop().create_future()
         self._queue.append((tx, outcome))
+        tx.queued = True
         self._wake_committer()
-        error = await asyncio.shield(outcome)
+        self.in_flight += 1
+        try:
+            if tx._release_when_queued:
+                await tx._exclusive.aclose()
+            error = await asyncio.shield(outcome)
+        finally:
+            self.in_flight -= 1
         if error is not None:
             raise error
 
@@ -670,16 +726,19 @@ class EventStore:
                 # raw asyncpg error from executemany or COPY gets SQLAlchemy's class for it).
                 error = exc if isinstance(exc, _DISCONNECTS) else sa.exc.OperationalError(
                     "group commit", None, exc)
-                for _, outcome in batch:
+                for tx, outcome in batch:
                     outcome.set_result(error)
+                    tx.settle(False)
             elif len(batch) == 1:
                 batch[0][1].set_result(_as_conflict(batch[0][0], exc))
+                batch[0][0].settle(False)
             else:  # one transaction's bad write must not fail the others: each alone now
                 for one in batch:
                     await self._commit_batch([one])
             return
         for tx, outcome in batch:
             outcome.set_result(failed.get(id(tx)))
+            tx.settle(id(tx) not in failed)
         self._committed.set()
 
     async def _write(self, batch: list[Transaction]) -> dict[int, ConcurrencyError]:
@@ -708,11 +767,13 @@ class EventStore:
                         versions[stream] = int(version)
             rows: list[dict[str, Any]] = []
             now = utcnow()
+            passed: set[int] = set()
             for tx in batch:
-                conflict = _conflict(tx, versions, head)
+                conflict = _unmet(tx, passed) or _conflict(tx, versions, head)
                 if conflict is not None:
                     failed[id(tx)] = conflict
                     continue
+                passed.add(id(tx))
                 for staged in tx.appends:
                     version = versions.get(staged.stream_id, 0)
                     for new in staged.events:

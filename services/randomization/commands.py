@@ -104,18 +104,22 @@ async def randomize(store: EventStore, patient_id: str, who: Principal, protocol
     patients = domain.patients(protocol)
     # The allocation is read and appended at one version: a randomization that commits in
     # between makes this one run again. Randomizations in this process queue for the allocation
-    # rather than race for it; another replica's still meets this one at the commit.
+    # rather than race for it, and are pipelined (D59): the next decides on the allocation this
+    # one staged while this one commits, so queued randomizations share a group commit; each
+    # commits only if the one before it did. Another replica's still meets them at the commit.
     async with session(store) as s:
-        await s.tx.exclusive(ALLOCATION_STREAM)
+        await s.tx.exclusive(ALLOCATION_STREAM, until="queued")
         stream = patient_stream(patient_id)
         patient = visible_patient(await s.load(patients, stream), who, Action.ENROL)
         if patient.assignment is not None:
             return Randomized(patient.assignment, created=False)
-        command = domain.Randomize(await ALLOCATION.load(s), await _holds(s), secret, utcnow())
-        new = patients.decide(patient, command)
-        await s.append(ALLOCATION_STREAM,
-                       [e for e in new if isinstance(e, AllocationSlotUsed)], meta)
+        allocation = await ALLOCATION.load(s, staged=True)
+        new = patients.decide(patient, domain.Randomize(allocation, await _holds(s), secret,
+                                                        utcnow()))
+        slots = [e for e in new if isinstance(e, AllocationSlotUsed)]
+        await s.append(ALLOCATION_STREAM, slots, meta)
         await s.append(stream, [e for e in new if not isinstance(e, AllocationSlotUsed)], meta)
+        ALLOCATION.stage(s, domain.ALLOCATION.fold(slots, allocation))
     assigned = new[0]
     assert isinstance(assigned, ArmAssigned)
     return Randomized(assigned, created=True)

@@ -4,11 +4,15 @@ allocation, a refused randomization writes nothing, and safety holds are consume
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import date
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 
 from services.randomization import commands, domain
@@ -28,7 +32,7 @@ from shared.events import (
 from shared.kafka import ensure_topics
 from shared.protocol import default_protocol
 from shared.settings import Settings
-from shared.store import EventStore, Metadata, utcnow
+from shared.store import EventStore, Metadata, before_commit, utcnow
 from shared.web import REFUSAL_STATUS
 from tests.support import eventually
 
@@ -132,3 +136,111 @@ async def test_safety_holds_are_consumed_once_and_patient_holds_ignored(
     assert holds[0].metadata["correlation_id"] == "corr-1"
     assert runner.duplicates == 1 and runner.dead_lettered == 0
     assert domain.fold_holds([e.payload() for e in holds]).in_force("enrollment_paused") is None
+
+
+@contextlib.asynccontextmanager
+async def write_lock(database_url: str) -> AsyncIterator[None]:
+    """The store's commit lock, held by another connection (as another replica's commit would):
+    this process's commits wait for it."""
+    other = EventStore(database_url)
+    try:
+        async with other.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite
+            if not other.sqlite:
+                await conn.execute(sa.text("SELECT * FROM event_store_lock(CAST(:s AS text[]))"),
+                                   {"s": []})
+            yield
+    finally:
+        await other.close()
+
+
+async def test_queued_randomizations_decide_while_the_one_before_commits(
+        store: EventStore, database_url: str) -> None:
+    """D59: a randomization decides on the allocation the one before it staged, so those queued
+    in one process share a group commit instead of one commit each (and stay gapless)."""
+    patients = [await enrolled(store, 14.2 if n % 2 else 30.0) for n in range(10)]
+    before = store.group_commits
+    async with write_lock(database_url):
+        tasks = [asyncio.ensure_future(commands.randomize(store, p, COORDINATOR, PROTOCOL, SECRET,
+                                                        META)) for p in patients]
+        # Every one has decided and is waiting for the commit: none waited for another's.
+        await eventually(lambda: store.in_flight == len(patients), what="all ten queued")
+        assert store.group_commits == before
+    results = await asyncio.gather(*tasks)
+    assert store.group_commits - before <= 2  # the first alone (it had the lock), then the rest
+    assert sorted(r.assignment.randomization_number for r in results) == list(range(1, 11))
+    assert {r.assignment.patient_id for r in results} == set(patients)
+    allocation = await store.read_stream(commands.ALLOCATION_STREAM)
+    assert [e.data["randomization_number"] for e in allocation] == list(range(1, 11))
+    assert (await store.verify()).ok
+
+
+async def test_a_randomization_decided_on_a_failed_ones_allocation_runs_again(
+        store: EventStore, database_url: str) -> None:
+    """D59: when the randomization whose staged allocation the next one decided on fails, the
+    next one does not commit on that allocation: it runs again, and the numbers stay gapless."""
+    first, withdrawn, other = [await enrolled(store) for _ in range(3)]
+    await commands.randomize(store, first, COORDINATOR, PROTOCOL, SECRET, META)  # number 1
+    async with write_lock(database_url):
+        withdrawal = asyncio.ensure_future(
+            commands.withdraw(store, withdrawn, "moved away", COORDINATOR, PROTOCOL, META))
+        await eventually(lambda: store.in_flight == 1, what="the withdrawal queued")
+        # Read before the withdrawal commits, so it will fail; it stages number 2 first.
+        failing = asyncio.ensure_future(
+            commands.randomize(store, withdrawn, COORDINATOR, PROTOCOL, SECRET, META))
+        await eventually(lambda: store.in_flight == 2, what="the doomed randomization queued")
+        following = asyncio.ensure_future(
+            commands.randomize(store, other, COORDINATOR, PROTOCOL, SECRET, META))
+        await eventually(lambda: store.in_flight == 3, what="the next one queued")
+    await withdrawal
+    with pytest.raises(Refused) as refused:
+        await failing
+    assert refused.value.code == "withdrawn"
+    assert (await following).assignment.randomization_number == 2  # not 3: it ran again
+    allocation = await store.read_stream(commands.ALLOCATION_STREAM)
+    assert [e.data["randomization_number"] for e in allocation] == [1, 2]
+    assert [e.data["patient_id"] for e in allocation] == [first, other]
+    assert (await store.verify()).ok
+
+
+async def test_a_randomization_never_commits_on_the_allocation_of_one_that_failed(
+        store: EventStore, database_url: str) -> None:
+    """D59, the case the versions alone would miss: a replica's randomization fills the version
+    the failed one had staged, so the next one's read version matches; it must still run again,
+    or it would take a slot of the failed one's stratum (slot 2 of a sequence whose slot 1 went
+    to nobody)."""
+    replica = EventStore(database_url)
+    try:
+        doomed, follower = await enrolled(store, 30.0), await enrolled(store, 30.0)
+        elsewhere = await enrolled(store, 14.2)  # another stratum
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def hold(_: Any) -> None:  # the replica's commit, paused holding the store's lock
+            inside.set()
+            await release.wait()
+
+        async def replica_randomizes() -> commands.Randomized:
+            before_commit.set((hold,))
+            return await commands.randomize(replica, elsewhere, COORDINATOR, PROTOCOL, SECRET,
+                                            META)
+
+        first = asyncio.ensure_future(replica_randomizes())
+        await eventually(inside.is_set, what="the replica's commit under way")
+        failing = asyncio.ensure_future(  # reads the allocation empty: fails after the replica's
+            commands.randomize(store, doomed, COORDINATOR, PROTOCOL, SECRET, META))
+        await eventually(lambda: store.in_flight == 1, what="the doomed randomization queued")
+        following = asyncio.ensure_future(  # decides on the doomed one's staged allocation
+            commands.randomize(store, follower, COORDINATOR, PROTOCOL, SECRET, META))
+        await eventually(lambda: store.in_flight == 2, what="the next one queued")
+        release.set()
+        results = await asyncio.gather(first, failing, following)
+    finally:
+        await replica.close()
+    assert all(r.created for r in results)  # the doomed one ran again and succeeded too
+    allocation = await store.read_stream(commands.ALLOCATION_STREAM)
+    assert [e.data["randomization_number"] for e in allocation] == [1, 2, 3]
+    assert allocation[0].data["patient_id"] == elsewhere
+    slots: dict[str, list[int]] = {}
+    for event in allocation:
+        slots.setdefault(event.data["stratum"], []).append(event.data["stratum_slot"])
+    assert all(used == list(range(1, len(used) + 1)) for used in slots.values()), slots
+    assert (await store.verify()).ok
