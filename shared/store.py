@@ -255,10 +255,15 @@ class Reads:
         return _scan(self._conn, after, where, page)
 
 
-def _stream(stream_id: str, after_version: int) -> sa.Select[Any]:
-    return events.select().where(events.c.stream_id == stream_id,
-                                 events.c.stream_version > after_version).order_by(
-        events.c.stream_version)
+# Built once: a stream's read is the commonest statement, and building it per call (column
+# operators, coercions) cost about a tenth of a read route's CPU; only its parameters change.
+_STREAM = events.select().where(
+    events.c.stream_id == sa.bindparam("stream_id"),
+    events.c.stream_version > sa.bindparam("after_version")).order_by(events.c.stream_version)
+
+
+def _stream(stream_id: str, after_version: int) -> dict[str, Any]:
+    return {"stream_id": stream_id, "after_version": after_version}
 
 
 def _after(after: int, limit: int | None, where: EventFilter) -> sa.Select[Any]:
@@ -432,8 +437,9 @@ class Transaction:
             self._conn = await self._held.enter_async_context(self.store.read_engine.connect())
         return self._conn
 
-    async def _read(self, q: sa.Executable) -> sa.CursorResult[Any]:
-        return await (await self.conn()).execute(q)
+    async def _read(self, q: sa.Executable,
+                    params: dict[str, Any] | None = None) -> sa.CursorResult[Any]:
+        return await (await self.conn()).execute(q, params)
 
     async def close_reads(self) -> None:
         if self._conn is not None:
@@ -456,7 +462,8 @@ class Transaction:
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """The stream's events after `after_version` (a snapshot's, see `shared.commands`)."""
-        found = [_to_recorded(r) for r in await self._read(_stream(stream_id, after_version))]
+        found = [_to_recorded(r) for r in await self._read(_STREAM,
+                                                            _stream(stream_id, after_version))]
         self._saw(stream_id, found[-1].stream_version if found else after_version)
         return found
 
@@ -814,7 +821,8 @@ class EventStore:
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         async with self.read_engine.connect() as conn:
-            return [_to_recorded(r) for r in await conn.execute(_stream(stream_id, after_version))]
+            return [_to_recorded(r)
+                    for r in await conn.execute(_STREAM, _stream(stream_id, after_version))]
 
     async def read_all(self, after: int = 0, limit: int | None = 1000,
                        where: EventFilter = EVERYTHING) -> list[RecordedEvent]:

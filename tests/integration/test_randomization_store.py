@@ -19,9 +19,11 @@ from services.randomization import commands, domain
 from services.randomization.allocation import sequence
 from services.randomization.handlers import handlers
 from shared.auth import Principal
+from shared.commands import Session, Snapshot
 from shared.consumer import ConsumerRunner
 from shared.errors import Refused
 from shared.events import (
+    AllocationSlotUsed,
     CloudEvent,
     EnrollmentPaused,
     EventData,
@@ -32,7 +34,7 @@ from shared.events import (
 from shared.kafka import ensure_topics
 from shared.protocol import default_protocol
 from shared.settings import Settings
-from shared.store import EventStore, Metadata, before_commit, utcnow
+from shared.store import ConcurrencyError, EventStore, Metadata, NewEvent, before_commit, utcnow
 from shared.web import REFUSAL_STATUS
 from tests.support import eventually
 
@@ -244,3 +246,46 @@ async def test_a_randomization_never_commits_on_the_allocation_of_one_that_faile
         slots.setdefault(event.data["stratum"], []).append(event.data["stratum_slot"])
     assert all(used == list(range(1, len(used) + 1)) for used in slots.values()), slots
     assert (await store.verify()).ok
+
+
+def slot(number: int, stratum: str, patient: str) -> AllocationSlotUsed:
+    return AllocationSlotUsed(randomization_number=number, stratum=stratum, stratum_slot=1,
+                              patient_id=patient, site_id="S1", pasi_band="pasi_ge20",
+                              arm="mtx", method="permuted_blocks")
+
+
+async def test_a_fold_over_a_staged_allocation_is_never_kept(
+        store: EventStore, database_url: str) -> None:
+    """D59: a load that starts from another transaction's staged allocation and reads a
+    replica's newer events must not keep that fold as the process's snapshot: the staged slot
+    may never commit, and every later randomization would then decide on a slot that went to
+    nobody."""
+    snapshot = Snapshot(domain.ALLOCATION, commands.ALLOCATION_STREAM)
+    replica = EventStore(database_url)
+    try:
+        async with store.transaction() as first:  # stages a slot it will fail to commit
+            s = Session(first)
+            state = await snapshot.load(s, staged=True)
+            staged = slot(1, "A", "PT-STAGED")
+            await s.append(commands.ALLOCATION_STREAM, [staged], META)
+            snapshot.stage(s, domain.ALLOCATION.fold([staged], state))
+            for n in (1, 2):  # meanwhile a replica commits two slots of its own
+                await replica.append(commands.ALLOCATION_STREAM,
+                                     [NewEvent.of(slot(n, "B", f"PT-R{n}"), META)], n - 1)
+            with pytest.raises(ConcurrencyError):  # the next one reads the staged slot
+                async with store.transaction() as second:
+                    await snapshot.load(Session(second), staged=True)
+                    await second.append("other", [NewEvent.of(slot(3, "C", "PT-3"), META)],
+                                        None)
+            await first.close_reads()
+        raise AssertionError("the staged slot committed over the replica's")
+    except ConcurrencyError:
+        pass
+    finally:
+        await replica.close()
+    async with store.transaction() as third:
+        loaded = await snapshot.load(Session(third), staged=True)
+    recorded = await store.read_stream(commands.ALLOCATION_STREAM)
+    assert [e.data["patient_id"] for e in recorded] == ["PT-R1", "PT-R2"]
+    assert loaded == domain.ALLOCATION.fold([e.payload() for e in recorded])
+    assert loaded.assigned == 2
