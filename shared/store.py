@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import asyncpg
 import sqlalchemy as sa
@@ -262,7 +262,7 @@ _STREAM = events.select().where(
     events.c.stream_version > sa.bindparam("after_version")).order_by(events.c.stream_version)
 
 
-def _stream(stream_id: str, after_version: int) -> dict[str, Any]:
+def _stream_params(stream_id: str, after_version: int) -> dict[str, Any]:
     return {"stream_id": stream_id, "after_version": after_version}
 
 
@@ -463,7 +463,7 @@ class Transaction:
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """The stream's events after `after_version` (a snapshot's, see `shared.commands`)."""
         found = [_to_recorded(r) for r in await self._read(_STREAM,
-                                                            _stream(stream_id, after_version))]
+                                                            _stream_params(stream_id, after_version))]
         self._saw(stream_id, found[-1].stream_version if found else after_version)
         return found
 
@@ -541,7 +541,8 @@ class Transaction:
         """Move the checkpoint forward at commit (never back, should two relays race)."""
         self.checkpoints[name] = max(position, self.checkpoints.get(name, 0))
 
-    async def exclusive(self, key: str, until: str = "committed") -> None:
+    async def exclusive(self, key: str, until: Literal["committed", "queued"] = "committed"
+                        ) -> None:
         """Hold this process's lock named `key` until the transaction has committed or failed:
         commands on one hot aggregate (the allocation, safety's whole-store state) then queue in
         Python instead of losing the race at commit and running again. Replicas in other
@@ -822,7 +823,7 @@ class EventStore:
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         async with self.read_engine.connect() as conn:
             return [_to_recorded(r)
-                    for r in await conn.execute(_STREAM, _stream(stream_id, after_version))]
+                    for r in await conn.execute(_STREAM, _stream_params(stream_id, after_version))]
 
     async def read_all(self, after: int = 0, limit: int | None = 1000,
                        where: EventFilter = EVERYTHING) -> list[RecordedEvent]:
