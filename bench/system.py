@@ -122,6 +122,7 @@ def whole_system(backend: str = "embedded", cap: int | None = None,
                         ports={s: infra.free_port() for s in (*SERVICES, "gateway")},
                         log_dir=folder / "logs", env=extra)
         try:
+            system.migrate()  # as `trial run` does (D60)
             system.start()
             system.wait_ready()
             yield Running(system, folder, pid_file)

@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import IO, Any
 
-import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.optional import without
 from shared.settings import Settings
 from shared.web import current_request_id
+
+with without("rich"):  # structlog's pretty tracebacks: these logs print plain stacks (below)
+    import structlog
 
 REQUEST_LOGGER = "trial.request"
 CONSUMER_LOGGER = "trial.consumer"

@@ -82,6 +82,7 @@ def run(kafka_port: int = typer.Option(9092, envvar="TRIAL_RUN_KAFKA_PORT",
             embedded[sweep] = os.environ.get(sweep, "1")
     system = System(bootstrap=bootstrap, database_urls=urls, ports=settings.service_ports(),
                     log_dir=data_dir.parent / "logs", env=embedded)
+    system.migrate()
     system.start()
     try:
         system.wait_ready()

@@ -8,7 +8,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi_offline import FastAPIOffline
@@ -21,6 +20,7 @@ from services.gateway.routes import ROUTES, Route, match_route, route_for
 from shared.auth import JWTVerifier, Principal
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
+from shared.optional import without
 from shared.permissions import allowed
 from shared.settings import Settings, check_production
 from shared.tracing import configure_tracing, instrument_app, instrument_client
@@ -33,6 +33,9 @@ from shared.web import (
     install_problem_handlers,
     problem_response,
 )
+
+with without("click", "rich", "pygments"):  # httpx's command line, never run here (D60)
+    import httpx
 
 __all__ = ["ROUTES", "app", "create_gateway", "route_for"]
 log = logging.getLogger(__name__)
