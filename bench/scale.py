@@ -48,7 +48,7 @@ START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 OWN_IDS = ("infusion_id", "adverse_event_id", "follow_up_id", "lab_result_id", "assessment_id",
            "access_id")
 SOURCES = {ENROLLMENT: "randomization", DOSING: "dosing", SAFETY: "safety",
-           EFFICACY: "efficacy", ACCESS: "gateway"}
+           EFFICACY: "efficacy", ACCESS: "audit"}  # a record read: the service that served it
 
 
 def patient_id(n: int) -> str:

@@ -39,7 +39,7 @@ CONSUMER_LOGGER = "trial.consumer"
 # Requests an orchestrator or a scraper makes every few seconds: their lines are DEBUG.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 _HANDLER_NAME = "trial-structlog"
-_state: dict[str, Any] = {"service": None, "format": None, "level": None}
+_state: dict[str, Any] = {"service": None, "format": None, "level": None, "direct": None}
 
 # Keys a line never keeps, whoever adds them (an `extra=`, a bound value).
 _SECRET_KEYS = re.compile(r"authorization|token|secret|password|passwd|cookie|api[_-]?key|jwt",
@@ -163,6 +163,12 @@ def configure_logging(settings: Settings, stream: IO[str] | None = None) -> None
     handler = logging.StreamHandler(stream) if stream is not None else _StandardError()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(formatter)
+    # The same chain, for the lines written a request or a record at a time (_write): the
+    # formatter's processors less the two that handle a standard LogRecord, which has none.
+    chain = [p for p in (*_shared_processors(), *final)
+             if not isinstance(p, structlog.stdlib.ExtraAdder)
+             and p is not structlog.stdlib.ProcessorFormatter.remove_processors_meta]
+    _state["direct"] = (handler, chain)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:
         root.removeHandler(old)
@@ -210,7 +216,36 @@ def get_logger(name: str) -> Any:
     return structlog.stdlib.get_logger(name)
 
 
-_request_log = get_logger(REQUEST_LOGGER)
+_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+            logging.ERROR: "error"}
+
+
+def _write(logger: logging.Logger, level: int, event: str, fields: dict[str, Any]) -> None:
+    """One line of a request or a consumed record, through exactly the processors and the handler
+    `configure_logging` installed, without the standard library's LogRecord and structlog's
+    wrapping around it: 13 us a line instead of 34 (JSON; 28 instead of 50 on the console), paid
+    by every request and every record each service handles (D60). The caller has checked the
+    level. In a process that never configured logging, structlog's own path."""
+    direct = _state["direct"]
+    if direct is None:
+        structlog.stdlib.get_logger(logger.name).log(level, event, **fields)
+        return
+    handler, chain = direct
+    method = _METHODS.get(level, "critical")
+    line: Any = {**fields, "event": event}
+    for processor in chain:
+        line = processor(logger, method, line)
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except Exception:  # as logging's own handlers: a line that cannot be written stops nothing
+        sys.stderr.write(f"--- a log line could not be written: {event}\n")
+    finally:
+        handler.release()
+
+
+_request_log = logging.getLogger(REQUEST_LOGGER)
 
 
 def _principal(scope: Scope) -> dict[str, Any] | None:
@@ -261,14 +296,14 @@ class RequestLogMiddleware:
             level = (logging.DEBUG if path in PROBES else
                      logging.ERROR if status >= 500 else logging.INFO)
             if _request_log.isEnabledFor(level):
-                _request_log.log(level, "request", method=scope.get("method"),
-                                 route=self.route(scope), status=status,
-                                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
-                                 principal=_principal(scope), request_id=request_id)
+                _write(_request_log, level, "request", {
+                    "method": scope.get("method"), "route": self.route(scope), "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "principal": _principal(scope), "request_id": request_id})
             structlog.contextvars.reset_contextvars(**tokens)
 
 
-_consumer_log = get_logger(CONSUMER_LOGGER)
+_consumer_log = logging.getLogger(CONSUMER_LOGGER)
 
 
 def consumed(*, service: str, group: str, topic: str, partition: int, offset: int,
@@ -287,7 +322,7 @@ def consumed(*, service: str, group: str, topic: str, partition: int, offset: in
         fields["correlation_id"] = correlation_id
     if batch is not None:
         fields["batch"] = batch
-    _consumer_log.log(level, "record consumed", **fields)
+    _write(_consumer_log, level, "record consumed", fields)
 
 
 __all__ = ["RequestLogMiddleware", "configure_logging", "consumed", "get_logger", "log_format"]

@@ -147,3 +147,34 @@ def test_a_console_traceback_shows_the_stack_and_never_the_locals() -> None:
     text = stream.getvalue()
     assert "RuntimeError: boom" in text and "Traceback" in text
     assert "PATIENT-BIRTHDATE" not in text
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_a_consumed_line_is_what_structlogs_own_path_writes(fmt: str) -> None:
+    """The per-record line skips the standard library's LogRecord (D60): the same processors
+    must make the same line, token-like text blanked as everywhere."""
+    import re
+
+    import structlog
+
+    from shared import logs
+
+    stream = io.StringIO()
+    configure_logging(Settings(service_name="audit", log_format=fmt), stream=stream)
+    try:
+        fields = {"service": "audit", "group": "audit", "topic": "trial.dosing", "partition": 1,
+                  "offset": 42, "event_id": "e-1", "event_type": "InfusionGiven",
+                  "correlation_id": "Bearer abc.def", "outcome": "handled", "duration_ms": 1.5}
+        logs.consumed(**fields)  # type: ignore[arg-type]
+        own = {("type" if key == "event_type" else key): value for key, value in fields.items()}
+        structlog.stdlib.get_logger(logs.CONSUMER_LOGGER).info("record consumed", **own)
+    finally:
+        configure_logging(Settings(service_name="gateway", log_format="json"))
+    direct, through_stdlib = (re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z", "T", line)
+                              for line in stream.getvalue().splitlines())
+    assert "record consumed" in direct and "abc.def" not in direct
+    if fmt == "json":
+        assert json.loads(direct) == json.loads(through_stdlib)
+        assert json.loads(direct)["logger"] == logs.CONSUMER_LOGGER
+    else:
+        assert direct == through_stdlib
