@@ -158,9 +158,12 @@ class ConsumerRunner:
         self._assignments = 0
         self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
                                                    for h in self.handlers.values())
-        # The next offset of each partition this process has handled and committed, and an
+        # The next offset of each partition this process has handled (in the database), and an
         # event set (then replaced) whenever one moves: `caught_up` waits on it.
         self.committed_here: dict[TopicPartition, int] = {}
+        # Of those, what the group has not been told yet, and when it was last told (D61).
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._told_at = 0.0
         self._moved = asyncio.Event()
         # The last ask of the broker for each partition's committed offset (`_committed`).
         self._committed_asks: dict[
@@ -197,6 +200,7 @@ class ConsumerRunner:
         try:
             if self._assignments:  # a session again, after one that failed
                 self.trouble_at = time.monotonic()
+            self._uncommitted = {}  # a failed session's: read again and dropped as processed
             await consumer.start()
             consumer.subscribe([physical(self.settings, topic) for topic in self.topics],
                                listener=_Assignments(self))
@@ -224,10 +228,29 @@ class ConsumerRunner:
                 # Only now is every record of the batch in the database (or the DLQ).
                 self.failpoints.reach(BEFORE_OFFSET_COMMIT)
                 if self.commit_offsets:
-                    await consumer.commit({tp: records[-1].offset + 1})
-                    self.committed_here[tp] = records[-1].offset + 1
+                    self._uncommitted[tp] = self.committed_here[tp] = records[-1].offset + 1
                     self._moved.set()
                     self._moved = asyncio.Event()
+            if self._uncommitted and (not batches or time.monotonic() - self._told_at >= (
+                    self.settings.kafka_commit_interval_ms / 1000)):
+                await self.commit_handled(consumer)
+        with contextlib.suppress(Exception):  # stopping: the next start resumes from here
+            await self.commit_handled(consumer)
+
+    async def commit_handled(self, consumer: AIOKafkaConsumer) -> None:
+        """Tell the group the offsets handled since it was last told (D61): every interval while
+        records come, at once when a fetch finds none, when stopping, and before the group takes
+        partitions away (so their next reader starts where this one stopped). Not telling it
+        loses nothing: the records are read again, and their processed marks drop them."""
+        told, self._uncommitted = self._uncommitted, {}
+        self._told_at = time.monotonic()
+        if told:
+            try:
+                await consumer.commit(told)
+            except BaseException:
+                for tp, offset in told.items():  # still to tell, unless a later one came
+                    self._uncommitted.setdefault(tp, offset)
+                raise
 
     def assigned(self) -> None:
         """The group gave this process its partitions (again)."""
@@ -438,7 +461,13 @@ class _Assignments(ConsumerRebalanceListener):
         self.runner = runner
 
     async def on_partitions_revoked(self, revoked: object) -> None:
-        return None
+        consumer = self.runner._consumer
+        if consumer is not None and self.runner._uncommitted:
+            try:
+                await self.runner.commit_handled(consumer)
+            except Exception as exc:  # the group moved on: the next reader reads them again
+                log.warning("consumer %s: offsets not committed before a rebalance: %r",
+                            self.runner.group_id, exc)
 
     async def on_partitions_assigned(self, assigned: object) -> None:
         self.runner.assigned()

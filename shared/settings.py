@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     answer_after_publish_s: float = Field(2.0, ge=0)
     consumers_enabled: bool = True
     kafka_fetch_max_wait_ms: int = Field(50, ge=10, le=5000)
+    # How long a consumer may hold handled records' offsets before it commits them to the group
+    # (D61): one commit for every fetch cost a round trip and the broker's work per record. A
+    # crash re-reads at most this much, which the processed-event marks drop. 0: every fetch.
+    kafka_commit_interval_ms: int = Field(500, ge=0, le=60_000)
     # A consumer's session: the embedded broker makes a joining member wait half of it before it
     # gets its partitions, so `trial run` shortens it (2 s: reading within a second of start);
     # Kafka's brokers refuse less than their group.min.session.timeout.ms (6 s by default).

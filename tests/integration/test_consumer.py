@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from shared.consumer import ConsumerRunner, Delivery, Handler, batchable
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn, dlq_topic
@@ -251,3 +251,60 @@ def _event_id(record: ConsumerRecord) -> str | None:
         return CloudEvent.from_bytes(record.value or b"").id
     except ValueError:
         return None
+
+
+class CountingCommits(ConsumerRunner):
+    """Counts the offset commits it sends the group and the fetches it handled records from."""
+
+    commits = 0
+
+    async def commit_handled(self, consumer: AIOKafkaConsumer) -> None:
+        self.commits += bool(self._uncommitted)
+        await super().commit_handled(consumer)
+
+
+async def group_offset(settings: Settings, group: str, tp: TopicPartition) -> int | None:
+    reader = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=group,
+                              enable_auto_commit=False)
+    await reader.start()
+    try:
+        return await reader.committed(tp)
+    finally:
+        await reader.stop()
+
+
+async def test_offsets_are_told_the_group_once_an_interval_and_all_of_them_on_stop(
+        settings: Settings, store: EventStore) -> None:
+    """D61: records handled one fetch at a time share one offset commit within the interval;
+    stopping tells the group the rest, so a new reader in the group reads nothing again."""
+    topic = f"test.interval.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    slow = settings.model_copy(update={"kafka_commit_interval_ms": 600_000})
+    runner = CountingCommits(store, slow, [topic], {"PatientWithdrawn": count_down}, group_id=group)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(lambda: runner.reading.is_set(), what="partitions assigned")
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+        await producer.start()
+        sent: list[int] = []
+        try:
+            for n in range(20):  # one at a time, each waited for: mostly a fetch each
+                await producer.send_and_wait(topic, withdrawal(f"P-i{n}").to_bytes(), key=b"k")
+                sent.append(n)
+                await eventually(lambda: runner.handled >= len(sent), what=f"record {n} handled")
+        finally:
+            await producer.stop()
+    finally:
+        stop.set()
+        await task
+    (tp,) = runner.committed_here
+    assert runner.committed_here[tp] == 20
+    # Told when a fetch came back empty or on stop, never once a fetch: fewer than 20.
+    assert 1 <= runner.commits < 20, runner.commits
+    assert await group_offset(settings, group, tp) == 20
+    again = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": count_down},
+                           group_id=group)
+    await run_until(again, lambda: again.reading.is_set(), "the same group again")
+    assert (again.records_seen, again.handled) == (0, 0)
