@@ -26,7 +26,8 @@ through `EventStore`. Then:
 Then the audit ledger from Kafka (`--kafka-events`, 0 to skip): the lives as CloudEvents on their
 topics of a broker of its own (Tansu, or Apache Kafka with `--backend real`), filed into a fresh
 ledger by the audit service's consumer path (`shared.consumer.ConsumerRunner` with the audit
-handlers: `record`, one transaction a record), from its first fetch to the last record stored;
+handlers: `record`, a fetch a transaction, D40; a JSON log line a record, as the service
+writes it, D60), from its first fetch to the last record stored;
 peer: a bare aiokafka consumer reading the same records, from its start to the last record.
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import shutil
 import tempfile
@@ -66,6 +68,7 @@ from shared.consumer import ConsumerRunner
 from shared.decider import Identified
 from shared.events import LEDGER_TOPICS
 from shared.kafka import client_options, ensure_topics, make_producer, physical
+from shared.logs import configure_logging
 from shared.migrate import upgrade
 from shared.protocol import load_protocol
 from shared.settings import Settings
@@ -245,6 +248,9 @@ def ledger_from_kafka(backend: str, events: int) -> None:
                             database_url=url, kafka_session_timeout_ms=(
                                 EMBEDDED_SESSION_TIMEOUT_MS if backend != "real" else 10_000))
         total = asyncio.run(publish(settings, patients))
+        # Each record's line written as the service writes it (JSON, production's), to nowhere.
+        nowhere = open(os.devnull, "w")  # for the process's life
+        configure_logging(settings.model_copy(update={"log_format": "json"}), stream=nowhere)
         print(f"replay of the audit ledger from Kafka ({total:,} CloudEvents published):")
         show("bare aiokafka consumer", total, asyncio.run(bare_consumer(settings, total)))
         timing = asyncio.run(audit_consumer(url, settings, total))
