@@ -183,8 +183,13 @@ async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     aiokafka's public calls either answer from the client's cached metadata or fetch fresh
     metadata without keeping it, so a group-less reader of a topic the client has not heard of
     yet would see no partitions: refresh the client's own copy first (no public call does).
-    """
-    await consumer._client.force_metadata_update()
+
+    The refresh is bounded by the client's request timeout: aiokafka's metadata task can stay
+    unresolved for ever when the broker goes away during it (aio-libs/aiokafka#712), and a relay
+    resuming then hung without an error and never published again (TimeoutError: its caller
+    retries with a fresh client)."""
+    client = consumer._client
+    await asyncio.wait_for(client.force_metadata_update(), client._request_timeout_ms / 1000)
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
 
 
