@@ -85,9 +85,7 @@ class Relay:
             while not stop.is_set():
                 moved = await retry(self._publish_or_drop, what=f"relay {self.name}", stop=stop,
                                     wake=self._committed_here)
-                if moved < self.settings.relay_batch_size:
-                    # The read reached the store's end: a commit since has set the wake-up, so
-                    # waiting loses nothing, and an immediate pass would read nothing new.
+                if not moved:
                     await self._wait(stop)
         except Stopped:
             pass

@@ -747,11 +747,7 @@ class EventStore:
         for tx, outcome in batch:
             outcome.set_result(failed.get(id(tx)))
             tx.settle(id(tx) not in failed)
-        if any(tx.appends for tx, _ in batch if id(tx) not in failed):
-            # Only a commit with events wakes the relay: one of processed marks or checkpoints
-            # (the relay's own, after each batch it publishes) leaves it nothing to do, and each
-            # needless pass cost it two reads.
-            self._committed.set()
+        self._committed.set()
 
     async def _write(self, batch: list[Transaction]) -> dict[int, ConcurrencyError]:
         """One database transaction for the batch; returns the transactions refused for reading
@@ -817,7 +813,7 @@ class EventStore:
         return failed
 
     async def wait_for_commit(self, timeout: float) -> None:
-        """Wake the relay when this process commits events; `timeout` covers other writers."""
+        """Wake the relay when this process commits; `timeout` covers other writers."""
         try:
             await asyncio.wait_for(self._committed.wait(), timeout)
         except TimeoutError:

@@ -289,17 +289,3 @@ async def test_a_sqlite_store_syncs_every_commit_to_disk(store: EventStore) -> N
                     "SELECT setting, reset_val FROM pg_settings "
                     "WHERE name = 'synchronous_commit'")).mappings().one()
                 assert found["setting"] == found["reset_val"]  # the session's, the server's
-
-
-async def test_only_a_commit_with_events_wakes_the_relay(store: EventStore) -> None:
-    """A commit of processed marks or checkpoints leaves the relay nothing to publish: it must
-    not wake it (each needless pass cost two reads, and the relay's own checkpoint commit after
-    every batch woke it again). A commit with an event must."""
-    await store.wait_for_commit(0)  # whatever an earlier commit left set
-    async with store.transaction() as tx:
-        await tx.mark_processed("wake-test", "e-marks-only", "trial.enrollment")
-        await tx.save_checkpoint("wake-test", 7)
-    assert not store._committed.is_set()  # the relay's wake-up, read directly
-    async with store.transaction() as tx:
-        await tx.append("wake-stream", [NewEvent("Woken", {"n": 1})], 0)
-    assert store._committed.is_set()
