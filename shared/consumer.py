@@ -111,6 +111,7 @@ ANY_TYPE = "*"  # a handler for every event type (the audit ledger)
 # The producers' partitioner (the relay's aiokafka default, murmur2 like Kafka's own): which
 # partition a key's records are on.
 _PARTITIONER = DefaultPartitioner()
+WATCH_S = 0.1  # how often a consumer looks whether its group's coordinator is lost (D64)
 
 
 class PoisonRecord(Exception):
@@ -205,18 +206,32 @@ class ConsumerRunner:
             consumer.subscribe([physical(self.settings, topic) for topic in self.topics],
                                listener=_Assignments(self))
             self._consumer = consumer
-            await self._consume(consumer, stop)
+            watch = asyncio.create_task(self._watch(consumer))
+            try:
+                await self._consume(consumer, stop)
+            finally:
+                watch.cancel()
         finally:
             self._consumer = None
             await quietly(consumer.stop())
 
+    async def _watch(self, consumer: AIOKafkaConsumer) -> None:
+        """Marks `trouble_at` while the group's coordinator is lost (the broker away), looking
+        every `WATCH_S` beside the consume loop, not in it: that loop can sit in one offset
+        commit for the whole outage (aiokafka waits out a lost coordinator inside `commit`),
+        and a restarted Kafka may keep the group, with no rebalance to tell (D64)."""
+        coordinator = consumer._coordinator  # aiokafka raises nothing while it reconnects
+        known = False  # not before it was first found: a start is no outage
+        while True:
+            if getattr(coordinator, "coordinator_id", 0) is not None:
+                known = True
+            elif known:
+                self.trouble_at = time.monotonic()
+            await asyncio.sleep(WATCH_S)
+
     async def _consume(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
-            if getattr(consumer._coordinator, "coordinator_id", 0) is None:
-                # The group's coordinator is lost (the broker away): aiokafka reconnects on its
-                # own and raises nothing, and a restarted Kafka may keep the group (issue 15).
-                self.trouble_at = time.monotonic()
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
             for tp, records in batches.items():
@@ -285,19 +300,25 @@ class ConsumerRunner:
                 if consumer is not None and partitions:
                     tp = TopicPartition(topic, _PARTITIONER(key.encode(), partitions, partitions))
                     if end is None:  # what existed when asked: the log's end, now
-                        end = (await consumer.end_offsets([tp]))[tp]
+                        # Bounded by the caller's budget: with the broker away aiokafka waits
+                        # out its whole request timeout (D64).
+                        end = (await asyncio.wait_for(consumer.end_offsets([tp]),
+                                                      max(deadline - time.monotonic(), 0.01)))[tp]
                         # The embedded broker answers ListOffsets with its last batch's base
                         # offset + 1, short of the end when a batch held several records; the
                         # high watermark of this process's own fetches is exact (issue 15).
                         end = max(end, consumer.highwater(tp) or 0) if tp in (
                             consumer.assignment()) else end
                     if committed is None or tp not in consumer.assignment():
-                        committed = await self._committed(consumer, tp)
+                        committed = await asyncio.wait_for(
+                            self._committed(consumer, tp), max(deadline - time.monotonic(), 0.01))
                     here = self.committed_here.get(tp)
                     if here is not None and tp in consumer.assignment():
                         committed = max(committed or 0, here)
                     if end == 0 or (committed is not None and committed >= end):
                         return True
+            except TimeoutError:  # the budget ran out during a look: cannot tell in time
+                return False
             except Exception as exc:  # the group or the broker in flux: try again until the end
                 self.trouble_at = time.monotonic()
                 log.debug("consumer %s: catching up on %s unknown: %r", self.group_id, topic, exc)

@@ -4,6 +4,10 @@ broker: safety's own consumer and store, a patient published as randomization wo
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
+
+from aiokafka import AIOKafkaConsumer
 
 from services.safety.domain import known_patient
 from services.safety.handlers import handlers
@@ -12,13 +16,14 @@ from services.safety.state import PatientFile
 from shared.catchup import PUBLISH_GRACE_S, SETTLING_S, unless_lagging
 from shared.consumer import ConsumerRunner
 from shared.errors import Refused
-from shared.events import ENROLLMENT
+from shared.events import ENROLLMENT, dlq_topic
 from shared.kafka import ensure_topics
 from shared.migrate import upgrade
 from shared.protocol import default_protocol
 from shared.settings import Settings
 from shared.store import EventStore
 from tests.conftest import REAL, Broker
+from tests.integration.test_consumer import count_down, produce, withdrawal
 from tests.integration.test_safety_replay import publish_patients
 from tests.integration.test_safety_support import ae_body, running_safety
 from tests.support import eventually
@@ -103,3 +108,68 @@ async def test_after_a_rebalance_an_unknown_patient_is_not_caught_up_not_404(
                 stop.set()
                 await task
                 await twin.store.close()
+
+
+class HeldCommit(ConsumerRunner):
+    """Holds its first offset commit until released, so that the broker can be stopped while
+    that commit is on its way (a real commit, sent late: no fake)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def commit_handled(self, consumer: AIOKafkaConsumer) -> None:
+        if self._uncommitted and not self.release.is_set():
+            self.holding.set()
+            await self.release.wait()
+        await super().commit_handled(consumer)
+
+
+async def test_a_commit_that_waits_out_the_outage_still_marks_the_broker_away(
+        own_broker: Broker, make_database_url: object) -> None:
+    """D64, found by the broker-restart fault test on Kafka: aiokafka waits out a lost group
+    coordinator inside `commit`, so a consume loop whose commit met the broker going away sat
+    in it for the whole outage and never saw the coordinator lost. A restarted Kafka keeps the
+    group (no rebalance), so nothing marked the service settling, and a dose about a patient
+    whose randomization was still being published got 404 instead of 503. The consumer must
+    know it met the broker away while its loop waits, and resume afterwards losing nothing."""
+    assert callable(make_database_url)
+    database_url = make_database_url("held")
+    await upgrade(database_url)
+    settings = Settings(service_name="safety", database_url=database_url,
+                        kafka_bootstrap_servers=own_broker.bootstrap,
+                        kafka_request_timeout_ms=5000,
+                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    topic = f"test.held.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    store = EventStore(database_url)
+    runner = HeldCommit(store, settings, [topic], {"PatientWithdrawn": count_down},
+                        group_id=f"g-{uuid.uuid4().hex[:8]}")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(lambda: runner.reading.is_set(), timeout=60, what="partitions assigned")
+        await produce(settings, topic, withdrawal("P-held-1").to_bytes())
+        await eventually(lambda: runner.holding.is_set(), timeout=60, what="a commit on its way")
+        assert runner.handled == 1 and not runner.settling(SETTLING_S)
+        await asyncio.to_thread(own_broker.stop)
+        stopped_at = time.monotonic()
+        runner.release.set()  # the commit now meets the broker away, and waits it out
+        await eventually(lambda: (runner.trouble_at or 0) > stopped_at, timeout=60,
+                         what="the consumer to know the broker is away, its loop in a commit")
+        assert runner.settling(SETTLING_S)
+        await asyncio.to_thread(own_broker.start)
+        await ensure_topics(settings, [topic, dlq_topic(topic)])  # the embedded one is empty
+        await produce(settings, topic, withdrawal("P-held-2").to_bytes())
+        await eventually(lambda: runner.handled >= 2, timeout=90,
+                         what="the consumer to resume after the broker's restart")
+    finally:
+        stop.set()
+        runner.release.set()
+        try:
+            await asyncio.wait_for(task, 60)
+        finally:
+            task.cancel()
+            await store.close()
+    assert runner.settling(SETTLING_S)  # the last trouble was moments ago
