@@ -67,6 +67,7 @@ from services.safety.state import Draft, SafetyState
 from shared.consumer import ConsumerRunner
 from shared.decider import Identified
 from shared.events import LEDGER_TOPICS
+from shared.heap import settle
 from shared.kafka import client_options, ensure_topics, make_producer, physical
 from shared.logs import configure_logging
 from shared.migrate import upgrade
@@ -251,6 +252,7 @@ def ledger_from_kafka(backend: str, events: int) -> None:
         # Each record's line written as the service writes it (JSON, production's), to nowhere.
         nowhere = open(os.devnull, "w")  # for the process's life
         configure_logging(settings.model_copy(update={"log_format": "json"}), stream=nowhere)
+        settle(settings)  # the collector as the service sets it once up (D65)
         print(f"replay of the audit ledger from Kafka ({total:,} CloudEvents published):")
         show("bare aiokafka consumer", total, asyncio.run(bare_consumer(settings, total)))
         timing = asyncio.run(audit_consumer(url, settings, total))

@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 
 from shared.access import PatientReadAudit, access_router, append_view, refused_writes_logger
+from shared.heap import settle
 from shared.idempotency import IdempotencyMiddleware
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import install_service_metrics
@@ -49,6 +50,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         runtime = Runtime(spec, settings, protocol)
         app.state.runtime = runtime
         await runtime.start()
+        settle(settings)  # the collector, once everything the process keeps is built (D65)
         try:
             yield
         finally:

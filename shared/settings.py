@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # (D61): one commit for every fetch cost a round trip and the broker's work per record. A
     # crash re-reads at most this much, which the processed-event marks drop. 0: every fetch.
     kafka_commit_interval_ms: int = Field(500, ge=0, le=60_000)
+    # Container allocations between two young-generation passes of the garbage collector, once
+    # the process is up (D65, `shared.heap`); Python's own is 700. 0: Python's settings, no
+    # freeze.
+    gc_young_threshold: int = Field(20_000, ge=0, le=10_000_000)
     # A consumer's session: the embedded broker makes a joining member wait half of it before it
     # gets its partitions, so `trial run` shortens it (2 s: reading within a second of start);
     # Kafka's brokers refuse less than their group.min.session.timeout.ms (6 s by default).

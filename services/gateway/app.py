@@ -18,6 +18,7 @@ from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
 from services.gateway.routes import ROUTES, Route, match_route, route_for
 from shared.auth import JWTVerifier, Principal
+from shared.heap import settle
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.optional import without
@@ -60,6 +61,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         async with httpx.AsyncClient(timeout=settings.upstream_timeout_s, limits=limits) as client:
             instrument_client(client)  # its spans and traceparent: gateway -> service, one trace
             app.state.client = client
+            settle(settings)  # the collector, once the app and its client are built (D65)
             yield
 
     async def ready(request: Request) -> dict[str, bool]:
