@@ -87,14 +87,13 @@ def system_of_its_own(pg_dsn: str | None, folder: Path,
 
 
 @pytest.fixture(scope="session")
-def system(broker: Broker, pg_dsn: str | None,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    s, created = start_system(broker, pg_dsn, tmp_path_factory.mktemp("system"))
-    yield s
-    s.stop()
-    for name in created:
-        assert pg_dsn is not None
-        infra.drop_database(pg_dsn, name)
+def system(pg_dsn: str | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """The session's system, on a broker of its own, not the session's shared one: the
+    integration tests publish records of their own sources (`/services/test-*`) to the shared
+    broker's topics, which the system's services would read as forged (D42) and fail closed on,
+    whatever order the suite runs in."""
+    with system_and_broker(pg_dsn, tmp_path_factory.mktemp("system")) as (s, _):
+        yield s
 
 
 def token(role: str, site: str | None = None, sub: str | None = None) -> str:
