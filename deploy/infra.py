@@ -96,11 +96,37 @@ class InfraError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+# Ports handed out by `free_port` in this process: never handed out twice, so two servers
+# given ports before either has bound its own cannot be given the same one.
+_HANDED_OUT: set[int] = set()
+
+
+def listening_range() -> tuple[int, int]:
+    """The ports `free_port` chooses from: just below the kernel's ephemeral range, which
+    outgoing connections take their local ports from. A port there was free at `free_port`,
+    and a server killed and restarted on it (a fault test) cannot meet it taken meanwhile by
+    some client's connection: one such restart failed with "address already in use" when its
+    port came from the ephemeral range (CI, 2026-12-01)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 49152  # the IANA dynamic range, where /proc is not (macOS)
+    low = max(low, 2048)
+    return max(1024, low - 16384), low - 1
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that is free right now, outside the ephemeral range
+    (`listening_range`), and not handed out before by this process."""
+    low, high = listening_range()
+    span = high - low + 1
+    start = int.from_bytes(os.urandom(4), "big") % span
+    for step in range(span):
+        port = low + (start + step) % span
+        if port not in _HANDED_OUT and _can_bind(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {low}-{high}")
 
 
 def cache_dir() -> Path:
@@ -597,7 +623,10 @@ def _controller_port(config: Path, port: int, avoid: frozenset[int] = frozenset(
     wanted = [configured] if configured is not None else []
     wanted.append(port + 1)
     for candidate in wanted:
-        if candidate < 65536 and candidate not in avoid and _can_bind(candidate):
+        ours = candidate == configured  # this broker's before a restart: its own again
+        if (candidate < 65536 and candidate not in avoid and _can_bind(candidate)
+                and (ours or candidate not in _HANDED_OUT)):
+            _HANDED_OUT.add(candidate)  # `free_port` never hands it out
             return candidate
     return free_port()
 
