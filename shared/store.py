@@ -273,15 +273,47 @@ def _after(after: int, limit: int | None, where: EventFilter) -> sa.Select[Any]:
 
 
 
+_encode_str = json.encoder.encode_basestring  # the string encoder `canonical_json` uses (C)
+
+
+def _json(value: Any) -> str:
+    """`canonical_json(value)`, the common scalars without the encoder's set-up."""
+    if type(value) is str:
+        return _encode_str(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    return canonical_json(value)
+
+
+def chained_hash(prev_hash: str, row: dict[str, Any], data: str, metadata: str,
+                 recorded_at: str) -> str:
+    """`event_hash(prev_hash, row)` from the row's data and metadata already in canonical JSON
+    and its `recorded_at` already in ISO form: the same text, key for key in sorted order, so the
+    same hash (pinned by a property test), without encoding the data twice (the column holds
+    the same text) nor the timestamp once a row (a group commit shares one)."""
+    content = "".join((
+        '{"data":', data, ',"event_id":', _json(row["event_id"]), ',"metadata":', metadata,
+        ',"position":', _json(row["position"]), ',"recorded_at":', _json(recorded_at),
+        ',"schema_version":', _json(row["schema_version"]), ',"stream_id":',
+        _json(row["stream_id"]), ',"stream_version":', _json(row["stream_version"]),
+        ',"type":', _json(row["type"]), "}"))
+    return hashlib.sha256((prev_hash + content).encode()).hexdigest()
+
+
 def _row(position: int, stream_id: str, version: int, new: NewEvent, now: datetime,
-         prev_hash: str) -> dict[str, Any]:
+         stamp: tuple[str, Any], prev_hash: str) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """The stored event, and its values as the database takes them (`_COLUMNS`' order): the
+    data and metadata as the canonical JSON text the hash was computed over; the time as
+    `stamp` gives it (its ISO form for the hash, and the driver's value)."""
     row: dict[str, Any] = {
         "position": position, "stream_id": stream_id, "stream_version": version,
         "event_id": new.event_id, "type": new.type, "schema_version": new.schema_version,
         "data": new.data, "metadata": new.metadata, "recorded_at": now, "prev_hash": prev_hash,
     }
-    row["hash"] = event_hash(prev_hash, row)
-    return row
+    data, metadata = canonical_json(new.data), canonical_json(new.metadata)
+    row["hash"] = chained_hash(prev_hash, row, data, metadata, stamp[0])
+    return row, (position, stream_id, version, new.event_id, new.type, new.schema_version,
+                 data, metadata, stamp[1], prev_hash, row["hash"])
 
 
 _SQLITE_VERSIONS = sa.text(
@@ -297,10 +329,19 @@ _INSERT = (
     "VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8::json, $9, $10, $11)")
 
 
-def _values(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["position"], row["stream_id"], row["stream_version"], row["event_id"],
-            row["type"], row["schema_version"], json.dumps(row["data"]),
-            json.dumps(row["metadata"]), row["recorded_at"], row["prev_hash"], row["hash"])
+_INSERT_SQLITE = (f"INSERT INTO events ({', '.join(_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
+_MARK_COLUMNS = ("consumer", "event_id", "topic", "processed_at")
+_MARK_SQLITE = (f"INSERT INTO processed_events ({', '.join(_MARK_COLUMNS)}) VALUES (?, ?, ?, ?)")
+_MARK = (f"INSERT INTO processed_events ({', '.join(_MARK_COLUMNS)}) VALUES ($1, $2, $3, $4)")
+
+
+def _stamp(conn: AsyncConnection, now: datetime) -> tuple[str, Any]:
+    """A group commit's one time: its ISO form (what the hash covers) and the value the driver
+    takes (on SQLite, the text SQLAlchemy's DateTime stores, so reads through it are unchanged)."""
+    bind = None if conn.dialect.name != "sqlite" else events.c.recorded_at.type.dialect_impl(
+        conn.dialect).bind_processor(conn.dialect)
+    return as_utc(now).isoformat(timespec="microseconds"), bind(now) if bind else now
 
 
 async def _versions(conn: AsyncConnection, streams: set[str]) -> dict[str, int]:
@@ -773,8 +814,9 @@ class EventStore:
                         head, prev_hash = int(position), str(hash_)
                     else:
                         versions[stream] = int(version)
-            rows: list[dict[str, Any]] = []
+            rows: list[tuple[Any, ...]] = []  # as the database takes them (`_row`)
             now = utcnow()
+            stamp = _stamp(conn, now)
             passed: set[int] = set()
             for tx in batch:
                 conflict = _unmet(tx, passed) or _conflict(tx, versions, head)
@@ -786,22 +828,27 @@ class EventStore:
                     version = versions.get(staged.stream_id, 0)
                     for new in staged.events:
                         head, version = head + 1, version + 1
-                        row = _row(head, staged.stream_id, version, new, now, prev_hash)
+                        row, values = _row(head, staged.stream_id, version, new, now, stamp,
+                                           prev_hash)
                         prev_hash = row["hash"]
-                        rows.append(row)
+                        rows.append(values)
                         appended.setdefault(id(tx), []).append(RecordedEvent(**row))
                     versions[staged.stream_id] = version
-            if len(rows) >= _COPY_FROM and raw is not None:  # many rows: binary COPY
-                await raw.copy_records_to_table("events", records=[_values(r) for r in rows],
-                                                columns=_COLUMNS)
-            elif rows and raw is not None:  # asyncpg's executemany: one round trip for all
-                await raw.executemany(_INSERT, [_values(row) for row in rows])
-            elif rows:
-                await conn.execute(events.insert(), rows)
             done = [tx for tx in batch if id(tx) not in failed]
-            marks = [{**m, "processed_at": now} for tx in done for m in tx.processed]
-            if marks:
-                await conn.execute(processed_events.insert(), marks)
+            marks = [(m["consumer"], m["event_id"], m["topic"], stamp[1])
+                     for tx in done for m in tx.processed]
+            # Straight to the driver, the values ready (`_row`): SQLAlchemy's processing of
+            # each row's parameters cost more than the insert (docs/benchmarks.md, target 6).
+            if len(rows) >= _COPY_FROM and raw is not None:  # many rows: binary COPY
+                await raw.copy_records_to_table("events", records=rows, columns=_COLUMNS)
+            elif rows and raw is not None:  # asyncpg's executemany: one round trip for all
+                await raw.executemany(_INSERT, rows)
+            elif rows:
+                await conn.exec_driver_sql(_INSERT_SQLITE, rows)
+            if marks and raw is not None:
+                await raw.executemany(_MARK, marks)
+            elif marks:
+                await conn.exec_driver_sql(_MARK_SQLITE, marks)
             for tx in done:
                 for name, position in tx.checkpoints.items():
                     await _move_checkpoint(conn, name, position, now)

@@ -317,17 +317,19 @@ def traced_batch(handle: Callable[[Any, list[ConsumerRecord]], Awaitable[None]]
                 # The last try's outcomes, in the order of the records that had a handler (an
                 # event id may come twice in a batch: a resend, then a duplicate).
                 outcomes = iter(seen.applied[len(seen.applied) - len(seen.events):])
+                lines = []
                 for record in records:
                     event_id, event_type, correlation = seen.events.get(record.offset,
                                                                         (None, None, None))
                     applied = next(outcomes, None) if record.offset in seen.events else None
-                    logs.consumed(service=runner.settings.service_name, group=runner.group_id,
-                                  topic=record.topic, partition=record.partition,
-                                  offset=record.offset, event_id=event_id, event_type=event_type,
-                                  correlation_id=correlation,
-                                  outcome=("skipped" if applied is None else
-                                           "handled" if applied else "duplicate"),
-                                  duration_ms=took, batch=len(records))
+                    lines.append(dict(
+                        service=runner.settings.service_name, group=runner.group_id,
+                        topic=record.topic, partition=record.partition, offset=record.offset,
+                        event_id=event_id, event_type=event_type, correlation_id=correlation,
+                        outcome=("skipped" if applied is None else
+                                 "handled" if applied else "duplicate"),
+                        duration_ms=took, batch=len(records)))
+                logs.consumed_lines(lines)  # one write for the batch's lines
         finally:
             _consuming.reset(token)
 

@@ -232,7 +232,7 @@ async def test_a_lost_connection_during_a_group_commit_is_an_error_to_wait_out(
     row = module._row
     lost = [asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")]
 
-    def dies_once(*args: Any) -> dict[str, Any]:
+    def dies_once(*args: Any) -> tuple[dict[str, Any], tuple[Any, ...]]:
         if lost:
             raise lost.pop()
         return row(*args)

@@ -8,9 +8,18 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from shared.events import ArmAssigned, CloudEvent, DosingHeld
-from shared.store import GENESIS_HASH, Metadata, NewEvent, RecordedEvent, event_hash
+from shared.events import ArmAssigned, CloudEvent, DosingHeld, canonical_json
+from shared.store import (
+    GENESIS_HASH,
+    Metadata,
+    NewEvent,
+    RecordedEvent,
+    chained_hash,
+    event_hash,
+)
 
 RECORDED_AT = datetime(2026, 11, 26, 10, 30, 0, 123456, tzinfo=UTC)
 PREV = "a" * 64
@@ -164,3 +173,53 @@ def test_new_event_of_carries_type_version_and_json_data() -> None:
     assert new.metadata == {"actor": "a"}
     assert new.data["assigned_at"] == "2026-11-26T10:30:00.123456Z"
     assert NewEvent.of(ASSIGNED).event_id != NewEvent.of(ASSIGNED).event_id
+
+
+# --- the group commit's way to the same hash (D67) -----------------------------------------------
+
+_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text())
+_json_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                            | st.dictionaries(st.text(), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.dictionaries(st.text(), _json_values, max_size=6),
+       metadata=st.dictionaries(st.text(), st.text() | st.integers(), max_size=6),
+       event_id=st.text(), stream_id=st.text(), type_=st.text(),
+       position=st.integers(min_value=1, max_value=2**62),
+       version=st.integers(min_value=1, max_value=2**31), schema_version=st.integers(1, 99),
+       recorded_at=st.datetimes(timezones=st.just(UTC)),
+       prev=st.text("0123456789abcdef", min_size=64, max_size=64))
+def test_the_commits_hash_from_canonical_texts_is_the_verifiers_hash(
+        data: dict[str, Any], metadata: dict[str, Any], event_id: str, stream_id: str,
+        type_: str, position: int, version: int, schema_version: int, recorded_at: datetime,
+        prev: str) -> None:
+    """The group commit hashes each row from its data and metadata in canonical JSON (the text it
+    stores) and one ISO timestamp; `verify` hashes the row read back. Every value the JSON columns
+    can hold (unicode, NaN and infinities, nested lists and objects) must give the same hash."""
+    row = {"position": position, "stream_id": stream_id, "stream_version": version,
+           "event_id": event_id, "type": type_, "schema_version": schema_version, "data": data,
+           "metadata": metadata, "recorded_at": recorded_at}
+    try:
+        expected = event_hash(prev, row)
+    except UnicodeEncodeError:  # a lone surrogate: neither way can hash it, nor a column hold it
+        with pytest.raises(UnicodeEncodeError):
+            chained_hash(prev, row, canonical_json(data), canonical_json(metadata),
+                         recorded_at.isoformat(timespec="microseconds"))
+        return
+    assert chained_hash(prev, row, canonical_json(data), canonical_json(metadata),
+                        recorded_at.isoformat(timespec="microseconds")) == expected
+    # And what the column stores reads back to what was hashed.
+    read_back = {**row, "data": json.loads(canonical_json(data)),
+                 "metadata": json.loads(canonical_json(metadata))}
+    assert event_hash(prev, read_back) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=_json_values | st.dictionaries(st.text(), _json_values | st.datetimes()
+                                            | st.decimals(allow_nan=False), max_size=6))
+def test_canonical_json_writes_what_json_dumps_writes(value: Any) -> None:
+    """`canonical_json` reuses one C encoder; its text must be `json.dumps`'s with the chain's
+    settings, byte for byte, for every value (every stored hash depends on it)."""
+    assert canonical_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                               ensure_ascii=False, default=str)
