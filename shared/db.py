@@ -9,6 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from shared import sqlite_driver
+
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
@@ -35,6 +37,10 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
     path = sa.engine.make_url(url).database
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+    one_hop = sqlite_driver.module() if sa.engine.make_url(url).drivername == (
+        "sqlite+aiosqlite") else None
+    if one_hop is not None:  # a statement one thread hop, not four (D67)
+        kwargs.setdefault("module", one_hop)
     engine = create_async_engine(url, connect_args={"timeout": 60}, **kwargs)
     begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
 
