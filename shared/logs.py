@@ -311,35 +311,46 @@ class RequestLogMiddleware:
 _consumer_log = logging.getLogger(CONSUMER_LOGGER)
 
 
+def _consumed_fields(*, service: str, group: str, topic: str, partition: int, offset: int,
+                     event_id: str | None, event_type: str | None, correlation_id: str | None,
+                     outcome: str, duration_ms: float, batch: int | None = None
+                     ) -> dict[str, Any]:
+    fields: dict[str, Any] = {"service": service, "group": group, "topic": topic,
+                              "partition": partition, "offset": offset, "event_id": event_id,
+                              "type": event_type, "outcome": outcome,
+                              "duration_ms": round(duration_ms, 2)}
+    if correlation_id is not None:
+        fields["correlation_id"] = correlation_id
+    if batch is not None:
+        fields["batch"] = batch
+    return fields
+
+
+def _consumed_level(outcome: str) -> int:
+    return logging.ERROR if outcome == "dead-lettered" else logging.INFO
+
+
 def consumed(*, service: str, group: str, topic: str, partition: int, offset: int,
              event_id: str | None, event_type: str | None, correlation_id: str | None,
              outcome: str, duration_ms: float, batch: int | None = None) -> None:
     """The line of one record a consumer is done with: handled, duplicate, skipped (no handler
     of this service wants it) or dead-lettered."""
-    consumed_lines([dict(service=service, group=group, topic=topic, partition=partition,
-                         offset=offset, event_id=event_id, event_type=event_type,
-                         correlation_id=correlation_id, outcome=outcome,
-                         duration_ms=duration_ms, batch=batch)])
+    level = _consumed_level(outcome)
+    if _consumer_log.isEnabledFor(level):
+        _write(_consumer_log, level, "record consumed", _consumed_fields(
+            service=service, group=group, topic=topic, partition=partition, offset=offset,
+            event_id=event_id, event_type=event_type, correlation_id=correlation_id,
+            outcome=outcome, duration_ms=duration_ms, batch=batch))
 
 
 def consumed_lines(records: list[dict[str, Any]]) -> None:
-    """`consumed`'s line for each of `records` (its keyword arguments each), written and flushed
-    once for the lot: a batch of a thousand records is a thousand lines, one write (D67)."""
+    """`consumed`'s line for each of `records` (its keywords each), written and flushed once for
+    the lot: a batch of a thousand records is a thousand lines, one write (D67)."""
     by_level: dict[int, list[dict[str, Any]]] = {}
-    for r in records:
-        level = logging.ERROR if r["outcome"] == "dead-lettered" else logging.INFO
-        if not _consumer_log.isEnabledFor(level):
-            continue
-        fields: dict[str, Any] = {
-            "service": r["service"], "group": r["group"], "topic": r["topic"],
-            "partition": r["partition"], "offset": r["offset"], "event_id": r["event_id"],
-            "type": r["event_type"], "outcome": r["outcome"],
-            "duration_ms": round(r["duration_ms"], 2)}
-        if r.get("correlation_id") is not None:
-            fields["correlation_id"] = r["correlation_id"]
-        if r.get("batch") is not None:
-            fields["batch"] = r["batch"]
-        by_level.setdefault(level, []).append(fields)
+    for record in records:
+        level = _consumed_level(record["outcome"])
+        if _consumer_log.isEnabledFor(level):
+            by_level.setdefault(level, []).append(_consumed_fields(**record))
     for level, lines in by_level.items():
         _write(_consumer_log, level, "record consumed", *lines)
 

@@ -12,7 +12,8 @@ transaction (the same connection; SQLAlchemy's BEGIN and COMMIT are untouched).
 It leans on two internals, aiosqlite's `Connection._execute` (queue a function on its thread)
 and SQLAlchemy's `AsyncAdapt_dbapi_cursor._execute_async`/`_executemany_async`, both versions
 pinned in requirements.lock. `module()` checks that they are there; without them the engine keeps
-SQLAlchemy's own adapter (slower, the same behaviour), and a unit test fails to say so.
+SQLAlchemy's own adapter (slower, the same behaviour), and
+`tests/integration/test_sqlite_driver.py` fails to say so.
 """
 
 from __future__ import annotations

@@ -178,3 +178,34 @@ def test_a_consumed_line_is_what_structlogs_own_path_writes(fmt: str) -> None:
         assert json.loads(direct)["logger"] == logs.CONSUMER_LOGGER
     else:
         assert direct == through_stdlib
+
+
+class _CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_batchs_consumed_lines_are_one_write_each_line_whole() -> None:
+    from shared import logs
+
+    stream = _CountingStream()
+    configure_logging(Settings(service_name="audit", log_format="json"), stream=stream)
+    try:
+        base = {"service": "audit", "group": "audit", "topic": "trial.dosing", "partition": 0,
+                "event_type": "InfusionGiven", "correlation_id": None, "duration_ms": 2.345,
+                "batch": 3}
+        logs.consumed_lines([{**base, "offset": n, "event_id": f"e-{n}", "outcome": outcome}
+                             for n, outcome in enumerate(("handled", "duplicate", "skipped"))])
+    finally:
+        configure_logging(Settings(service_name="gateway", log_format="json"))
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert stream.writes == 1
+    assert [(line["offset"], line["event_id"], line["outcome"], line["batch"]) for line in lines] == [
+        (0, "e-0", "handled", 3), (1, "e-1", "duplicate", 3), (2, "e-2", "skipped", 3)]
+    assert all(line["event"] == "record consumed" and line["duration_ms"] == 2.35
+               and "correlation_id" not in line for line in lines)
