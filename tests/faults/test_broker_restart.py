@@ -9,6 +9,15 @@ read the patient's events (a dose, an adverse event, an assessment) may be answe
 relay has published its store as it was at the broker's start, a write needing each consumer was
 acknowledged again, the ledger files again) the load stops and the accounting runs.
 
+Catching up under load is a matter of headroom: the embedded broker's restart has every consumer
+read the whole history again while new workflows keep coming, on the same two cores. On a busy
+machine that can take longer than the load is kept on (`CAUGHT_UP_UNDER_LOAD_S`; seen once in CI:
+every service's handling 3x slower than on a quiet machine, still behind 30 s after the start).
+So the load stops then, the workflows already started carry on with their retries as a site's
+would, and the system must catch up within `CAUGHT_UP_TIMEOUT_S` of the broker's start either
+way: a relay or consumer that never recovers still fails the test; how long it took, and whether
+under load, is reported.
+
 Apache Kafka keeps its data (the same state_dir) and its cluster id: nothing is published again.
 The embedded broker comes back empty, with a new cluster id, and is restarted the way `trial run`
 restarts it, with every service (D58, `WHOLE`): each relay publishes its whole history to it
@@ -56,7 +65,8 @@ WHOLE = not REAL
 RATE_PER_S = 2.0  # new patient workflows a second
 WARM_UP_WORKFLOWS = 3  # whole workflows through before the broker is stopped
 DOWN_S = 5.0  # how long the broker stays down, the load running against it
-CAUGHT_UP_TIMEOUT_S = 30.0  # the system not caught up this long after the broker's start failed
+CAUGHT_UP_UNDER_LOAD_S = 30.0  # the load kept on this long after the broker answers, at most
+CAUGHT_UP_TIMEOUT_S = 60.0  # the system not caught up this long after the broker's start failed
 QUIET_TIMEOUT_S = 30.0  # quiet after the load, once caught up
 REQUEST_DEADLINE_S = 40.0  # how long the site retries one write (the load's wind-down waits)
 BUDGET_S = 120.0  # the test body's, from its start: the accounting is cut off after it
@@ -79,6 +89,8 @@ class Restart:
     start_at: float = 0.0  # start() called
     up_at: float = 0.0  # start() returned: the broker answers
     heads_at_start: dict[str, int] = field(default_factory=dict)
+    ledger_head: int | None = None  # the ledger's head when the broker answered again
+    load_stopped_at: float | None = None
     first_write_at: dict[str, float] = field(default_factory=dict)  # service: first ack after
     ledger_filing_at: float | None = None
     caught_up_at: float | None = None
@@ -102,9 +114,12 @@ async def wait_caught_up(r: Restart, driver: ObservedDriver, stores: Mapping[str
     """Until the system has caught up after the broker's start: every relay has published its
     store to (at least) its head at the broker's start, under the cluster the broker now is; a
     write needing each consumer, sent after the broker answered, was acknowledged; the ledger
-    has filed a record again. Fills `r` (`caught_up_at` None and `pending` when it did not)."""
+    has filed a record again. Fills `r` (`caught_up_at` None and `pending` when it did not); a
+    second call waits on from where the first left off."""
     checkpoint = f"{RELAY}@{r.cluster_after}" if r.cluster_after else RELAY
-    ledger_head = await stores["audit"].head()
+    if r.ledger_head is None:
+        r.ledger_head = await stores["audit"].head()
+    ledger_head = r.ledger_head
 
     async def pending() -> list[str]:
         left = []
@@ -174,12 +189,18 @@ async def test_broker_restart_under_load(pg_dsn: str | None, tmp_path: Path) -> 
                 r.up_at = time.monotonic()
                 r.cluster_after = await cluster_id(system.bootstrap)
                 say(began, f"broker up again ({r.cluster_before} -> {r.cluster_after})")
-                await wait_caught_up(r, driver, stores, CAUGHT_UP_TIMEOUT_S)
+                await wait_caught_up(r, driver, stores, CAUGHT_UP_UNDER_LOAD_S)
+                stop.set()  # no new workflows; the ones started carry on, retried
+                r.load_stopped_at = time.monotonic()
+                if r.caught_up_at is None:
+                    say(began, f"not caught up under load: {r.pending}; the load stopped")
+                    await wait_caught_up(r, driver, stores,
+                                         r.start_at + CAUGHT_UP_TIMEOUT_S - time.monotonic())
             finally:
                 stop.set()
                 await asyncio.wait_for(load, 3 * driver.request_deadline_s)
             ended_at = time.monotonic()
-            say(began, f"load stopped; caught up: {r.caught_up_at is not None} {r.pending}")
+            say(began, f"load ended; caught up: {r.caught_up_at is not None} {r.pending}")
             try:  # bounded: a relay that never catches up must fail the test, not time it out
                 settled = await asyncio.wait_for(
                     settle(system, stores, driver, protocol,
@@ -230,8 +251,11 @@ async def test_broker_restart_under_load(pg_dsn: str | None, tmp_path: Path) -> 
                 "first_write_by_service_s": {s: r.since_start(t)
                                              for s, t in r.first_write_at.items()},
                 "ledger_filing_again_s": r.since_start(r.ledger_filing_at),
+                "load_stopped_s": r.since_start(r.load_stopped_at),
                 "caught_up_s": r.since_start(r.caught_up_at),
                 "quiet_s": r.since_start(quiet_at)},
+            "caught_up_under_load": (r.caught_up_at is not None and r.load_stopped_at is not None
+                                     and r.caught_up_at < r.load_stopped_at),
             "not_caught_up_after_s": r.pending,
             "refusals": refused,
         }
@@ -257,7 +281,8 @@ async def test_broker_restart_under_load(pg_dsn: str | None, tmp_path: Path) -> 
         unhandled = unhandled_errors(system)
         failed = failures(settled, driver, MIN_ACKNOWLEDGED, more=[
             (r.caught_up_at is not None,
-             f"not caught up {CAUGHT_UP_TIMEOUT_S:g} s after the broker's start: {r.pending}"),
+             f"not caught up {CAUGHT_UP_TIMEOUT_S:g} s after the broker's start (the load "
+             f"stopped {r.since_start(r.load_stopped_at)} s after it): {r.pending}"),
             (same_cluster if REAL else not same_cluster,
              f"cluster id {r.cluster_before} before the restart, {r.cluster_after} after "
              f"({'Kafka keeps its id' if REAL else 'the embedded broker must have a new one'})"),
