@@ -430,6 +430,9 @@ class ConsumerRunner:
         if parsed is None:
             return
         async with self.store.transaction() as tx:
+            # Whether it was processed, and whether its id is stored (which the ledger and
+            # safety ask), in the one statement a batch uses.
+            await tx.prefetch(self.group_id, [parsed[1].event.id])
             applied = await self._apply(tx, *parsed)
         if applied:
             self.handled += 1

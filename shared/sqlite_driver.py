@@ -101,6 +101,19 @@ class OneHopConnection(AsyncAdapt_aiosqlite_connection):
     __slots__ = ()
     _cursor_cls = OneHopCursor
 
+    def rollback(self) -> None:
+        """Roll back, without a hop when no transaction is open. SQLAlchemy's pool rolls back
+        every connection it takes back, also one whose transaction has just committed: on a
+        group commit that was one hop in seven for nothing. SQLite itself says whether a
+        transaction is open (`in_transaction`, a flag read without the thread); unsure, the
+        rollback runs."""
+        try:
+            open_ = self._connection._conn.in_transaction
+        except (ValueError, sqlite3.Error):  # closed, or not readable here: ask the thread
+            open_ = True
+        if open_:
+            super().rollback()
+
 
 class OneHopDbapi(AsyncAdapt_aiosqlite_dbapi):
     """The DBAPI module SQLAlchemy's aiosqlite dialect uses, handing out `OneHopConnection`s."""

@@ -11,7 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import asyncpg
 import sqlalchemy as sa
@@ -316,9 +316,25 @@ def _row(position: int, stream_id: str, version: int, new: NewEvent, now: dateti
                  data, metadata, stamp[1], prev_hash, row["hash"])
 
 
-_SQLITE_VERSIONS = sa.text(
+# What a group commit reads first, once it holds the write lock, in one statement: the head's
+# position and hash (a row whose stream is NULL, none when the store is empty), then each stream's
+# version (NULL: no events yet), one step down the (stream_id, stream_version) index per stream
+# (a `max() ... GROUP BY` would read every event of every stream). The rows PostgreSQL's
+# `event_store_lock` gives (0004), so both are read by `_head_and_versions`.
+_SQLITE_HEAD_AND_VERSIONS = sa.text(
+    "SELECT NULL, NULL, h.position, h.hash FROM (SELECT position, hash FROM events "
+    "ORDER BY position DESC LIMIT 1) AS h "
+    "UNION ALL "
     "SELECT j.value, (SELECT e.stream_version FROM events e WHERE e.stream_id = j.value "
-    "ORDER BY e.stream_version DESC LIMIT 1) FROM json_each(:streams) AS j")
+    "ORDER BY e.stream_version DESC LIMIT 1), NULL, NULL FROM json_each(:streams) AS j")
+# `Transaction.prefetch`: which of some event ids are stored, and which a consumer has processed.
+_STORED, _MARKED = 1, 2
+_PREFETCH = sa.union_all(
+    sa.select(sa.literal_column(str(_STORED)), events.c.event_id)
+    .where(events.c.event_id.in_(sa.bindparam("ids", expanding=True))),
+    sa.select(sa.literal_column(str(_MARKED)), processed_events.c.event_id)
+    .where(processed_events.c.consumer == sa.bindparam("consumer"),
+           processed_events.c.event_id.in_(sa.bindparam("ids", expanding=True))))
 _COPY_FROM = 32  # rows from which a batch is written by COPY rather than INSERT
 _COLUMNS = ("position", "stream_id", "stream_version", "event_id", "type", "schema_version",
             "data", "metadata", "recorded_at", "prev_hash", "hash")
@@ -344,12 +360,21 @@ def _stamp(conn: AsyncConnection, now: datetime) -> tuple[str, Any]:
     return as_utc(now).isoformat(timespec="microseconds"), bind(now) if bind else now
 
 
-async def _versions(conn: AsyncConnection, streams: set[str]) -> dict[str, int]:
-    """Each stream's version now (absent: no events), on SQLite (PostgreSQL's come with the
-    lock, 0004): one step down the (stream_id, stream_version) index per stream. A `max() ...
-    GROUP BY` would read every event of every stream, a cost that grows with the streams."""
-    rows = await conn.execute(_SQLITE_VERSIONS, {"streams": json.dumps(sorted(streams))})
-    return {str(stream): int(version) for stream, version in rows if version is not None}
+async def _head_and_versions(conn: AsyncConnection, sqlite: bool, streams: set[str]
+                             ) -> tuple[int, str, dict[str, int]]:
+    """The store's head (position and hash) and each stream's version (absent: no events), in
+    one round trip once the write lock is held: on PostgreSQL the advisory lock comes with them
+    (0004; through SQLAlchemy, which opens the transaction the lock lives in); on SQLite the lock
+    was taken by BEGIN IMMEDIATE."""
+    rows = await (conn.execute(_SQLITE_HEAD_AND_VERSIONS, {"streams": json.dumps(sorted(streams))})
+                  if sqlite else conn.execute(_LOCK, {"streams": sorted(streams)}))
+    head, prev_hash, versions = 0, GENESIS_HASH, {}
+    for stream, version, position, hash_ in rows:
+        if stream is None:
+            head, prev_hash = int(position), str(hash_)
+        elif version is not None:
+            versions[str(stream)] = int(version)
+    return head, prev_hash, versions
 
 
 def _conflict(tx: Transaction, versions: dict[str, int], head: int) -> ConcurrencyError | None:
@@ -559,13 +584,15 @@ class Transaction:
     async def prefetch(self, consumer: str, event_ids: Sequence[str]) -> None:
         """Find out at once which of these ids are stored and which `consumer` has processed:
         `has_event` and `was_processed` then answer from that (a batch of records sharing one
-        transaction asks twice, not twice a record). Should another writer store one of them
-        before this commits, the unique keys refuse the commit and the batch runs again."""
+        transaction asks once, not twice a record; one statement, one round trip). Should
+        another writer store one of them before this commits, the unique keys refuse the commit
+        and the batch runs again."""
         wanted = list(dict.fromkeys(event_ids))
-        stored = {r[0] for r in await self._read(
-            sa.select(events.c.event_id).where(events.c.event_id.in_(wanted)))}
-        marked = {r[0] for r in await self._read(sa.select(processed_events.c.event_id).where(
-            processed_events.c.consumer == consumer, processed_events.c.event_id.in_(wanted)))}
+        stored: set[str] = set()
+        marked: set[str] = set()
+        for row in await self._read(_PREFETCH, {"ids": wanted, "consumer": consumer}):
+            kind, event_id = cast(tuple[int, str], tuple(row))
+            (stored if kind == _STORED else marked).add(event_id)
         for event_id in wanted:
             self._stored[event_id] = event_id in stored
             self._marked[consumer, event_id] = event_id in marked
@@ -798,22 +825,8 @@ class EventStore:
         async with self.engine.begin() as conn:
             streams = ({s for tx in batch for s in tx.read_versions}
                        | {a.stream_id for tx in batch for a in tx.appends})
+            head, prev_hash, versions = await _head_and_versions(conn, self.sqlite, streams)
             raw = None if self.sqlite else (await conn.get_raw_connection()).driver_connection
-            if raw is None:  # BEGIN IMMEDIATE has taken SQLite's write lock
-                top = (await conn.execute(
-                    sa.select(events.c.position, events.c.hash)
-                    .order_by(events.c.position.desc()).limit(1))).first()
-                head, prev_hash = (int(top[0]), str(top[1])) if top else (0, GENESIS_HASH)
-                versions = await _versions(conn, streams)
-            else:  # one round trip: the advisory lock, then the head and versions (0004).
-                # Through SQLAlchemy, which opens the transaction (BEGIN) the lock lives in.
-                head, prev_hash, versions = 0, GENESIS_HASH, {}
-                for stream, version, position, hash_ in await conn.execute(
-                        _LOCK, {"streams": sorted(streams)}):
-                    if stream is None:
-                        head, prev_hash = int(position), str(hash_)
-                    else:
-                        versions[stream] = int(version)
             rows: list[tuple[Any, ...]] = []  # as the database takes them (`_row`)
             now = utcnow()
             stamp = _stamp(conn, now)

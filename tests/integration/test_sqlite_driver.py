@@ -43,17 +43,9 @@ async def test_the_engine_uses_the_one_hop_connection(engine: AsyncEngine) -> No
 
 async def test_a_statement_is_one_hop_to_the_database_thread(
         engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-    hops: list[str] = []
-    real = aiosqlite.Connection._execute
-
-    async def counted(self: aiosqlite.Connection, fn: object, *args: object,
-                      **kwargs: object) -> object:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await real(self, fn, *args, **kwargs)
-
     async with engine.connect() as conn:
         await conn.exec_driver_sql("SELECT 1")  # the connection's own set-up done
-        monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+        hops = count_hops(monkeypatch)
         rows = (await conn.execute(sa.text("SELECT name FROM t WHERE id > :n"), {"n": 0})).all()
         await conn.execute(sa.text("INSERT INTO t (name, n) VALUES (:a, :n)"),
                            [{"a": "x", "n": 1}, {"a": "y", "n": 2}])
@@ -62,6 +54,49 @@ async def test_a_statement_is_one_hop_to_the_database_thread(
     # back to the pool; SQLAlchemy's own cursor made four a statement (cursor, execute, fetch,
     # close).
     assert hops == ["_execute", "_executemany", "rollback"]
+
+
+def count_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions aiosqlite runs on its thread from now on, one a hop."""
+    hops: list[str] = []
+    real = aiosqlite.Connection._execute
+
+    async def counted(self: aiosqlite.Connection, fn: object, *args: object,
+                      **kwargs: object) -> object:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    return hops
+
+
+async def test_a_committed_connection_goes_back_to_the_pool_without_a_rollback(
+        engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLAlchemy's pool rolls back every connection it takes back; after a commit there is
+    nothing to roll back, and no hop is made for it (a group commit's seventh)."""
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+    hops = count_hops(monkeypatch)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("INSERT INTO t (name, n) VALUES ('kept', 1)"))
+    assert hops == ["_execute", "_execute", "commit"]  # BEGIN IMMEDIATE, INSERT, COMMIT
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT name FROM t"))).scalars().all() == ["kept"]
+
+
+async def test_a_transaction_open_behind_sqlalchemys_back_is_still_rolled_back_on_return(
+        engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollback is skipped only when SQLite says no transaction is open: one begun on the
+    driver itself, unknown to SQLAlchemy, is rolled back as the connection goes back, and what
+    it wrote is gone."""
+    hops = count_hops(monkeypatch)
+    async with engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        await driver.execute("BEGIN")
+        await driver.execute("INSERT INTO t (name, n) VALUES ('ghost', 1)")
+    assert hops[-1] == "rollback"
+    async with engine.connect() as conn:
+        assert (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar_one() == 0
 
 
 async def test_rows_counts_and_ids_come_back_as_sqlite_gives_them(engine: AsyncEngine) -> None:
