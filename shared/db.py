@@ -20,7 +20,10 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
     """An async engine. On SQLite, `immediate` transactions take the write lock at BEGIN.
 
     pysqlite's own transaction handling begins lazily and defers locks, which turns concurrent
-    writers into "database is locked" errors halfway through; we issue BEGIN ourselves.
+    writers into "database is locked" errors halfway through; we issue BEGIN ourselves. With the
+    one-hop driver it goes to SQLite with the transaction's first statement (D68): a transaction
+    holds the write lock from its first statement, so one that must hold it before doing
+    anything (a test standing in for another replica's commit) runs a statement first.
     """
     if not is_sqlite(url):
         kwargs.setdefault("pool_size", 10)
@@ -61,6 +64,8 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql(begin)
+        # With the one-hop driver, sent with the transaction's first statement (D68).
+        if not sqlite_driver.defer_begin(connection.connection.dbapi_connection, begin):
+            connection.exec_driver_sql(begin)
 
     return engine

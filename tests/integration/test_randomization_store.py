@@ -146,8 +146,10 @@ async def write_lock(database_url: str) -> AsyncIterator[None]:
     this process's commits wait for it."""
     other = EventStore(database_url)
     try:
-        async with other.engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite
-            if not other.sqlite:
+        async with other.engine.begin() as conn:
+            if other.sqlite:  # BEGIN IMMEDIATE goes with the first statement (D68)
+                await conn.execute(sa.text("SELECT 1"))
+            else:
                 await conn.execute(sa.text("SELECT * FROM event_store_lock(CAST(:s AS text[]))"),
                                    {"s": []})
             yield

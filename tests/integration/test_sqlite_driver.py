@@ -5,6 +5,7 @@ every service's store goes through this driver there."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +25,14 @@ async def engine(tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     async with made.begin() as conn:
         await conn.exec_driver_sql(
             "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, n INTEGER)")
+    yield made
+    await made.dispose()
+
+
+@pytest.fixture
+async def reader(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """A reading engine on the same file, as the store's (plain BEGIN, no write lock)."""
+    made = create_engine(str(engine.url), immediate=False)
     yield made
     await made.dispose()
 
@@ -79,9 +88,72 @@ async def test_a_committed_connection_goes_back_to_the_pool_without_a_rollback(
     hops = count_hops(monkeypatch)
     async with engine.begin() as conn:
         await conn.execute(sa.text("INSERT INTO t (name, n) VALUES ('kept', 1)"))
-    assert hops == ["_execute", "_execute", "commit"]  # BEGIN IMMEDIATE, INSERT, COMMIT
+    assert hops == ["_execute", "commit"]  # BEGIN IMMEDIATE with the INSERT (D68), COMMIT
     async with engine.connect() as conn:
         assert (await conn.execute(sa.text("SELECT name FROM t"))).scalars().all() == ["kept"]
+
+
+async def test_a_transaction_that_runs_no_statement_makes_no_hop(
+        engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with engine.connect() as conn:
+        await conn.exec_driver_sql("SELECT 1")
+    hops = count_hops(monkeypatch)
+    async with engine.begin():
+        pass
+    async with engine.connect() as conn:
+        await conn.begin()
+        await conn.rollback()
+    assert hops == []
+
+
+async def test_begin_immediate_holds_the_write_lock_from_the_first_statement(
+        engine: AsyncEngine, tmp_path: Path) -> None:
+    """The deferred BEGIN IMMEDIATE runs just before the transaction's first statement, in its
+    hop: from then on no other connection can start writing until it commits."""
+    other = sqlite3.connect(tmp_path / "driver.db", timeout=0, isolation_level=None)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("SELECT count(*) FROM t"))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            await conn.execute(sa.text("INSERT INTO t (name, n) VALUES ('mine', 1)"))
+        other.execute("BEGIN IMMEDIATE")  # free again once committed
+        assert other.execute("SELECT name FROM t").fetchall() == [("mine",)]
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+async def test_a_read_transaction_sees_one_snapshot_from_its_first_statement(
+        engine: AsyncEngine, reader: AsyncEngine) -> None:
+    """BEGIN still comes before the first read (a read in autocommit would see each commit as it
+    lands): two reads in one transaction see the same store while another connection commits
+    between them."""
+    count = sa.text("SELECT count(*) FROM t")
+    async with reader.connect() as read:
+        assert (await read.execute(count)).scalar_one() == 0
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO t (name) VALUES ('late')"))
+        assert (await read.execute(count)).scalar_one() == 0  # the first read's snapshot
+    async with reader.connect() as read:
+        assert (await read.execute(count)).scalar_one() == 1
+
+
+async def test_a_streamed_read_sends_the_deferred_begin_first(
+        engine: AsyncEngine, reader: AsyncEngine) -> None:
+    """A server-side cursor (SQLAlchemy's own, knowing nothing of the deferred BEGIN) as the
+    transaction's first statement: the BEGIN is sent before it, so the stream reads one
+    snapshot too."""
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (name) VALUES (?)", [(f"r{i}",) for i in range(5)])
+    async with reader.connect() as read:
+        rows = await read.stream(sa.text("SELECT name FROM t ORDER BY id"))
+        driver = (await read.get_raw_connection()).driver_connection
+        assert driver is not None and driver._conn.in_transaction
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO t (name) VALUES ('late')"))
+        assert len([r async for r in rows]) == 5
+        assert (await read.execute(sa.text("SELECT count(*) FROM t"))).scalar_one() == 5
 
 
 async def test_a_transaction_open_behind_sqlalchemys_back_is_still_rolled_back_on_return(
@@ -92,6 +164,7 @@ async def test_a_transaction_open_behind_sqlalchemys_back_is_still_rolled_back_o
     hops = count_hops(monkeypatch)
     async with engine.connect() as conn:
         driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
         await driver.execute("BEGIN")
         await driver.execute("INSERT INTO t (name, n) VALUES ('ghost', 1)")
     assert hops[-1] == "rollback"
