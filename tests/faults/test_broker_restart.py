@@ -68,14 +68,16 @@ DOWN_S = 5.0  # how long the broker stays down, the load running against it
 CAUGHT_UP_UNDER_LOAD_S = 30.0  # the load kept on this long after the broker answers, at most
 CAUGHT_UP_TIMEOUT_S = 60.0  # the system not caught up this long after the broker's start failed
 QUIET_TIMEOUT_S = 30.0  # quiet after the load, once caught up
-REQUEST_DEADLINE_S = 40.0  # how long the site retries one write (the load's wind-down waits)
-BUDGET_S = 120.0  # the test body's, from its start: the accounting is cut off after it
+# How long the site retries one write (the load's wind-down waits): longer than the outage and
+# the recovery allowed after it, or a slow recovery within its allowance fails a site's write.
+REQUEST_DEADLINE_S = 90.0
+BUDGET_S = 240.0  # the test body's, from its start: the accounting is cut off after it
 MIN_ACKNOWLEDGED = 80  # writes the run must have had acknowledged
 # The writes that need a consumer to have read the patient's events first (D33, D37).
 NEEDS_CONSUMER = {"dose": "dosing", "adverse_event": "safety", "assessment": "efficacy"}
 RANDOMIZATION_PATHS = ("/v1/screenings", "/v1/patients")  # and .../randomization
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = pytest.mark.timeout(300)
 
 
 @dataclass

@@ -44,13 +44,15 @@ WARM_UP_WORKFLOWS = 3  # whole workflows through before the cluster is stopped
 DOWN_S = 5.0  # how long the cluster stays down, the load running against it
 # A busy machine is slow, not wrong: as long as the kill and replica tests give.
 RECOVERY_TIMEOUT_S = 60.0  # a service not serving again this long after the cluster's start
-REQUEST_DEADLINE_S = 40.0  # how long the site retries one write (the load's wind-down waits)
-BUDGET_S = 150.0  # the test body's, from its start: the accounting is cut off after it
+# How long the site retries one write (the load's wind-down waits): longer than the outage and
+# the recovery allowed after it, or a slow recovery within its allowance fails a site's write.
+REQUEST_DEADLINE_S = 90.0
+BUDGET_S = 240.0  # the test body's, from its start: the accounting is cut off after it
 STEADY_S = 3.0  # load on the recovered system before it stops
 MIN_ACKNOWLEDGED = 80  # writes the run must have had acknowledged
 SERVICES_WITH_A_STORE = (*PUBLISHERS, "audit")
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 
 
 @dataclass

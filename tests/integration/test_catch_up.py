@@ -152,7 +152,9 @@ async def test_a_commit_that_waits_out_the_outage_still_marks_the_broker_away(
         await eventually(lambda: runner.reading.is_set(), timeout=60, what="partitions assigned")
         await produce(settings, topic, withdrawal("P-held-1").to_bytes())
         await eventually(lambda: runner.holding.is_set(), timeout=60, what="a commit on its way")
-        assert runner.handled == 1 and not runner.settling(SETTLING_S)
+        # Trouble from the broker's own start (a coordinator not yet available, on a slow
+        # machine) may still count; what proves the point is trouble after the stop, below.
+        assert runner.handled == 1
         await asyncio.to_thread(own_broker.stop)
         stopped_at = time.monotonic()
         runner.release.set()  # the commit now meets the broker away, and waits it out
