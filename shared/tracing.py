@@ -8,8 +8,9 @@ middleware, no span, no header, beyond the API's no-op.
 
 Where the context travels (one trace from the caller to the last consumer):
 
-* HTTP: every app's FastAPI instrumentation takes the caller's `traceparent`; the gateway's
-  httpx client (instrumented) sends its own to the service, so gateway -> service is one trace.
+* HTTP: every app's FastAPI instrumentation takes the caller's `traceparent`; the gateway opens
+  a CLIENT span for each forwarded call and sends its traceparent to the service
+  (`client_span`), so gateway -> service is one trace.
 * Into the store: `NewEvent.of` (shared/store.py) puts the current `traceparent` (the request's
   server span, or a consumer's span) in the event's metadata. The relay publishes after the
   commit, in a background task, so the context must travel with the event.
@@ -40,7 +41,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from shared import logs
 
 if TYPE_CHECKING:
-    import httpx
     from aiokafka import ConsumerRecord
     from fastapi import FastAPI
 
@@ -131,13 +131,33 @@ def instrument_app(app: FastAPI, service: str) -> None:
                                        exclude_spans=["receive", "send"])
 
 
-def instrument_client(client: httpx.AsyncClient) -> None:
-    """Client spans for the gateway's calls to the services, and their traceparent header."""
-    if not enabled():
-        return
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+class ClientCall:
+    """The CLIENT span of one call to a service (or nothing, with tracing off)."""
 
-    HTTPXClientInstrumentor.instrument_client(client, tracer_provider=_state["provider"])
+    def __init__(self, span: trace.Span | None) -> None:
+        self._span = span
+
+    def answered(self, status: int) -> None:
+        if self._span is not None and self._span.is_recording():
+            self._span.set_attribute("http.response.status_code", status)
+            if status >= 400:  # OpenTelemetry's HTTP conventions: a client's 4xx is an error
+                self._span.set_status(Status(StatusCode.ERROR))
+
+
+@contextlib.contextmanager
+def client_span(method: str, url: str, headers: dict[str, str]) -> Iterator[ClientCall]:
+    """A CLIENT span around a call to a service, its traceparent written into `headers`: the
+    gateway's half of one trace from the caller to the service (OpenTelemetry's HTTP client
+    conventions: named by the method, the URL and the status as attributes). Nothing, not even
+    a header, when tracing is off."""
+    if not enabled():
+        yield ClientCall(None)
+        return
+    attributes = {"http.request.method": method, "url.full": url}
+    with tracer().start_as_current_span(method, kind=SpanKind.CLIENT,
+                                        attributes=attributes) as span:
+        _PROPAGATOR.inject(headers)
+        yield ClientCall(span)
 
 
 # --- into the store --------------------------------------------------------------------------
@@ -365,6 +385,6 @@ def noted_apply(apply: Callable[..., Awaitable[bool]]) -> Callable[..., Awaitabl
     return wrapper
 
 
-__all__ = ["configure_tracing", "current_traceparent", "enabled", "instrument_app",
-           "instrument_client", "noted_apply", "noted_parse", "publishing",
+__all__ = ["ClientCall", "client_span", "configure_tracing", "current_traceparent", "enabled",
+           "instrument_app", "noted_apply", "noted_parse", "publishing",
            "traced_batch", "traced_record", "use_provider", "with_traceparent"]

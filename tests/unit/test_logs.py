@@ -1,6 +1,6 @@
 """Structured logs (shared/logs.py): one JSON line a request, with the fields an operator searches
 by, and no token, secret or patient data in any line; the standard library's calls come out as
-JSON too. The gateway runs in process, its upstream answered by a mock transport."""
+JSON too. The gateway runs in process, its upstream a small aiohttp server on loopback."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 
-from services.gateway.app import create_gateway
 from shared.auth import issue_dev_token
 from shared.logs import configure_logging
 from shared.settings import Settings
+from tests.unit.gateway_upstream import SECRET, gateway_with
 
-SECRET = "unit-test-jwt-secret-that-is-long-enough-0123456789"
 PATIENT = "PT-7Q3ZKX91AB"
 NAME = "Wilhelmina Zwanenburg"  # a name-like field in a body: must appear in no line
 
@@ -36,40 +35,22 @@ def parsed(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def settings() -> Settings:
-    return Settings(service_name="gateway", jwt_secret=SECRET, log_format="json",
-                    randomization_url="http://randomization.test")
-
-
-async def gateway_with(upstream: httpx.MockTransport) -> tuple[Any, Any]:
-    app = create_gateway(settings())
-    lifespan = app.router.lifespan_context(app)
-    await lifespan.__aenter__()
-    await app.state.client.aclose()
-    app.state.client = httpx.AsyncClient(transport=upstream)
-    return app, lifespan
-
-
 async def test_a_request_is_one_json_line_with_its_fields_and_no_secret(
         lines: io.StringIO) -> None:
-    seen: list[httpx.Request] = []
+    seen: list[bytes] = []
 
-    def answer(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(201, json={"arm": "mtx"})
+    async def answer(request: web.BaseRequest) -> web.Response:
+        seen.append(await request.read())
+        return web.json_response({"arm": "mtx"}, status=201)
 
-    app, lifespan = await gateway_with(httpx.MockTransport(answer))
     token = issue_dev_token(SECRET, "site_coordinator", "S1", sub="coordinator-17")
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://gateway") as client:
-            r = await client.post(f"/v1/patients/{PATIENT}/randomization",
-                                  json={"full_name": NAME, "note": f"password={SECRET}"},
-                                  headers={"Authorization": f"Bearer {token}",
-                                           "X-Request-ID": "req-logs-1"})
-    finally:
-        await lifespan.__aexit__(None, None, None)
+    async with gateway_with(answer) as client:
+        r = await client.post(f"/v1/patients/{PATIENT}/randomization",
+                              json={"full_name": NAME, "note": f"password={SECRET}"},
+                              headers={"Authorization": f"Bearer {token}",
+                                       "X-Request-ID": "req-logs-1"})
     assert r.status_code == 201 and len(seen) == 1  # forwarded, body and all
+    assert json.loads(seen[0])["full_name"] == NAME
 
     found = parsed(lines)
     requests = [line for line in found if line.get("logger") == "trial.request"]
@@ -91,19 +72,11 @@ async def test_a_request_is_one_json_line_with_its_fields_and_no_secret(
 
 
 async def test_a_stdlib_log_call_in_a_request_comes_out_as_json(lines: io.StringIO) -> None:
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    app, lifespan = await gateway_with(httpx.MockTransport(down))
     token = issue_dev_token(SECRET, "monitor")  # may not enrol: the refusal is reported upstream
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://gateway") as client:
-            r = await client.post("/v1/patients", json={"screening_id": "s-1", "name": NAME},
-                                  headers={"Authorization": f"Bearer {token}",
-                                           "X-Request-ID": "req-logs-2"})
-    finally:
-        await lifespan.__aexit__(None, None, None)
+    async with gateway_with(None) as client:  # ... to a service that is down
+        r = await client.post("/v1/patients", json={"screening_id": "s-1", "name": NAME},
+                              headers={"Authorization": f"Bearer {token}",
+                                       "X-Request-ID": "req-logs-2"})
     assert r.status_code == 403
 
     found = parsed(lines)

@@ -18,6 +18,7 @@ from shared.web import (
     IsoAwareDateTime,
     IsoDate,
     IsoDateTime,
+    Problem,
     install_problem_handlers,
     reject_unknown_query,
 )
@@ -104,3 +105,13 @@ def test_the_gateway_forwards_path_and_query_byte_for_byte() -> None:
     assert str(url) == "http://127.0.0.1:8002/v1/patients/x%17y/schedule?a=1&a=%5B%5D"
     assert str(_upstream_url(_request(b"/v1/safety/status", b""), "http://svc/prefix/")) \
         == "http://svc/prefix/v1/safety/status"
+
+
+@pytest.mark.parametrize(("raw_path", "query"), [
+    (b"/v1/patients/x\x7fy", b""), (b"/v1/patients/x\xc3\xa9", b""), (b"/v1/patients/x y", b""),
+    (b"/v1/patients/x", b"a=\x00"), (b"/v1/patients/x", b"a=\r\nX-Injected: 1")])
+def test_the_gateway_refuses_a_byte_a_request_line_cannot_carry(raw_path: bytes,
+                                                                 query: bytes) -> None:
+    with pytest.raises(Problem) as refused:
+        _upstream_url(_request(raw_path, query), "http://127.0.0.1:8002")
+    assert (refused.value.status, refused.value.code) == (400, "invalid_url")
