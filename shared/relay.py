@@ -164,6 +164,14 @@ class Relay:
             if missing:
                 await ensure_topics(self.settings, sorted(missing))
                 raise TopicsForgotten(f"the broker had no {', '.join(sorted(missing))}")
+        # The batch is on the broker: the answers waiting for it may leave now, before the
+        # checkpoint's commit (a write and an fsync they need not wait for). Should that commit
+        # fail, the batch is still on the broker; the retry resumes from the broker's tail and
+        # sends none of it again.
+        self.published_position = batch[-1].position
+        self.healthy = True
+        self._moved.set()
+        self._moved = asyncio.Event()
         ends: dict[str, int] = {}  # per partition: the offset after our last record there
         for meta in sent:
             key = _offset_name(name, meta.topic, meta.partition)
@@ -173,10 +181,6 @@ class Relay:
             for key, end in ends.items():
                 await tx.save_checkpoint(key, end)
         self._on_broker.difference_update(event.event_id for event in batch)
-        self.published_position = batch[-1].position
-        self.healthy = True
-        self._moved.set()
-        self._moved = asyncio.Event()
         return len(batch)
 
     async def published(self, position: int, timeout: float) -> bool:
