@@ -205,10 +205,11 @@ def _quiet_uvicorn(level: str) -> None:
         found.handlers.clear()
         found.propagate = True
     # httpx writes a line per call with its whole URL (a patient's id, a query): the gateway's
-    # forwarded request is the request's own line already.
+    # forwarded request is the request's own line already; aiohttp (the gateway's client, D69)
+    # likewise keeps to warnings.
     # alembic's start-up chatter and aiokafka's group and metadata news: warnings and worse only
     # (all of it with TRIAL_LOG_LEVEL=DEBUG).
-    for name in ("httpx", "httpcore", "alembic", "aiokafka"):
+    for name in ("httpx", "httpcore", "aiohttp", "alembic", "aiokafka"):
         logging.getLogger(name).setLevel(logging.WARNING if level != "DEBUG" else logging.NOTSET)
 
 

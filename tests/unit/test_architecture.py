@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # What a pure module may not need: the web framework, the database, the broker, HTTP.
-BLOCKED = ("fastapi", "starlette", "sqlalchemy", "aiokafka", "httpx")
+BLOCKED = ("fastapi", "starlette", "sqlalchemy", "aiokafka", "httpx", "aiohttp")
 DOMAINS = sorted(str(p.relative_to(REPO).with_suffix("")).replace("/", ".")
                  for p in REPO.glob("services/*/domain.py"))
 PURE = (
