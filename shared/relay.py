@@ -137,9 +137,7 @@ class Relay:
             name = self.checkpoint_name
             if not self._resumed:
                 await self._resume(producer)
-            checkpoint = await self.store.checkpoint(name)
-            batch = await self.store.read_all(after=checkpoint,
-                                              limit=self.settings.relay_batch_size)
+            batch = await self.store.pending(name, self.settings.relay_batch_size)
             if not batch:
                 return 0
             # send() queues in order; the client keeps one request in flight per broker, so the

@@ -933,6 +933,17 @@ class EventStore:
             q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
             return int((await conn.execute(q)).scalar_one_or_none() or 0)
 
+    async def pending(self, checkpoint: str, limit: int) -> list[RecordedEvent]:
+        """The first `limit` events after the checkpoint `checkpoint`, in position order: what a
+        relay publishes next. One statement (the checkpoint read inside it), where `checkpoint`
+        and `read_all` would take a connection and a snapshot each, on every commit's wake-up."""
+        at = sa.select(checkpoints.c.position).where(
+            checkpoints.c.name == checkpoint).scalar_subquery()
+        q = events.select().where(events.c.position > sa.func.coalesce(at, 0)).order_by(
+            events.c.position).limit(limit)
+        async with self.read_engine.connect() as conn:
+            return [_to_recorded(r) for r in await conn.execute(q)]
+
     async def published_through(self, relay: str) -> int:
         """How far the relay `relay` has published, whichever replica runs it: its furthest
         checkpoint on any broker cluster (`relay@cluster`; not the per-partition offsets kept

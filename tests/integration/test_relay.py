@@ -103,3 +103,22 @@ async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
                                until=lambda rs: {e.sequence for e in ours(rs, source)}
                                >= set(range(1, 22)))
     assert_complete_and_ordered(records, source, 21, 1)
+
+
+async def test_pending_is_what_follows_the_checkpoint_in_order_up_to_the_limit(
+        store: EventStore) -> None:
+    assert await store.pending("relay@c1", 10) == []  # nothing stored, no checkpoint
+    for n in range(5):
+        await store.append(f"patient-{n}", [withdrawn(f"P{n}", n)], None)
+    # No checkpoint yet: from the start; the limit holds.
+    assert [e.position for e in await store.pending("relay@c1", 3)] == [1, 2, 3]
+    async with store.transaction() as tx:
+        await tx.save_checkpoint("relay@c1", 2)
+        await tx.save_checkpoint("relay@c1#trial.enrollment/0", 4)  # another name, not read
+    pending = await store.pending("relay@c1", 10)
+    assert [e.position for e in pending] == [3, 4, 5]
+    assert pending == await store.read_all(after=2, limit=10)  # the same events, decoded alike
+    assert [e.position for e in await store.pending("relay@c2", 10)] == [1, 2, 3, 4, 5]
+    async with store.transaction() as tx:
+        await tx.save_checkpoint("relay@c1", 5)
+    assert await store.pending("relay@c1", 10) == []
