@@ -116,10 +116,20 @@ class LazyProducer:
             raise
 
     async def drop(self) -> None:
-        """Stop and forget the producer (after a failure, or at the end); never raises."""
+        """Stop and forget the producer (after a failure, or at the end); never raises, and
+        never waits longer than the client's request timeout."""
         producer, self._producer = self._producer, None
         if producer is not None:
-            await quietly(producer.stop())
+            await stop_within(producer.stop(), self.settings.kafka_request_timeout_ms / 1000)
+
+
+async def stop_within(closing: Awaitable[object], seconds: float) -> None:
+    """Await a client's close for up to `seconds`, quietly: a client wedged on a broker that
+    went away (D72) is left to the garbage collector rather than holding its owner up."""
+    try:
+        await asyncio.wait_for(quietly(closing), seconds)
+    except TimeoutError:
+        log.warning("a Kafka client did not close in %g s; left behind", seconds)
 
 
 async def quietly(awaitable: Awaitable[object]) -> None:

@@ -27,6 +27,7 @@ from shared.kafka import (
     ensure_topics,
     known_partitions,
     physical,
+    stop_within,
 )
 from shared.leader import Leadership
 from shared.retry import Stopped, retry
@@ -43,6 +44,10 @@ class TopicsForgotten(Exception):
 
 class BrokerChanged(Exception):
     """The batch went to a broker cluster other than the checkpoint's: publish from its start."""
+
+
+class PassStalled(Exception):
+    """A pass did not end within its budget: abandoned, and started again on fresh clients."""
 
 
 class Relay:
@@ -71,6 +76,9 @@ class Relay:
         self.answers = {"published": 0, "before_published": 0}
         self._cluster: str | None = None  # the broker cluster's id, as last seen
         self._delivery_timeout_s = 3 * settings.kafka_request_timeout_ms / 1000
+        # A pass's budget (D72): more than its bounded steps take together (a resume's drain,
+        # 2 x delivery, is the longest), so only a wedged client reaches it.
+        self.pass_budget_s = 4 * self._delivery_timeout_s
         self.leadership = Leadership(store, f"relay-{name}")
         self.leading = False  # this replica publishes (health detail)
         self._resumed = False  # the broker's tail has been read since the last start or failure
@@ -94,13 +102,32 @@ class Relay:
             await self.leadership.release()
 
     async def _publish_or_drop(self) -> int:
+        """One pass, watched (D72): a pass still running after `pass_budget_s` is cancelled and
+        fails like any other, its producer dropped, and where it stood goes to the log. An
+        aiokafka client can wait for ever on a broker that went away under it (aio-libs/
+        aiokafka#712); without this the relay stayed "healthy", published nothing and said
+        nothing, and every answer waited its full `answer_after_publish_s`."""
+        task = asyncio.ensure_future(self.publish_pending())
         try:
-            return await self.publish_pending()
+            done, _ = await asyncio.wait({task}, timeout=self.pass_budget_s)
+            if not done:
+                where = awaiting(task)
+                task.cancel()
+                await asyncio.wait({task}, timeout=self._delivery_timeout_s)
+                log.error("relay %s: a pass did not end in %g s; abandoned, starting again on "
+                          "fresh clients. It was waiting in:\n%s", self.name, self.pass_budget_s,
+                          "\n".join(where))
+                raise PassStalled(f"a pass did not end in {self.pass_budget_s:g} s")
+            return task.result()
         except Exception:  # the broker or the database failed: retry the same batch
             self.healthy = False
             self.failed_at = time.monotonic()
             self._resumed = False  # what reached the broker is unknown: read its tail again
+            await self.producer.drop()  # (`using` drops it too, but not after a cancel)
             raise
+        finally:
+            if not task.done():  # the relay itself stopping
+                task.cancel()
 
     async def _committed_here(self) -> None:
         """A commit by this process, after a floor of 0.2 s (retries never spin): the database
@@ -245,7 +272,7 @@ class Relay:
                     if envelope is not None and envelope[0] == self.source:
                         seen.add(envelope[1])
         finally:
-            await consumer.stop()
+            await stop_within(consumer.stop(), self._delivery_timeout_s)
         if seen:
             log.warning("relay %s: %d events after the checkpoint were already on the broker; "
                         "not sending them again", self.name, len(seen))
@@ -266,6 +293,21 @@ class Relay:
             "headers": [("content-type", b"application/cloudevents+json"),
                         ("ce_type", event.type.encode())],
         }
+
+
+def awaiting(task: asyncio.Future[Any]) -> list[str]:
+    """Where a suspended task waits: each coroutine of its await chain, outermost first, as
+    `file:line in function`, down to the future it waits on."""
+    where: list[str] = []
+    coro: Any = task.get_coro() if isinstance(task, asyncio.Task) else None
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            where.append(f"  on {type(coro).__name__}")
+            break
+        where.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return where
 
 
 def _offset_name(checkpoint: str, topic: str, partition: int) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import Any
 
-from aiokafka import ConsumerRecord
+import pytest
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn
 from shared.relay import Relay
@@ -122,3 +124,52 @@ async def test_pending_is_what_follows_the_checkpoint_in_order_up_to_the_limit(
     async with store.transaction() as tx:
         await tx.save_checkpoint("relay@c1", 5)
     assert await store.pending("relay@c1", 10) == []
+
+
+async def test_a_pass_wedged_in_the_kafka_client_is_abandoned_and_the_relay_goes_on(
+        broker: Broker, database_url: str, store: EventStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """D72. aiokafka can wait for ever on a broker that went away under it (aio-libs/aiokafka
+    #712; a CI run of the broker-outage test hung so: the relay stayed "healthy" and published
+    nothing for two minutes after the broker came back). No broker does that on demand, so the
+    producer's first `send` is made to wait for ever, as the wedged client's did; the broker
+    and the database are the real ones."""
+    settings = Settings(service_name="wedge-test", database_url=database_url,
+                        kafka_bootstrap_servers=broker.bootstrap, relay_poll_interval_s=0.1,
+                        kafka_request_timeout_ms=1000)
+    wedged = asyncio.Event()
+    send = AIOKafkaProducer.send
+
+    async def send_wedged_once(self: AIOKafkaProducer, *args: Any, **kwargs: Any) -> Any:
+        if not wedged.is_set():
+            wedged.set()
+            await asyncio.Event().wait()  # never returns, as the wedged client's wait
+        return await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send", send_wedged_once)
+    relay = Relay(store, settings)
+    assert relay.pass_budget_s == 12  # 4 x delivery (3 x the 1 s request timeout)
+    for n in range(1, 4):
+        await store.append(f"patient-W{n}", [withdrawn(f"W{n}", n)], None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        await eventually(wedged.is_set, what="the send wedged")
+        await eventually(lambda: not relay.healthy, timeout=60, what="the pass abandoned")
+        assert relay.published_position == 0
+        await eventually(lambda: relay.published_position >= 3, timeout=60,
+                         what="the relay publishing after the wedge")
+        assert relay.healthy
+    finally:
+        stop.set()
+        if not (await asyncio.wait({task}, timeout=30))[0]:
+            task.cancel()  # still wedged (the defect): fail, do not hang
+    stalled = [m for m in (r.getMessage() for r in caplog.records)
+               if "did not end in 12 s; abandoned" in m]
+    assert len(stalled) == 1
+    assert "in send_wedged_once" in stalled[0] and "in publish_pending" in stalled[0]
+    source = "/services/wedge-test"
+    records = await read_topic(broker.bootstrap, ENROLLMENT,
+                               until=lambda rs: {e.sequence for e in ours(rs, source)}
+                               >= {1, 2, 3})
+    assert_complete_and_ordered(records, source, 3, 1)
