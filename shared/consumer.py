@@ -451,13 +451,10 @@ class ConsumerRunner:
             ("dlq_offset", str(record.offset).encode()),
         ]
 
-        async def publish() -> None:
-            async with self.dlq.using() as producer:
-                await producer.send_and_wait(physical(self.settings, dlq_topic(topic)),
-                                             value=record.value, key=record.key, headers=headers)
-
         # The offset is not committed until the DLQ has the record.
-        await retry(publish, what=f"consumer {self.group_id}: DLQ publish", initial=0.2)
+        await retry(lambda: self.dlq.send_and_wait(physical(self.settings, dlq_topic(topic)),
+                                                   record.value, record.key, headers),
+                    what=f"consumer {self.group_id}: DLQ publish", initial=0.2)
         self.dead_lettered += 1
         closed = self.fail_closed.get(topic)
         if closed is not None:

@@ -115,6 +115,16 @@ class LazyProducer:
             await self.drop()
             raise
 
+    async def send_and_wait(self, topic: str, value: bytes | None, key: bytes | None = None,
+                            headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Publish one record and wait until the broker has it, for up to 3 request timeouts
+        (a send can otherwise wait for ever on a broker that went away under the client, D72);
+        the producer is dropped on any failure, so a retry connects afresh."""
+        async with self.using() as producer:
+            await asyncio.wait_for(
+                producer.send_and_wait(topic, value, key=key, headers=headers),
+                3 * self.settings.kafka_request_timeout_ms / 1000)
+
     async def drop(self) -> None:
         """Stop and forget the producer (after a failure, or at the end); never raises, and
         never waits longer than the client's request timeout."""

@@ -65,11 +65,10 @@ class Anchorer:
                            type="AuditChainAnchored", subject=anchor.subject(),
                            time=anchor.anchored_at, data=anchor.model_dump(mode="json"),
                            sequence=anchor.position)
-        async with self.producer.using() as producer:
-            await producer.send_and_wait(
-                physical(self.settings, AUDIT_ANCHORS), cloud.to_bytes(), key=anchor.ledger.encode(),
-                headers=[("content-type", b"application/cloudevents+json"),
-                         ("ce_type", b"AuditChainAnchored")])
+        await self.producer.send_and_wait(
+            physical(self.settings, AUDIT_ANCHORS), cloud.to_bytes(), anchor.ledger.encode(),
+            [("content-type", b"application/cloudevents+json"),
+             ("ce_type", b"AuditChainAnchored")])
         self.anchored_position, self.anchored_hash = anchor.position, anchor.hash
         return anchor
 
