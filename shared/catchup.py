@@ -71,12 +71,13 @@ def settling(rt: Runtime) -> bool:
             or (failed_at is not None and time.monotonic() - failed_at < SETTLING_S))
 
 
-async def having_read(rt: Runtime, topic: str, patient_id: str) -> None:
+async def having_read(rt: Runtime, topic: str, patient_id: str | None = None) -> None:
     """Before a write that a fact on `topic` may forbid (a withdrawal refuses an assessment, a
-    treatment discontinuation a dose): wait until this service has handled every record of the
-    patient's partition that the broker holds now, or answer 503 `not_caught_up`. What a
-    service published a moment ago is then known here; only a fact still on its way from the
-    other service's relay (milliseconds) can be missed (D37)."""
+    treatment discontinuation or a safety hold a dose): wait until this service has handled
+    every record of the patient's partition (of every partition, without a patient: a hold on
+    an arm or the whole trial is keyed by neither) that the broker holds now, or answer 503
+    `not_caught_up`. What a service published a moment ago is then known here; only a fact
+    still on its way from the other service's relay (milliseconds) can be missed (D37, D73)."""
     consumer = rt.consumer
     if consumer is None or not rt.settings.consumers_enabled:
         return

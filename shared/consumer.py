@@ -279,18 +279,18 @@ class ConsumerRunner:
         last = max(self.reassigned_at or -window_s, self.trouble_at or -window_s)
         return time.monotonic() - last < window_s
 
-    async def caught_up(self, topic: str, key: str, timeout: float) -> bool:
+    async def caught_up(self, topic: str, key: str | None, timeout: float) -> bool:
         """Whether this service's group has handled every record of `key`'s partition of
-        `topic` (a logical name) that existed when asked, waiting up to `timeout` seconds for it
-        to get there. False when it cannot tell in time (not yet in its group, the broker away,
-        behind).
+        `topic` (a logical name; every partition of it when `key` is None) that existed when
+        asked, waiting up to `timeout` seconds for it to get there. False when it cannot tell in
+        time (not yet in its group, the broker away, behind).
 
         The log's end is asked once; the group's committed offset is asked of the broker, then
         followed here as this process commits (woken at once, not polled) while the partition is
         this process's; another replica's progress is asked of the broker every 50 ms."""
         deadline = time.monotonic() + timeout
-        end: int | None = None
-        committed: int | None = None
+        ends: dict[TopicPartition, int] = {}
+        committed: dict[TopicPartition, int | None] = {}
         topic = physical(self.settings, topic)
         while True:
             consumer = self._consumer
@@ -298,24 +298,22 @@ class ConsumerRunner:
             try:
                 partitions = sorted(consumer.partitions_for_topic(topic) or ()) if consumer else []
                 if consumer is not None and partitions:
-                    tp = TopicPartition(topic, _PARTITIONER(key.encode(), partitions, partitions))
-                    if end is None:  # what existed when asked: the log's end, now
+                    tps = [TopicPartition(topic, p) for p in (
+                        partitions if key is None
+                        else [_PARTITIONER(key.encode(), partitions, partitions)])]
+                    if not ends.keys() >= set(tps):  # what existed when asked: the log's end, now
                         # Bounded by the caller's budget: with the broker away aiokafka waits
                         # out its whole request timeout (D64).
-                        end = (await asyncio.wait_for(consumer.end_offsets([tp]),
-                                                      max(deadline - time.monotonic(), 0.01)))[tp]
+                        found = await asyncio.wait_for(consumer.end_offsets(tps),
+                                                       max(deadline - time.monotonic(), 0.01))
                         # The embedded broker answers ListOffsets with its last batch's base
                         # offset + 1, short of the end when a batch held several records; the
                         # high watermark of this process's own fetches is exact (issue 15).
-                        end = max(end, consumer.highwater(tp) or 0) if tp in (
-                            consumer.assignment()) else end
-                    if committed is None or tp not in consumer.assignment():
-                        committed = await asyncio.wait_for(
-                            self._committed(consumer, tp), max(deadline - time.monotonic(), 0.01))
-                    here = self.committed_here.get(tp)
-                    if here is not None and tp in consumer.assignment():
-                        committed = max(committed or 0, here)
-                    if end == 0 or (committed is not None and committed >= end):
+                        assigned = consumer.assignment()
+                        ends.update({tp: max(found[tp], consumer.highwater(tp) or 0)
+                                     if tp in assigned else found[tp] for tp in tps})
+                    if all([await self._handled(consumer, tp, ends[tp], committed, deadline)
+                            for tp in tps]):
                         return True
             except TimeoutError:  # the budget ran out during a look: cannot tell in time
                 return False
@@ -327,6 +325,22 @@ class ConsumerRunner:
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(moved.wait(), min(0.05, left))
+
+    async def _handled(self, consumer: AIOKafkaConsumer, tp: TopicPartition, end: int,
+                       committed: dict[TopicPartition, int | None], deadline: float) -> bool:
+        """Whether the group's committed offset of `tp` has reached `end` (`committed` keeps
+        what the broker said across one `caught_up`'s looks). The group is asked even when the
+        partition is empty: the answer comes once the group's coordinator answers, which a
+        consumer still joining its group waits for (and tests of a rebalance count on)."""
+        assigned = tp in consumer.assignment()
+        if committed.get(tp) is None or not assigned:
+            committed[tp] = await asyncio.wait_for(
+                self._committed(consumer, tp), max(deadline - time.monotonic(), 0.01))
+        here = self.committed_here.get(tp)
+        if here is not None and assigned:
+            committed[tp] = max(committed[tp] or 0, here)
+        reached = committed[tp]
+        return end == 0 or (reached is not None and reached >= end)
 
     async def _committed(self, consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
         """The group's committed offset of `tp`, asked of the broker at most once per 50 ms

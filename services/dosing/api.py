@@ -20,7 +20,7 @@ from shared.deps import (
     metadata_for,
 )
 from shared.errors import Refused
-from shared.events import EFFICACY, ENROLLMENT, EventData
+from shared.events import EFFICACY, ENROLLMENT, SAFETY, EventData
 from shared.permissions import Action, authorize
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
@@ -134,6 +134,7 @@ async def _record(rt: Runtime, patient_id: str, who: Principal, command: domain.
     """Record the dose; a patient dosing has not heard of yet is waited for, never "unknown"."""
     async def record() -> list[EventData]:
         await having_read(rt, EFFICACY, patient_id)  # a discontinuation published a moment ago
+        await having_read(rt, SAFETY)  # a hold published a moment ago, on any key (D73)
         return await commands.record_dose(rt.store, patient_id, who, command, protocol,
                                           metadata_for(who, reason=command.deviation_reason))
 

@@ -3,20 +3,26 @@ background sweep records and publishes each missed visit once; the API reads the
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.dosing import domain
 from services.dosing.app import create_dosing_app
 from shared.auth import issue_dev_token
 from shared.clock import FixedClock
-from shared.events import DOSING, CloudEvent
+from shared.events import DOSING, SAFETY, CloudEvent, TrialHalted
+from shared.kafka import client_options, ensure_topics
+from shared.runtime import Runtime
 from shared.settings import Settings
 from shared.store import EventStore
 from shared.sweep import Sweeper
-from tests.integration.test_dosing_store import assign
+from tests.integration.test_dosing_store import RANDOMIZED, assign
+from tests.integration.test_randomization_store import cloud
 from tests.support import eventually, read_topic
 
 
@@ -79,3 +85,57 @@ async def test_the_apps_sweep_follows_its_clock_and_publishes_each_missed_visit_
         assert sorted(e.data["week"] for e in published(records)) == [0, 1]
         assert len({e.id for e in published(records)}) == 2
 
+
+
+async def test_a_dose_waits_until_dosing_has_read_every_hold_already_on_the_broker(
+        settings: Settings) -> None:
+    """D73. A hold safety published is on trial.safety before dosing has applied it (its
+    consumer is behind, or wedged): the dose then is refused with 503 `not_caught_up`, never
+    given, whatever key the hold has (a trial halt is keyed by the trial, not the patient).
+    Dosing's consumer is held at the halt by the test; once it applies it, the dose is 409."""
+    env = settings.model_copy(update={"kafka_topic_prefix": f"d73-{uuid.uuid4().hex[:8]}.",
+                                      "service_name": "dosing", "dosing_sweep_interval_s": 3600})
+    await ensure_topics(env)
+    app = create_dosing_app(env)
+    app.state.clock = FixedClock(RANDOMIZED + timedelta(hours=2))
+    async with app.router.lifespan_context(app):
+        rt: Runtime = app.state.runtime
+        consumer = rt.consumer
+        assert consumer is not None
+        patient = await assign(rt.store, "msc_low")
+        gate = asyncio.Event()
+        apply_hold = consumer.handlers["TrialHalted"]
+
+        async def held_at_the_gate(tx: Any, delivery: Any) -> None:
+            await gate.wait()
+            await apply_hold(tx, delivery)
+
+        consumer.handlers["TrialHalted"] = held_at_the_gate
+        await eventually(lambda: consumer.caught_up(SAFETY, None, 0.2), timeout=60,
+                         what="dosing reading trial.safety")
+        halt = cloud(TrialHalted(hold_id="H-73", trial_id="NCT03424629", rule_id="R1-death")
+                     ).model_copy(update={"time": RANDOMIZED})  # decided before the dose
+        producer = AIOKafkaProducer(**client_options(env))
+        await producer.start()
+        try:
+            await producer.send_and_wait(env.kafka_topic_prefix + SAFETY, halt.to_bytes(),
+                                         key=halt.subject.encode())
+        finally:
+            await producer.stop()
+        token = issue_dev_token(env.jwt_secret, "site_coordinator", "S1")
+        body = {"week": 0, "weight_kg": 70.0, "cells_administered": 70_000_000,
+                "lot_number": "L-1", "given_at": (RANDOMIZED + timedelta(hours=1)).isoformat()}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://dosing",
+                                     headers={"Authorization": f"Bearer {token}"}) as api:
+            r = await api.post(f"/v1/patients/{patient}/infusions", json=body)
+            assert (r.status_code, r.json().get("code")) == (503, "not_caught_up"), r.text
+            assert r.headers["Retry-After"] == "1"
+            assert [e.type for e in await rt.store.read_stream(domain.schedule_stream(patient))
+                    ].count("InfusionGiven") == 0
+            gate.set()
+            await eventually(lambda: consumer.caught_up(SAFETY, None, 0.2),
+                             what="dosing applying the halt")
+            r = await api.post(f"/v1/patients/{patient}/infusions", json=body)
+            assert (r.status_code, r.json().get("code")) == (409, "dosing_held"), r.text
+            assert (r.json()["scope"], r.json()["hold_id"]) == ("trial", "H-73")
