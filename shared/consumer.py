@@ -20,14 +20,14 @@ from typing import TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic, may_publish
 from shared.failpoints import BEFORE_OFFSET_COMMIT, Failpoints
 from shared.kafka import LazyProducer, client_options, logical, physical, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
-from shared.store import EventStore, Metadata, Transaction
+from shared.store import EventStore, Metadata, Transaction, database_unavailable
 from shared.tracing import noted_apply, noted_parse, traced_batch, traced_record
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,10 @@ class PoisonRecord(Exception):
 
 
 def _transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT) or (isinstance(exc, DBAPIError)
-                                          and exc.connection_invalidated)
+    """A failure of the way to the record's store, never of the record: the store's own test
+    (`database_unavailable`: a PostgreSQL shutting down answers a plain DBAPIError, SQLSTATE
+    57P01/57P03, which must be waited out like a refused connection, never dead-lettered)."""
+    return isinstance(exc, TRANSIENT) or database_unavailable(exc)
 
 
 class ConsumerRunner:

@@ -6,9 +6,11 @@ import asyncio
 import uuid
 from collections.abc import Callable
 
+import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from sqlalchemy.exc import DBAPIError
 
-from shared.consumer import ConsumerRunner, Delivery, Handler, batchable
+from shared.consumer import MAX_HANDLER_ATTEMPTS, ConsumerRunner, Delivery, Handler, batchable
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn, dlq_topic
 from shared.kafka import ensure_topics
 from shared.settings import Settings
@@ -130,6 +132,34 @@ async def test_a_failing_handler_dead_letters_after_retries_without_writing(
     assert runner.dead_lettered == 1
     assert await store.read_stream("seen-P4") == []
     assert len(await store.read_stream("seen-P5")) == 1
+
+
+async def test_a_database_shutting_down_is_waited_out_never_dead_lettered(
+        settings: Settings, store: EventStore) -> None:
+    # PostgreSQL refusing work while it shuts down (SQLSTATE 57P03) reaches a handler as a plain
+    # DBAPIError, its connection not invalidated: more failures than a bad record is allowed,
+    # and still the record waits for the database and is filed, once (a CI run, 2026-12-02).
+    topic = f"test.shutdown.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    record = withdrawal("P6")
+    refusals = MAX_HANDLER_ATTEMPTS + 1
+
+    async def while_postgres_shuts_down(tx: Transaction, delivery: Delivery) -> None:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            adapted = Exception("the database system is shutting down")
+            adapted.__cause__ = asyncpg.exceptions.CannotConnectNowError(str(adapted))
+            raise DBAPIError("SELECT", None, adapted)
+        await count_down(tx, delivery)
+
+    await produce(settings, topic, record.to_bytes())
+    runner = ConsumerRunner(store, settings, [topic],
+                            {"PatientWithdrawn": while_postgres_shuts_down},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    await run_until(runner, lambda: runner.handled == 1, "the record, once the database is back")
+    assert (refusals, runner.dead_lettered) == (0, 0)
+    assert [e.data["event_id"] for e in await store.read_stream("seen-P6")] == [record.id]
 
 
 @batchable
