@@ -45,7 +45,7 @@ def refused_writes_logger(service: str) -> OnProblem:
         if (request.method == "POST" and problem.status in DENIED_STATUSES
                 and isinstance(who, Principal)):
             try:
-                await record_access_denied(runtime(request).store, who, service, request.method,
+                await record_access_denied((await runtime(request)).store, who, service, request.method,
                                            request.url.path, problem.status, problem.code)
             except Exception as error:  # the refusal stands even if its record fails
                 log.warning("could not record AccessDenied: %r", error)
@@ -69,8 +69,8 @@ def access_router() -> APIRouter:
     @router.post("/internal/access-denied", status_code=202)
     async def access_denied(report: AccessDeniedReport, request: Request) -> JSONResponse:
         # The caller's own token: a report can only ever be about the principal who sends it.
-        who = principal(request)
-        await record_access_denied(runtime(request).store, who, "gateway", report.method,
+        who = await principal(request)
+        await record_access_denied((await runtime(request)).store, who, "gateway", report.method,
                                    report.path, report.status, report.code)
         return JSONResponse({"recorded": True}, status_code=202)
 

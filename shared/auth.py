@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -64,13 +65,26 @@ class JWTVerifier:
         """The caller named by an `Authorization` header's bearer token; `AuthError` otherwise."""
         return self.verify(bearer_token(authorization))
 
+    async def principal_of(self, authorization: str | None) -> Principal:
+        """`principal` for async code: on the event loop, except when verifying may fetch the
+        identity provider's keys (a JWKS token not remembered), which is a blocking HTTP call.
+        A remembered token or an HS256 signature costs microseconds, never a thread hop."""
+        token = bearer_token(authorization)
+        if self._jwks is None or self._remembered(token) is not None:
+            return self.verify(token)
+        return await asyncio.to_thread(self.verify, token)
+
+    def _remembered(self, token: str) -> Principal | None:
+        kept = self._verified.get(token)
+        return kept[0] if kept is not None and time.time() < kept[1] else None
+
     def verify(self, token: str) -> Principal:
         """The token's principal. A token verified in the last `VERIFIED_FOR_S` seconds, and
         not expired since, is answered from memory: the same bytes, the same signature check."""
+        kept = self._remembered(token)
+        if kept is not None:
+            return kept
         now = time.time()
-        kept = self._verified.get(token)
-        if kept is not None and now < kept[1]:
-            return kept[0]
         principal, exp = self._verify(token)
         if len(self._verified) >= VERIFIED_KEPT:
             self._verified.pop(next(iter(self._verified)))

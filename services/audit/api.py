@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 HISTORY_ORDER = json.dumps("source time; a cause always before its effects")
 
 
-def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
+async def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
             actor: str | None = None, since: IsoDateTime | None = None,
             until: IsoDateTime | None = None, correlation_id: str | None = None) -> Filters:
     """`since` inclusive, `until` exclusive, both on the event's own time (UTC)."""

@@ -141,7 +141,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         route = match_route(request.method, request.url.path)
         if route is None:
             raise Problem(404, "not_found", "No such resource")
-        who = verifier.principal(request.headers.get("authorization"))  # else 401
+        who = await verifier.principal_of(request.headers.get("authorization"))  # else 401
         request.state.principal = who  # for the request's log line (sub and role only)
         wait = limiter.take(who.sub)
         if wait > 0:

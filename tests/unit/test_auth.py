@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -308,3 +309,27 @@ def test_a_token_is_verified_again_after_the_memory_span(monkeypatch: pytest.Mon
     forged = ".".join((header, payload, ("A" if signature[0] != "A" else "B") + signature[1:]))
     with pytest.raises(AuthError):
         verifier.verify(forged)
+
+
+async def test_a_jwks_key_is_fetched_off_the_event_loop_and_a_known_token_stays_on_it(
+        jwks_verifier: JWTVerifier, rsa_key: rsa.RSAPrivateKey,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The identity provider's keys come over blocking HTTP: never on the loop every request
+    # shares. A token verified a moment ago, or an HS256 one, is answered on the loop.
+    on_loop = threading.get_ident()
+    verified_on: list[int] = []
+    verify = JWTVerifier.verify
+
+    def watched(self: JWTVerifier, token: str) -> Principal:
+        verified_on.append(threading.get_ident())
+        return verify(self, token)
+
+    monkeypatch.setattr(JWTVerifier, "verify", watched)
+    header = f"Bearer {rs_token(rsa_key, claims())}"
+    first = await jwks_verifier.principal_of(header)
+    again = await jwks_verifier.principal_of(header)
+    assert first == again == Principal("user-1", "investigator", "S1")
+    assert verified_on[0] != on_loop and verified_on[1] == on_loop
+    hs = JWTVerifier(hs_settings())
+    assert (await hs.principal_of(f"Bearer {hs_token(claims())}")).sub == "user-1"
+    assert verified_on[2] == on_loop
