@@ -262,6 +262,12 @@ _STREAM = events.select().where(
     events.c.stream_version > sa.bindparam("after_version")).order_by(events.c.stream_version)
 
 
+# Several whole streams in one statement (one round trip, one snapshot), in stream order.
+_STREAMS = events.select().where(
+    events.c.stream_id.in_(sa.bindparam("stream_ids", expanding=True))).order_by(
+    events.c.stream_id, events.c.stream_version)
+
+
 def _stream_params(stream_id: str, after_version: int) -> dict[str, Any]:
     return {"stream_id": stream_id, "after_version": after_version}
 
@@ -884,6 +890,15 @@ class EventStore:
         async with self.read_engine.connect() as conn:
             return [_to_recorded(r)
                     for r in await conn.execute(_STREAM, _stream_params(stream_id, after_version))]
+
+    async def read_streams(self, *stream_ids: str) -> dict[str, list[RecordedEvent]]:
+        """Each of `stream_ids` whole (empty when it has no events), read in one statement: one
+        round trip for a route that folds two streams, and both as of the same moment."""
+        found: dict[str, list[RecordedEvent]] = {stream_id: [] for stream_id in stream_ids}
+        async with self.read_engine.connect() as conn:
+            for row in await conn.execute(_STREAMS, {"stream_ids": list(found)}):
+                found[row.stream_id].append(_to_recorded(row))
+        return found
 
     async def read_all(self, after: int = 0, limit: int | None = 1000,
                        where: EventFilter = EVERYTHING) -> list[RecordedEvent]:

@@ -46,13 +46,13 @@ async def record_dose(store: EventStore, patient_id: str, who: Principal,
 async def schedule(store: EventStore, patient_id: str, who: Principal
                    ) -> tuple[domain.DosingRecord, holding.Holds]:
     """A patient's record and the holds in force, for a reader the patient's site allows."""
-    record = domain.fold(e.payload() for e in
-                         await store.read_stream(domain.schedule_stream(patient_id)))
+    stream = domain.schedule_stream(patient_id)
+    found = await store.read_streams(stream, holding.HOLDS_STREAM)
+    record = domain.fold(e.payload() for e in found[stream])
     authorize_patient(who, Action.READ_PATIENT, record.site_id)
     if record.current is None:
         raise Refused("patient_not_found", "No such patient")
-    holds = holding.fold(e.payload() for e in await store.read_stream(holding.HOLDS_STREAM))
-    return record, holds
+    return record, holding.fold(e.payload() for e in found[holding.HOLDS_STREAM])
 
 
 def _from_enrollment(event: EventData) -> domain.RecordCommand | None:

@@ -38,6 +38,20 @@ async def test_append_read_and_expected_version(store: EventStore) -> None:
     assert (await store.verify()).ok
 
 
+async def test_streams_read_together_are_each_whole_and_in_version_order(
+        store: EventStore) -> None:
+    # Interleaved in position: each stream must come back alone, whole, in its own order.
+    for n in range(3):
+        await store.append("a-1", [ev(n)], expected_version=n)
+        await store.append("b-1", [ev(10 + n), ev(20 + n)], expected_version=2 * n)
+    found = await store.read_streams("b-1", "a-1", "never-written")
+    assert list(found) == ["b-1", "a-1", "never-written"]
+    assert [e.data["n"] for e in found["a-1"]] == [0, 1, 2]
+    assert [e.data["n"] for e in found["b-1"]] == [10, 20, 11, 21, 12, 22]
+    assert found["never-written"] == []
+    assert [e.hash for e in found["b-1"]] == [e.hash for e in await store.read_stream("b-1")]
+
+
 async def test_concurrent_appends_at_the_same_version_exactly_one_wins(database_url: str,
                                                                        store: EventStore) -> None:
     await store.append("contested", [ev()], expected_version=0)
