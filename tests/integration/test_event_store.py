@@ -52,6 +52,31 @@ async def test_streams_read_together_are_each_whole_and_in_version_order(
     assert [e.hash for e in found["b-1"]] == [e.hash for e in await store.read_stream("b-1")]
 
 
+async def test_sixteen_concurrent_reads_reuse_their_connections(store: EventStore) -> None:
+    # A busy service's readers: once the pool holds a connection for each, no read opens one
+    # (the default five kept made every read past the fifth open and close its own, D75).
+    await store.append("r-1", [ev(1)], expected_version=0)
+    opened = 0
+
+    def on_connect(*_: Any) -> None:
+        nonlocal opened
+        opened += 1
+
+    sa.event.listen(store.read_engine.sync_engine, "connect", on_connect)
+    try:
+        async def wave() -> None:
+            reads = await asyncio.gather(*(store.read_stream("r-1") for _ in range(16)))
+            assert all(len(read) == 1 for read in reads)
+
+        await wave()
+        after_first = opened
+        for _ in range(5):
+            await wave()
+        assert 0 < after_first <= 16 and opened == after_first
+    finally:
+        sa.event.remove(store.read_engine.sync_engine, "connect", on_connect)
+
+
 async def test_concurrent_appends_at_the_same_version_exactly_one_wins(database_url: str,
                                                                        store: EventStore) -> None:
     await store.append("contested", [ev()], expected_version=0)
