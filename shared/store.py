@@ -272,10 +272,18 @@ def _stream_params(stream_id: str, after_version: int) -> dict[str, Any]:
     return {"stream_id": stream_id, "after_version": after_version}
 
 
-def _after(after: int, limit: int | None, where: EventFilter) -> sa.Select[Any]:
+def _after(after: int | sa.ColumnElement[int], limit: int | sa.BindParameter[int] | None,
+           where: EventFilter = EVERYTHING) -> sa.Select[Any]:
     q = events.select().where(events.c.position > after, *where.clauses()).order_by(
         events.c.position)
     return q if limit is None else q.limit(limit)
+
+
+# What a relay publishes next (built once: it runs on every commit's wake-up): the events after
+# its checkpoint, the checkpoint read inside the same statement.
+_PENDING = _after(sa.func.coalesce(sa.select(checkpoints.c.position).where(
+    checkpoints.c.name == sa.bindparam("checkpoint")).scalar_subquery(), 0),
+    sa.bindparam("limit", type_=sa.Integer))
 
 
 
@@ -952,12 +960,9 @@ class EventStore:
         """The first `limit` events after the checkpoint `checkpoint`, in position order: what a
         relay publishes next. One statement (the checkpoint read inside it), where `checkpoint`
         and `read_all` would take a connection and a snapshot each, on every commit's wake-up."""
-        at = sa.select(checkpoints.c.position).where(
-            checkpoints.c.name == checkpoint).scalar_subquery()
-        q = events.select().where(events.c.position > sa.func.coalesce(at, 0)).order_by(
-            events.c.position).limit(limit)
         async with self.read_engine.connect() as conn:
-            return [_to_recorded(r) for r in await conn.execute(q)]
+            return [_to_recorded(r) for r in await conn.execute(
+                _PENDING, {"checkpoint": checkpoint, "limit": limit})]
 
     async def published_through(self, relay: str) -> int:
         """How far the relay `relay` has published, whichever replica runs it: its furthest
