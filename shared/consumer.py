@@ -314,8 +314,9 @@ class ConsumerRunner:
                         assigned = consumer.assignment()
                         ends.update({tp: max(found[tp], consumer.highwater(tp) or 0)
                                      if tp in assigned else found[tp] for tp in tps})
-                    if all([await self._handled(consumer, tp, ends[tp], committed, deadline)
-                            for tp in tps]):
+                    if all(await asyncio.gather(*(  # the partitions asked together
+                            self._handled(consumer, tp, ends[tp], committed, deadline)
+                            for tp in tps))):
                         return True
             except TimeoutError:  # the budget ran out during a look: cannot tell in time
                 return False
@@ -335,10 +336,13 @@ class ConsumerRunner:
         partition is empty: the answer comes once the group's coordinator answers, which a
         consumer still joining its group waits for (and tests of a rebalance count on)."""
         assigned = tp in consumer.assignment()
+        here = self.committed_here.get(tp) if assigned else None
+        if end > 0 and here is not None and here >= end:
+            return True  # this process committed past the end itself: no need to ask the group
         if committed.get(tp) is None or not assigned:
             committed[tp] = await asyncio.wait_for(
                 self._committed(consumer, tp), max(deadline - time.monotonic(), 0.01))
-        here = self.committed_here.get(tp)
+        here = self.committed_here.get(tp)  # it may have moved while the group was asked
         if here is not None and assigned:
             committed[tp] = max(committed[tp] or 0, here)
         reached = committed[tp]

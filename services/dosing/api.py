@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Annotated, Literal
 
@@ -133,8 +134,9 @@ async def _record(rt: Runtime, patient_id: str, who: Principal, command: domain.
                   protocol: ProtocolConfig) -> dict[str, object]:
     """Record the dose; a patient dosing has not heard of yet is waited for, never "unknown"."""
     async def record() -> list[EventData]:
-        await having_read(rt, EFFICACY, patient_id)  # a discontinuation published a moment ago
-        await having_read(rt, SAFETY)  # a hold published a moment ago, on any key (D73)
+        await asyncio.gather(  # both asked of the broker at once; either not read: 503
+            having_read(rt, EFFICACY, patient_id),  # a discontinuation published a moment ago
+            having_read(rt, SAFETY))  # a hold published a moment ago, on any key (D73)
         return await commands.record_dose(rt.store, patient_id, who, command, protocol,
                                           metadata_for(who, reason=command.deviation_reason))
 

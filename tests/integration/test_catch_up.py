@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.safety.domain import known_patient
 from services.safety.handlers import handlers
@@ -175,3 +175,35 @@ async def test_a_commit_that_waits_out_the_outage_still_marks_the_broker_away(
             task.cancel()
             await store.close()
     assert runner.settling(SETTLING_S)  # the last trouble was moments ago
+
+
+async def test_a_partition_handled_here_to_its_end_is_caught_up_without_asking_the_group(
+        own_broker: Broker, make_database_url: object) -> None:
+    """A dose asks whether dosing has read trial.safety (every partition) and the patient's
+    trial.efficacy partition: where this process has itself handled a partition to the end the
+    broker names, the answer is yes without a round trip to the group's coordinator."""
+    assert callable(make_database_url)
+    settings = Settings(service_name="safety", database_url=make_database_url("safety"),
+                        kafka_bootstrap_servers=own_broker.bootstrap, relay_poll_interval_s=0.1,
+                        kafka_request_timeout_ms=5000,
+                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    await ensure_topics(settings)
+    async with running_safety(settings) as safety:
+        consumer = safety.runtime.consumer
+        assert consumer is not None
+        (patient,) = await publish_patients(settings, ["msc_low"])
+
+        async def handled() -> bool:
+            return await consumer.caught_up(ENROLLMENT, patient, 0.2)
+
+        await eventually(handled, timeout=60, what="safety to handle the patient's records")
+        asked: list[object] = []
+        ask_the_group = consumer._committed
+
+        async def counted(kafka: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+            asked.append(tp)
+            return await ask_the_group(kafka, tp)
+
+        consumer._committed = counted  # type: ignore[method-assign, assignment]
+        assert await consumer.caught_up(ENROLLMENT, patient, 2.0)
+        assert asked == []
