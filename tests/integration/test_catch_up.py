@@ -29,16 +29,22 @@ from tests.integration.test_safety_support import ae_body, running_safety
 from tests.support import eventually
 
 
+def safety_settings(broker: Broker, database_url: str, relay_poll_interval_s: float = 0.2
+                    ) -> Settings:
+    """Safety's settings against `broker`: short timeouts, a session Kafka accepts."""
+    return Settings(service_name="safety", database_url=database_url,
+                    kafka_bootstrap_servers=broker.bootstrap, kafka_request_timeout_ms=5000,
+                    kafka_session_timeout_ms=10_000 if REAL else 2000,
+                    relay_poll_interval_s=relay_poll_interval_s)
+
+
 async def test_a_first_look_slower_than_the_grace_still_asks_the_consumer(
         own_broker: Broker, make_database_url: object) -> None:
     """Under load a service's first look can take longer than the publish grace on its own. It
     must not be the last: the consumer is asked, and the patient it then holds is found (found
     by the load test: 404 for patients that existed, at 10 workflows/s)."""
     assert callable(make_database_url)
-    settings = Settings(service_name="safety", database_url=make_database_url("safety"),
-                        kafka_bootstrap_servers=own_broker.bootstrap, relay_poll_interval_s=0.1,
-                        kafka_request_timeout_ms=5000,
-                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    settings = safety_settings(own_broker, make_database_url("safety"), relay_poll_interval_s=0.1)
     await ensure_topics(settings)
     async with running_safety(settings) as safety:
         rt = safety.runtime
@@ -72,10 +78,7 @@ async def test_after_a_rebalance_an_unknown_patient_is_not_caught_up_not_404(
     would believe (issue 15, found by the broker-restart fault test). The first assignment of a
     process is no such moment: there, unknown is 404 as before."""
     assert callable(make_database_url)
-    settings = Settings(service_name="safety", database_url=make_database_url("safety"),
-                        kafka_bootstrap_servers=own_broker.bootstrap,
-                        kafka_request_timeout_ms=5000,
-                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    settings = safety_settings(own_broker, make_database_url("safety"))
     await ensure_topics(settings)
     async with running_safety(settings) as safety:
         consumer = safety.runtime.consumer
@@ -137,10 +140,7 @@ async def test_a_commit_that_waits_out_the_outage_still_marks_the_broker_away(
     assert callable(make_database_url)
     database_url = make_database_url("held")
     await upgrade(database_url)
-    settings = Settings(service_name="safety", database_url=database_url,
-                        kafka_bootstrap_servers=own_broker.bootstrap,
-                        kafka_request_timeout_ms=5000,
-                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    settings = safety_settings(own_broker, database_url)
     topic = f"test.held.{uuid.uuid4().hex[:8]}"
     await ensure_topics(settings, [topic, dlq_topic(topic)])
     store = EventStore(database_url)
@@ -183,10 +183,7 @@ async def test_a_partition_handled_here_to_its_end_is_caught_up_without_asking_t
     trial.efficacy partition: where this process has itself handled a partition to the end the
     broker names, the answer is yes without a round trip to the group's coordinator."""
     assert callable(make_database_url)
-    settings = Settings(service_name="safety", database_url=make_database_url("safety"),
-                        kafka_bootstrap_servers=own_broker.bootstrap, relay_poll_interval_s=0.1,
-                        kafka_request_timeout_ms=5000,
-                        kafka_session_timeout_ms=10_000 if REAL else 2000)
+    settings = safety_settings(own_broker, make_database_url("safety"), relay_poll_interval_s=0.1)
     await ensure_topics(settings)
     async with running_safety(settings) as safety:
         consumer = safety.runtime.consumer
