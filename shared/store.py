@@ -286,7 +286,6 @@ _PENDING = _after(sa.func.coalesce(sa.select(checkpoints.c.position).where(
     sa.bindparam("limit", type_=sa.Integer))
 
 
-
 _encode_str = json.encoder.encode_basestring  # the string encoder `canonical_json` uses (C)
 
 

@@ -26,9 +26,10 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 HISTORY_ORDER = json.dumps("source time; a cause always before its effects")
 
 
-async def filters(patient_id: str | None = None, type: str | None = None, source: str | None = None,
-            actor: str | None = None, since: IsoDateTime | None = None,
-            until: IsoDateTime | None = None, correlation_id: str | None = None) -> Filters:
+async def filters(patient_id: str | None = None, type: str | None = None,
+                  source: str | None = None, actor: str | None = None,
+                  since: IsoDateTime | None = None, until: IsoDateTime | None = None,
+                  correlation_id: str | None = None) -> Filters:
     """`since` inclusive, `until` exclusive, both on the event's own time (UTC)."""
     return Filters(patient_id, type, source, actor, since, until, correlation_id)
 
