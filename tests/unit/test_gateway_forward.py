@@ -1,12 +1,16 @@
 """How the gateway passes a request on and the answer back (services/gateway/app.py), against a
 stand-in service on loopback: byte for byte, never following a redirect, streaming a large
-answer, and a clear 502 when the service's answer breaks off."""
+answer, a clear 502 when the service's answer breaks off, and a public route answered before
+FastAPI's router with the same problems the router's handlers give."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import pytest
 from aiohttp import web
+from starlette.routing import Router
 
 from shared.auth import issue_dev_token
 from tests.unit.gateway_upstream import SECRET, gateway_with
@@ -89,3 +93,37 @@ async def test_an_answer_that_breaks_off_is_a_502_problem() -> None:
     assert r.status_code == 502, r.text
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "bad_gateway" and "randomization" in r.json()["title"]
+
+
+async def test_a_public_route_is_answered_before_the_router_with_the_same_problems(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    routed: list[str] = []
+    route = Router.__call__
+
+    async def counted(self: Router, scope: Any, receive: Any, send: Any) -> None:
+        routed.append(scope["path"])
+        await route(self, scope, receive, send)
+
+    monkeypatch.setattr(Router, "__call__", counted)
+
+    async def answer(request: web.BaseRequest) -> web.Response:
+        return web.json_response({"patient_id": "PT-1"})
+
+    async with gateway_with(answer) as gateway:
+        served = await gateway.get("/v1/patients/PT-1", headers=COORDINATOR)
+        no_token = await gateway.get("/v1/patients/PT-1")
+        forbidden = await gateway.get("/v1/audit/events", headers=COORDINATOR)
+        unknown = await gateway.get("/v1/no-such-thing", headers=COORDINATOR)
+        other_method = await gateway.request("HEAD", "/v1/patients/PT-1", headers=COORDINATOR)
+        probe = await gateway.get("/healthz")
+    assert (served.status_code, served.json()) == (200, {"patient_id": "PT-1"})
+    assert served.headers["x-request-id"]  # the middlewares wrap it as they wrap any answer
+    problems = {r.status_code: r for r in (no_token, forbidden, unknown)}
+    assert sorted(problems) == [401, 403, 404]
+    assert all(r.headers["content-type"] == "application/problem+json"
+               for r in problems.values())
+    assert no_token.headers["www-authenticate"] == "Bearer"
+    assert (forbidden.json()["code"], unknown.json()["code"]) == ("forbidden", "not_found")
+    assert (other_method.status_code, probe.status_code) == (405, 200)
+    # Only what is not a public route reached the router.
+    assert routed == ["/v1/no-such-thing", "/v1/patients/PT-1", "/healthz"]
