@@ -186,7 +186,8 @@ async def run(running: Running, rates: list[float], seconds: float, fetch_wait_m
         try:
             for rate, count in zip(rates, counts, strict=True):
                 quiet = await asyncio.to_thread(wait_quiet, running)  # all digested
-                print(f"the system was quiet after {quiet:.0f} s")
+                print(f"the system was quiet after {quiet:.0f} s "
+                      f"(idle after its start: {running.idle_cores:.2f} cores)")
                 patients, cohort = cohort[:count], cohort[count:]
                 phase = Phase(rate)
                 watched = {**pids(running), "bench client": os.getpid()}

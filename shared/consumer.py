@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -27,8 +27,14 @@ from shared.failpoints import BEFORE_OFFSET_COMMIT, Failpoints
 from shared.kafka import LazyProducer, client_options, logical, physical, quietly
 from shared.retry import Stopped, on_conflict_again, retry
 from shared.settings import Settings
-from shared.store import EventStore, Metadata, Transaction, database_unavailable
-from shared.tracing import noted_apply, noted_parse, traced_batch, traced_record
+from shared.store import EventStore, Metadata, StagedRead, Transaction, database_unavailable
+from shared.tracing import (
+    noted_outcomes,
+    noted_parse,
+    record_in_batch,
+    traced_batch,
+    traced_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +57,10 @@ class Delivery:
 
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
-H = TypeVar("H", bound=Handler)
-
-
-def batchable(handler: H) -> H:
-    """Mark a handler whose records may share one transaction: it reads nothing that an earlier
-    record of the same fetch wrote, except through the transaction's own staged-aware checks
-    (`has_event`, `was_processed`). A consumer whose handlers all are files each partition's
-    fetched records in one transaction, one commit for the lot (the audit ledger: D40)."""
-    setattr(handler, "batchable", True)  # noqa: B010 - an attribute on a function
-    return handler
+# Records looked up at once (processed? stored?) as a shared transaction reaches them: a few
+# first (a consumer whose records each start a transaction, as safety's do, asks for few ids
+# it will not reach), twice as many each time the run goes on, up to a most.
+PREFETCH_FIRST, PREFETCH_MOST = 4, 512
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,6 @@ class ConsumerRunner:
         # group, with no rebalance).
         self.trouble_at: float | None = None
         self._assignments = 0
-        self.batched = bool(self.handlers) and all(getattr(h, "batchable", False)
-                                                   for h in self.handlers.values())
         # The next offset of each partition this process has handled (in the database), and an
         # event set (then replaced) whenever one moves: `caught_up` waits on it.
         self.committed_here: dict[TopicPartition, int] = {}
@@ -171,8 +169,8 @@ class ConsumerRunner:
         # The last ask of the broker for each partition's committed offset (`_committed`).
         self._committed_asks: dict[
             TopicPartition, tuple[float, AIOKafkaConsumer, asyncio.Future[int | None]]] = {}
-        # Records a fetch hands over at most: a batched consumer files them in one commit.
-        self.max_records = 1000 if self.batched else 200
+        # Records a fetch hands over at most: filed in as few commits as their reads allow (D78).
+        self.max_records = 1000
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop`; a lost broker or group is reconnected to, and resumed from the
@@ -237,7 +235,7 @@ class ConsumerRunner:
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
             for tp, records in batches.items():
-                if self.batched and len(records) > 1:
+                if len(records) > 1:
                     await self.handle_batch(records)
                 else:
                     for record in records:
@@ -385,32 +383,64 @@ class ConsumerRunner:
 
     @traced_batch  # its span and log line (shared/tracing.py)
     async def handle_batch(self, records: list[ConsumerRecord]) -> None:
-        """One partition's fetched records in one transaction (batchable handlers only), in
-        order. Anything but a database or network failure (which is waited out, like a
-        record's) sends the whole batch back to one transaction a record, so a poison record or a
-        failing handler goes to the DLQ alone and the rest are filed as they would have been."""
+        """One partition's fetched records, in order, in as few transactions as their reads allow
+        (D78): each record's work joins the transaction of the records before it unless it reads
+        what they staged (`StagedRead`); it then starts the next one. Anything but a database or
+        network failure (which is waited out, like a record's) sends the records not yet
+        committed back to one transaction a record, so a poison record or a failing handler goes
+        to the DLQ alone and the rest are filed as they would have been."""
         where = (f"consumer {self.group_id} at {records[0].topic}:{records[0].partition}:"
                  f"{records[0].offset}-{records[-1].offset}")
+        done, outcomes = 0, []  # records[:done] are filed; each one's handled-or-duplicate
         try:
             parsed = [self._parse(record) for record in records]
-            await retry(lambda: on_conflict_again(lambda: self._process_batch(parsed)),
-                        what=where, retry_if=_transient)
+            while done < len(records):
+                done, applied = await retry(
+                    functools.partial(on_conflict_again, functools.partial(
+                        self._process_run, records, parsed, done)),
+                    what=where, retry_if=_transient)
+                outcomes += applied
+                self.handled += sum(applied)
+                self.duplicates += len(applied) - sum(applied)
         except Exception as exc:
-            log.warning("%s: the batch failed (%r), one record at a time", where, exc)
-            for record in records:
+            log.warning("%s: the batch failed (%r), one record at a time from offset %s",
+                        where, exc, records[done].offset)
+            self.records_seen += done
+            for record in records[done:]:
                 await self.handle_record(record)
             return
+        noted_outcomes(outcomes)
         self.records_seen += len(records)
 
-    async def _process_batch(self, parsed: list[tuple[Handler, Delivery] | None]) -> None:
-        work = [p for p in parsed if p is not None]
-        if not work:
-            return
+    async def _process_run(self, records: list[ConsumerRecord],
+                           parsed: list[tuple[Handler, Delivery] | None], start: int
+                           ) -> tuple[int, list[bool]]:
+        """From `parsed[start]`, as many records as can share one transaction, committed: where
+        the run stopped, and each applied record's outcome (handled, or a duplicate)."""
+        applied: list[bool] = []
+        end = looked_up = start
+        window = PREFETCH_FIRST
         async with self.store.transaction() as tx:
-            await tx.prefetch(self.group_id, [delivery.event.id for _, delivery in work])
-            applied = [await self._apply(tx, handler, delivery) for handler, delivery in work]
-        self.handled += sum(applied)
-        self.duplicates += len(applied) - sum(applied)
+            while end < len(parsed):
+                item = parsed[end]
+                if item is None:  # no handler of this service wants it
+                    end += 1
+                    continue
+                if end >= looked_up:  # one statement for the next records' ids
+                    looked_up, window = end + window, min(2 * window, PREFETCH_MOST)
+                    await tx.prefetch(self.group_id, [p[1].event.id for p in
+                                                      parsed[end:looked_up] if p is not None])
+                mark = tx.savepoint()
+                try:
+                    with record_in_batch(records[end], self.group_id, item[1].event.id):
+                        applied.append(await self._apply(tx, *item))
+                except StagedRead:
+                    if not applied:
+                        raise  # it reads its own staged writes: a handler bug, not a batch's
+                    tx.rollback(mark)  # it goes first in the next transaction
+                    break
+                end += 1
+        return end, applied
 
     @noted_parse  # what the log line reports
     def _parse(self, record: ConsumerRecord) -> tuple[Handler, Delivery] | None:
@@ -436,7 +466,6 @@ class ConsumerRunner:
             raise PoisonRecord(f"event type {event.type} is not in the catalogue")
         return handler, Delivery(event, data, topic)
 
-    @noted_apply  # what the log line reports
     async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
         """Handle and mark one delivery in `tx`; False when it was processed before."""
         if await tx.was_processed(self.group_id, delivery.event.id):

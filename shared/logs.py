@@ -314,8 +314,8 @@ _consumer_log = logging.getLogger(CONSUMER_LOGGER)
 
 def _consumed_fields(*, service: str, group: str, topic: str, partition: int, offset: int,
                      event_id: str | None, event_type: str | None, correlation_id: str | None,
-                     outcome: str, duration_ms: float, batch: int | None = None
-                     ) -> dict[str, Any]:
+                     outcome: str, duration_ms: float, batch: int | None = None,
+                     ids: tuple[str, str] | None = None) -> dict[str, Any]:
     fields: dict[str, Any] = {"service": service, "group": group, "topic": topic,
                               "partition": partition, "offset": offset, "event_id": event_id,
                               "type": event_type, "outcome": outcome,
@@ -324,6 +324,8 @@ def _consumed_fields(*, service: str, group: str, topic: str, partition: int, of
         fields["correlation_id"] = correlation_id
     if batch is not None:
         fields["batch"] = batch
+    if ids is not None:  # the record's own trace and span, not the current ones (a batch's)
+        fields["trace_id"], fields["span_id"] = ids
     return fields
 
 

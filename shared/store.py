@@ -30,7 +30,7 @@ _APPEND_LOCK_KEY = 7_301_000_001
 
 
 __all__ = ["ConcurrencyError", "EventFilter", "EventStore", "Metadata", "NewEvent",
-           "RawEvent", "RecordedEvent", "Transaction"]
+           "RawEvent", "RecordedEvent", "StagedRead", "Transaction"]
 
 
 def utcnow() -> datetime:
@@ -465,6 +465,27 @@ async def _move_checkpoint(conn: AsyncConnection, name: str, position: int,
                 name=name, position=position, updated_at=now))
 
 
+class StagedRead(RuntimeError):
+    """A read that would not see what this transaction has staged: a stream it appended to, or
+    any read across streams (or of a checkpoint) after an earlier record of a shared
+    transaction staged writes (`Transaction.savepoint`). The reader must run in a transaction of
+    its own, after this one commits (D78)."""
+
+
+@dataclass(frozen=True)
+class Savepoint:
+    """What a transaction had staged and read before one record of a shared transaction
+    (`Transaction.savepoint`), to take that record's part back (`Transaction.rollback`)."""
+
+    appends: int
+    processed: int
+    requires: int
+    checkpoints: dict[str, int]
+    read_versions: dict[str, int]
+    read_head: int | None
+    release_when_queued: bool
+
+
 @dataclass
 class _Append:
     stream_id: str
@@ -508,6 +529,36 @@ class Transaction:
         self.settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._release_when_queued = False  # `exclusive(..., until="queued")`
         self.queued = False  # handed to the group commit
+        self._earlier: Savepoint | None = None  # the last savepoint: earlier records' staging
+
+    def savepoint(self) -> Savepoint:
+        """Mark the start of the next record's work in a transaction that several consumed
+        records share (D78). From here on a read that the earlier records' staged writes could
+        have changed raises `StagedRead` (their appends to the stream read; for a read across
+        streams or of a checkpoint, any of their appends or checkpoints), since it would not see
+        them: the record then goes to the next transaction, after `rollback`."""
+        mark = Savepoint(len(self.appends), len(self.processed), len(self.requires),
+                         dict(self.checkpoints), dict(self.read_versions), self.read_head,
+                         self._release_when_queued)
+        self._earlier = mark
+        return mark
+
+    def rollback(self, mark: Savepoint) -> None:
+        """Forget what was staged and read since `mark` (nothing of it was written: writes are
+        staged until the commit). The locks taken since are held to the end, harmlessly."""
+        del self.appends[mark.appends:], self.processed[mark.processed:]
+        del self.requires[mark.requires:]
+        self.checkpoints, self.read_versions = dict(mark.checkpoints), dict(mark.read_versions)
+        self.read_head, self._release_when_queued = mark.read_head, mark.release_when_queued
+        self._staged_ids = {new.event_id for a in self.appends for new in a.events}
+        self._staged_marks = {(m["consumer"], m["event_id"]) for m in self.processed}
+
+    def _across_streams(self, what: str) -> None:
+        """A read of the whole store (or of a checkpoint): it sees none of the earlier records'
+        staged writes, so it may not follow them."""
+        mark = self._earlier
+        if mark is not None and (mark.appends or mark.checkpoints):
+            raise StagedRead(f"{what} after an earlier record of this transaction staged writes")
 
     async def conn(self) -> AsyncConnection:
         """The connection this transaction reads on (opened at its first read: an append that
@@ -529,7 +580,7 @@ class Transaction:
 
     def _saw(self, stream_id: str, version: int) -> None:
         if self._staged(stream_id):
-            raise RuntimeError(f"stream {stream_id!r} read after this transaction appended to it")
+            raise StagedRead(f"stream {stream_id!r} read after this transaction appended to it")
         self.read_versions.setdefault(stream_id, version)
 
     async def stream_version(self, stream_id: str) -> int:
@@ -554,6 +605,7 @@ class Transaction:
         return [_to_recorded(r) for r in await self._read(_after(after, limit, where))]
 
     async def _note_head(self) -> None:
+        self._across_streams("a read across streams")
         if self.read_head is None:
             head = sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))
             self.read_head = int((await self._read(head)).scalar_one())
@@ -615,6 +667,7 @@ class Transaction:
         self._staged_marks.add((consumer, event_id))
 
     async def checkpoint(self, name: str) -> int:
+        self._across_streams(f"checkpoint {name!r} read")
         q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
         return int((await self._read(q)).scalar_one_or_none() or 0)
 

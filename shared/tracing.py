@@ -251,7 +251,9 @@ class _Consuming:
     event's outcome in a batch."""
 
     events: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)  # offset ->
-    applied: list[bool] = field(default_factory=list)  # each _apply's: handled (not a duplicate)
+    applied: list[bool] = field(default_factory=list)  # each record's: handled (not a duplicate)
+    # offset -> the trace and span ids of the record's last try in a batch (`record_in_batch`)
+    ids: dict[int, tuple[str, str]] = field(default_factory=dict)
     fell_back: bool = False  # the batch went back to one record at a time
 
 
@@ -313,7 +315,8 @@ def traced_record(handle: Callable[[Any, ConsumerRecord], Awaitable[None]]
 def traced_batch(handle: Callable[[Any, list[ConsumerRecord]], Awaitable[None]]
                  ) -> Callable[[Any, list[ConsumerRecord]], Awaitable[None]]:
     """ConsumerRunner.handle_batch: one CONSUMER span for the batch's one transaction, linked to
-    every record's context (a batch has no one parent), and a log line a record."""
+    every record's context (a batch has no one parent), and a log line a record (in the
+    record's own trace where its handling had a span, `record_in_batch`)."""
 
     @functools.wraps(handle)
     async def wrapper(runner: Any, records: list[ConsumerRecord]) -> None:
@@ -334,9 +337,9 @@ def traced_batch(handle: Callable[[Any, list[ConsumerRecord]], Awaitable[None]]
                 if seen.fell_back:
                     return  # each record wrote its own line
                 took = (time.perf_counter() - started) * 1000
-                # The last try's outcomes, in the order of the records that had a handler (an
-                # event id may come twice in a batch: a resend, then a duplicate).
-                outcomes = iter(seen.applied[len(seen.applied) - len(seen.events):])
+                # In the order of the records that had a handler (an event id may come twice in
+                # a batch: a resend, then a duplicate).
+                outcomes = iter(seen.applied)
                 lines = []
                 for record in records:
                     event_id, event_type, correlation = seen.events.get(record.offset,
@@ -348,7 +351,7 @@ def traced_batch(handle: Callable[[Any, list[ConsumerRecord]], Awaitable[None]]
                         event_id=event_id, event_type=event_type, correlation_id=correlation,
                         outcome=("skipped" if applied is None else
                                  "handled" if applied else "duplicate"),
-                        duration_ms=took, batch=len(records)))
+                        duration_ms=took, batch=len(records), ids=seen.ids.get(record.offset)))
                 logs.consumed_lines(lines)  # one write for the batch's lines
         finally:
             _consuming.reset(token)
@@ -371,20 +374,33 @@ def noted_parse(parse: Callable[[Any, ConsumerRecord], R]) -> Callable[[Any, Con
     return wrapper
 
 
-def noted_apply(apply: Callable[..., Awaitable[bool]]) -> Callable[..., Awaitable[bool]]:
-    """ConsumerRunner._apply: whether each event was handled or a duplicate (a batch's lines)."""
+@contextlib.contextmanager
+def record_in_batch(record: ConsumerRecord, group: str, event_id: str) -> Iterator[None]:
+    """One record's handling inside a batch's transaction (D78): a CONSUMER span, the child of
+    the record's own traceparent as a record handled alone gets (`traced_record`), so what its
+    handler appends carries the record's trace on. A try that is taken back (`StagedRead`) or
+    run again ends with the error; the try that committed is the last span of the record."""
+    if not enabled():
+        yield
+        return
+    with tracer().start_as_current_span(
+            f"{record.topic} process", context=_context_of(_header(record, TRACEPARENT)),
+            kind=SpanKind.CONSUMER,
+            attributes={**_record_attributes(record, group), "messaging.message.id": event_id}):
+        seen, ids = _consuming.get(), current_ids()
+        if seen is not None and ids is not None:  # the record's log line joins its trace
+            seen.ids[record.offset] = ids
+        yield
 
-    @functools.wraps(apply)
-    async def wrapper(runner: Any, tx: Any, handler: Any, delivery: Any) -> bool:
-        applied = await apply(runner, tx, handler, delivery)
-        seen = _consuming.get()
-        if seen is not None:
-            seen.applied.append(applied)
-        return applied
 
-    return wrapper
+def noted_outcomes(outcomes: list[bool]) -> None:
+    """ConsumerRunner.handle_batch: each applied record's outcome once its transaction committed
+    (handled, or a duplicate), in the order of the records that had a handler."""
+    seen = _consuming.get()
+    if seen is not None:
+        seen.applied = list(outcomes)
 
 
 __all__ = ["ClientCall", "client_span", "configure_tracing", "current_traceparent", "enabled",
-           "instrument_app", "noted_apply", "noted_parse", "publishing",
+           "instrument_app", "noted_outcomes", "noted_parse", "publishing", "record_in_batch",
            "traced_batch", "traced_record", "use_provider", "with_traceparent"]

@@ -6,13 +6,12 @@ import uuid
 
 from services.audit.domain import ledger_stream, ledger_time
 from shared.auth import Principal
-from shared.consumer import Delivery, batchable
+from shared.consumer import Delivery
 from shared.events import ACCESS, CloudEvent, PatientDataViewed
 from shared.store import NewEvent, Transaction
 from shared.web import current_request_id
 
 
-@batchable  # reads nothing but `has_event`, which sees the batch's staged entries
 async def record(tx: Transaction, delivery: Delivery) -> None:
     e = delivery.event
     metadata = {

@@ -10,7 +10,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.exc import DBAPIError
 
-from shared.consumer import MAX_HANDLER_ATTEMPTS, ConsumerRunner, Delivery, Handler, batchable
+from shared.consumer import MAX_HANDLER_ATTEMPTS, ConsumerRunner, Delivery, Handler
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn, dlq_topic
 from shared.kafka import ensure_topics
 from shared.settings import Settings
@@ -162,12 +162,6 @@ async def test_a_database_shutting_down_is_waited_out_never_dead_lettered(
     assert [e.data["event_id"] for e in await store.read_stream("seen-P6")] == [record.id]
 
 
-@batchable
-async def count_down_batched(tx: Transaction, delivery: Delivery) -> None:
-    """`count_down`, declared safe to share a transaction with the records before it."""
-    await count_down(tx, delivery)
-
-
 async def fetched(settings: Settings, *values: bytes) -> list[ConsumerRecord]:
     """`values` as real records of a topic of their own, one partition, as a fetch returns
     them (and the topic, for the DLQ)."""
@@ -179,14 +173,12 @@ async def fetched(settings: Settings, *values: bytes) -> list[ConsumerRecord]:
 
 
 def batch_runner(store: EventStore, settings: Settings, records: list[ConsumerRecord],
-                 handler: Handler = count_down_batched) -> ConsumerRunner:
-    runner = ConsumerRunner(store, settings, [records[0].topic], {"PatientWithdrawn": handler},
-                            group_id=f"g-{uuid.uuid4().hex[:8]}")
-    assert runner.batched == getattr(handler, "batchable", False)
-    return runner
+                 handler: Handler = count_down) -> ConsumerRunner:
+    return ConsumerRunner(store, settings, [records[0].topic], {"PatientWithdrawn": handler},
+                          group_id=f"g-{uuid.uuid4().hex[:8]}")
 
 
-async def test_a_batchable_consumer_files_a_fetch_in_one_commit_in_order_and_once(
+async def test_a_fetch_whose_records_read_nothing_staged_is_filed_in_one_commit_in_order_and_once(
         settings: Settings, store: EventStore) -> None:
     events = [withdrawal("P7") for _ in range(5)]
     # The third record repeats the first: a relay's resend within the same fetch.
@@ -227,7 +219,6 @@ async def test_a_handler_failing_on_one_record_of_a_batch_dead_letters_only_that
     events = [withdrawal("P9") for _ in range(3)]
     doomed = events[1].id
 
-    @batchable
     async def fails_on_one(tx: Transaction, delivery: Delivery) -> None:
         if delivery.event.id == doomed:
             raise RuntimeError("a bug that only this record meets")
@@ -243,11 +234,66 @@ async def test_a_handler_failing_on_one_record_of_a_batch_dead_letters_only_that
     await runner.dlq.drop()
 
 
-async def test_a_handler_not_marked_batchable_keeps_one_transaction_a_record(
+async def count_on(tx: Transaction, delivery: Delivery) -> None:
+    """A command that reads what it appends to: the patient's count so far, then one more (the
+    shape of dosing's and efficacy's handlers: load a stream, decide, append at its version)."""
+    assert isinstance(delivery.data, PatientWithdrawn)
+    stream = f"count-{delivery.data.patient_id}"
+    so_far = await tx.read_stream(stream)
+    await tx.append(stream, [NewEvent("Counted", {"n": len(so_far) + 1,
+                                                  "event_id": delivery.event.id})], len(so_far))
+
+
+async def test_a_record_that_reads_what_an_earlier_one_staged_starts_the_next_commit(
         settings: Settings, store: EventStore) -> None:
-    records = await fetched(settings, withdrawal("P10").to_bytes(), withdrawal("P10").to_bytes())
-    runner = batch_runner(store, settings, records, count_down)
-    assert not runner.batched
+    # P11, P12, P11, P11, P12: the third record reads P11's stream, which the first staged, so a
+    # new transaction starts there; the fourth reads what the third staged: a third one. Without
+    # the split, the third would count from a stale read and its append would conflict forever.
+    patients = ["P11", "P12", "P11", "P11", "P12"]
+    events = [withdrawal(p) for p in patients]
+    records = await fetched(settings, *(e.to_bytes() for e in events))
+    runner = batch_runner(store, settings, records, count_on)
+    commits = store.group_commits
+    await runner.handle_batch(records)
+    assert store.group_commits - commits == 3
+    assert (runner.handled, runner.duplicates, runner.dead_lettered) == (5, 0, 0)
+    for patient in ("P11", "P12"):
+        counted = [e.data for e in await store.read_stream(f"count-{patient}")]
+        assert [c["n"] for c in counted] == list(range(1, len(counted) + 1))
+        assert [c["event_id"] for c in counted] == [
+            e.id for e, p in zip(events, patients, strict=True) if p == patient]
+
+
+async def test_a_read_across_streams_after_an_earlier_record_staged_writes_starts_the_next_commit(
+        settings: Settings, store: EventStore) -> None:
+    # Safety's shape: the whole store read (its projection), then an append. Each record after
+    # the first would miss the one before it, so each gets a commit of its own.
+    async def tally(tx: Transaction, delivery: Delivery) -> None:
+        everything = await tx.read_all()
+        await tx.append(f"tally-{delivery.event.id}",
+                        [NewEvent("Tallied", {"before": len(everything)})], None)
+
+    records = await fetched(settings, *(withdrawal("P13").to_bytes() for _ in range(3)))
+    runner = batch_runner(store, settings, records, tally)
+    head, commits = await store.head(), store.group_commits
+    await runner.handle_batch(records)
+    assert store.group_commits - commits == 3
+    befores = [e.data["before"] for e in await store.read_all(after=head)]
+    assert befores == [head, head + 1, head + 2]
+
+
+async def test_a_handler_reading_its_own_staged_append_is_dead_lettered_not_looped(
+        settings: Settings, store: EventStore) -> None:
+    async def rereads(tx: Transaction, delivery: Delivery) -> None:
+        await tx.append("mine", [NewEvent("Seen", {})], None)
+        await tx.read_stream("mine")  # a bug: it would not see what it just staged
+
+    records = await fetched(settings, *(withdrawal("P14").to_bytes() for _ in range(2)))
+    runner = batch_runner(store, settings, records, rereads)
+    await runner.handle_batch(records)
+    assert (runner.handled, runner.dead_lettered) == (0, 2)
+    assert await store.read_stream("mine") == []
+    await runner.dlq.drop()
 
 
 async def test_a_record_whose_source_does_not_own_its_topic_goes_to_the_dlq_unapplied(

@@ -38,7 +38,7 @@ from services.randomization.app import spec as randomization_spec
 from shared import tracing
 from shared.app import create_app
 from shared.auth import issue_dev_token
-from shared.consumer import ConsumerRunner, Delivery, batchable
+from shared.consumer import ConsumerRunner, Delivery
 from shared.events import ENROLLMENT
 from shared.kafka import ensure_topics
 from shared.logs import configure_logging
@@ -243,7 +243,6 @@ async def test_with_tracing_off_nothing_is_traced_and_no_traceparent_is_stored(
         assert len(screened) == 1 and "traceparent" not in screened[0].metadata
 
 
-@batchable
 async def seen(tx: Transaction, delivery: Delivery) -> None:
     await tx.append(f"seen-{delivery.event.subject}", [NewEvent("Seen", {"id": delivery.event.id})],
                     None)
@@ -273,7 +272,6 @@ async def test_a_batch_links_to_each_records_trace_and_logs_each_records_outcome
 
     runner = ConsumerRunner(store, settings, [topic], {"PatientWithdrawn": seen},
                             group_id=f"g-{uuid.uuid4().hex[:8]}")
-    assert runner.batched
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:
@@ -288,10 +286,15 @@ async def test_a_batch_links_to_each_records_trace_and_logs_each_records_outcome
     assert [x["offset"] for x in ours] == [0, 1, 2]
     processes = [s for s in spans.get_finished_spans()
                  if s.kind == SpanKind.CONSUMER and attr(s, "messaging.destination.name") == topic]
+    batches = [s for s in processes if attr(s, "messaging.batch.message_count") is not None]
+    each = [s for s in processes if s not in batches]
     if ours[0].get("batch") == 3:  # one fetch, one transaction (as good as always)
-        (batch,) = processes
+        (batch,) = batches
         assert [link.context.span_id for link in batch.links] == [c.span_id for c in sent]
         assert batch.parent is None
-        assert {x["trace_id"] for x in ours} == {format(batch.context.trace_id, "032x")}
-    else:  # fetched one by one: each record's span is its producer's child
-        assert sorted(parent_of(s) or 0 for s in processes) == sorted(c.span_id for c in sent)
+    # Fetched together or one by one, each record's handling is its producer's child (D78),
+    # and its log line is in that trace, that span.
+    assert sorted(parent_of(s) or 0 for s in each) == sorted(c.span_id for c in sent)
+    assert [attr(s, "messaging.message.id") for s in each] == [first.id, first.id, second.id]
+    assert [(x["trace_id"], x["span_id"]) for x in ours] == [
+        (format(s.context.trace_id, "032x"), format(s.context.span_id, "016x")) for s in each]
