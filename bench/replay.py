@@ -29,17 +29,22 @@ ledger by the audit service's consumer path (`shared.consumer.ConsumerRunner` wi
 handlers: `record`, a fetch a transaction, D40; a JSON log line a record, as the service
 writes it, D60), from its first fetch to the last record stored;
 peer: a bare aiokafka consumer reading the same records, from its start to the last record.
+With `--consumer efficacy|dosing|safety`, that service's consumer reads the same records
+instead (its topics, its handlers, into a fresh store of its own), to the last record it reads:
+how fast a service digests a backlog (D78).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import resource
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +66,6 @@ from bench.scale import (
     rss_mb,
 )
 from deploy import infra
-from services.audit.handlers import handlers
 from services.safety.projection import SAFETY_TYPES, Projection, stream_for
 from services.safety.state import Draft, SafetyState
 from shared.consumer import ConsumerRunner
@@ -72,6 +76,7 @@ from shared.kafka import client_options, ensure_topics, make_producer, physical
 from shared.logs import configure_logging
 from shared.migrate import upgrade
 from shared.protocol import load_protocol
+from shared.runtime import ServiceSpec
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, NewEvent
 from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
@@ -184,14 +189,16 @@ def own_broker(backend: str) -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def publish(settings: Settings, patients: int) -> int:
-    """The lives on their topics, keyed by subject, as the relays publish them."""
+async def publish(settings: Settings, patients: int) -> Counter[str]:
+    """The lives on their topics, keyed by subject, as the relays publish them: how many on
+    each topic."""
     await ensure_topics(settings, [physical(settings, t) for t in LEDGER_TOPICS])
     producer = make_producer(settings)
     await producer.start()
-    sent = []
+    sent, topics = [], Counter[str]()
     try:
         for topic, cloud in cloud_events(patients):
+            topics[topic] += 1
             sent.append(await producer.send(physical(settings, topic), cloud.to_bytes(),
                                             key=cloud.subject.encode()))
             if len(sent) % 5000 == 0:
@@ -199,30 +206,44 @@ async def publish(settings: Settings, patients: int) -> int:
         await asyncio.gather(*sent)
     finally:
         await producer.stop()
-    return len(sent)
+    return topics
 
 
-async def audit_consumer(url: str, settings: Settings, total: int) -> Timing:
-    """The audit service's consumer filing `total` records into a fresh ledger."""
+def service_spec(service: str) -> ServiceSpec:
+    spec: ServiceSpec = importlib.import_module(f"services.{service}.app").spec
+    return spec
+
+
+async def service_consumer(service: str, url: str, settings: Settings, topics: Counter[str]
+                           ) -> Timing:
+    """`service`'s consumer (its topics, handlers and fail-closed records, as `Runtime` makes
+    it) reading every record of its topics into a fresh store: the audit ledger's files each."""
+    spec = service_spec(service)
+    total = sum(topics[t] for t in spec.consumes)
     await upgrade(url)
     store = EventStore(url)
-    runner = ConsumerRunner(store, settings, list(LEDGER_TOPICS), handlers(load_protocol()),
-                            group_id="audit-replay")
+    runner = ConsumerRunner(store, settings, list(spec.consumes), spec.handlers(load_protocol()),
+                            group_id=f"{service}-replay", fail_closed=spec.fail_closed)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
 
-    async def filed() -> bool:
-        return runner.handled + runner.dead_lettered >= total
+    async def read() -> bool:
+        return runner.records_seen >= total
 
     try:
         await runner.reading.wait()
         with clocked() as timing:
-            await until(filed, timeout=24 * 3600, interval=0.05)
+            await until(read, timeout=24 * 3600, interval=0.05)
     finally:
         stop.set()
         await task
+        written = await store.head()
         await store.close()
-    assert runner.handled == total, (runner.handled, runner.dead_lettered)
+    print(f"  {service}: {total:,} records read, {runner.handled:,} handled, "
+          f"{runner.duplicates:,} duplicates, {runner.dead_lettered:,} dead-lettered; "
+          f"{written:,} events written in {store.group_commits:,} commits")
+    if service == "audit":
+        assert runner.handled == total, (runner.handled, runner.dead_lettered)
     return timing
 
 
@@ -242,22 +263,25 @@ async def bare_consumer(settings: Settings, total: int) -> Timing:
     return timing
 
 
-def ledger_from_kafka(backend: str, events: int) -> None:
+def ledger_from_kafka(backend: str, events: int, service: str = "audit") -> None:
     patients = max(1, events // PER_PATIENT)
     with own_broker(backend) as bootstrap, bench_database(backend, "replay_ledger") as url:
-        settings = Settings(service_name="audit", kafka_bootstrap_servers=bootstrap,
+        settings = Settings(service_name=service, kafka_bootstrap_servers=bootstrap,
                             database_url=url, kafka_session_timeout_ms=(
                                 EMBEDDED_SESSION_TIMEOUT_MS if backend != "real" else 10_000))
-        total = asyncio.run(publish(settings, patients))
+        topics = asyncio.run(publish(settings, patients))
+        total = sum(topics.values())
+        read = sum(topics[t] for t in service_spec(service).consumes)  # its app made first
         # Each record's line written as the service writes it (JSON, production's), to nowhere.
         nowhere = open(os.devnull, "w")  # for the process's life
         configure_logging(settings.model_copy(update={"log_format": "json"}), stream=nowhere)
         settle(settings)  # the collector as the service sets it once up (D65)
-        print(f"replay of the audit ledger from Kafka ({total:,} CloudEvents published):")
+        what = "the audit ledger" if service == "audit" else f"{service}'s consumer"
+        print(f"replay of {what} from Kafka ({total:,} CloudEvents published):")
         show("bare aiokafka consumer", total, asyncio.run(bare_consumer(settings, total)))
-        timing = asyncio.run(audit_consumer(url, settings, total))
-        show("project (consumer)", total, timing)
-        rate = total / timing.wall
+        timing = asyncio.run(service_consumer(service, url, settings, topics))
+        show("project (consumer)", read, timing)
+        rate = read / timing.wall
         print(f"  target >= {TARGET_PER_S:,.0f} events/s: "
               f"{'met' if rate >= TARGET_PER_S else 'NOT met'}")
 
@@ -270,13 +294,15 @@ def main() -> None:
                         help="skip timing load's steps one by one (a second replay)")
     parser.add_argument("--kafka-events", type=int, default=10_000,
                         help="the audit ledger from Kafka (0: not measured)")
+    parser.add_argument("--consumer", choices=["audit", "efficacy", "dosing", "safety"],
+                        default="audit", help="whose consumer reads them from Kafka")
     args = parser.parse_args()
     print(f"backend={args.backend} events={args.events:,}")
     if args.events:
         with bench_database(args.backend, "replay") as url:
             asyncio.run(run(url, args.events, not args.no_breakdown))
     if args.kafka_events:
-        ledger_from_kafka(args.backend, args.kafka_events)
+        ledger_from_kafka(args.backend, args.kafka_events, args.consumer)
 
 
 if __name__ == "__main__":
