@@ -16,7 +16,12 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+)
 from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 
@@ -165,11 +170,19 @@ def new_topic(name: str, settings: Settings) -> NewTopic:
     return NewTopic(name, partitions, replicas, topic_configs=configs)
 
 
+# A topic's creation answered with these leaves nothing to do: made, made by someone else, or
+# (its ACLs, D48) not this principal's to make, so left to whoever may.
+_CREATED, _THERE_ALREADY, _NOT_OURS = 0, TopicAlreadyExistsError.errno, TopicAuthorizationFailedError.errno
+
+
 async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None) -> None:
     """Create topics if missing, so consumers never subscribe to nothing: `topics` by their
     names on the broker (`physical`), or every topic of the trial under the settings' prefix.
-    One the principal may not create (its ACLs, D48) is left to whoever may: the broker's refusal
-    is not an error here."""
+
+    One request for all of them; it answers each topic apart, so any answer but made, there
+    already or not this principal's (D48) raises (`ensure_topics_forever` retries). Kafka's
+    controller answers before every broker's metadata has the topic: return only once the
+    broker lists each topic made, within the request timeout."""
     admin = AIOKafkaAdminClient(**client_options(settings),
                                 request_timeout_ms=settings.kafka_request_timeout_ms)
     await admin.start()
@@ -177,11 +190,19 @@ async def ensure_topics(settings: Settings, topics: Iterable[str] | None = None)
         existing = set(await admin.list_topics())
         wanted = topics or [physical(settings, t) for t in all_topics()]
         missing = [t for t in wanted if t not in existing]
-        for name in missing:
-            try:
-                await admin.create_topics([new_topic(name, settings)])
-            except TopicAlreadyExistsError:
-                pass
+        if not missing:
+            return
+        response = await admin.create_topics([new_topic(name, settings) for name in missing])
+        answers = {topic: code for topic, code, *_ in response.topic_errors}
+        failed = {t: c for t, c in answers.items() if c not in (_CREATED, _THERE_ALREADY, _NOT_OURS)}
+        if failed:
+            raise KafkaError(f"topics not created (Kafka error codes): {failed}")
+        made = {t for t, c in answers.items() if c == _CREATED}
+        deadline = asyncio.get_running_loop().time() + settings.kafka_request_timeout_ms / 1000
+        while unlisted := made - set(await admin.list_topics()):
+            if asyncio.get_running_loop().time() > deadline:
+                raise KafkaTimeoutError(f"topics made but not listed by the broker: {sorted(unlisted)}")
+            await asyncio.sleep(0.05)
     finally:
         await admin.close()
 
