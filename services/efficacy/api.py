@@ -91,15 +91,15 @@ def _measures(body: AssessmentRequest | CorrectionRequest) -> dict[str, Any]:
 
 async def _command(rt: Runtime, patient_id: str, who: Principal, action: Action,
                    command: commands.PatientCommand, protocol: ProtocolConfig,
-                   reason: str | None = None) -> list[EventData]:
+                   reason: str | None = None) -> tuple[list[EventData], domain.FollowUp]:
     """A patient efficacy has not heard of yet is waited for (enrolment), and so are their
     assessment visits (dosing's calendar): never "unknown" because a consumer lags."""
-    async def run() -> list[EventData]:
+    async def run() -> tuple[list[EventData], domain.FollowUp]:
         await having_read(rt, ENROLLMENT, patient_id)  # a withdrawal published a moment ago
         return await commands.command_patient(rt.store, patient_id, who, action, command, protocol,
                                         metadata_for(who, reason=reason))
 
-    async def with_calendar() -> list[EventData]:
+    async def with_calendar() -> tuple[list[EventData], domain.FollowUp]:
         return await unless_lagging(rt, DOSING, patient_id, run,
                                     unknown=frozenset({"assessment_visits_unknown"}))
     return await unless_lagging(rt, ENROLLMENT, patient_id, with_calendar)
@@ -116,8 +116,7 @@ async def record_assessment(patient_id: str, body: AssessmentRequest, who: Curre
         dlqi_total=m.get("dlqi_total"), spga=m.get("spga"))
     command = domain.RecordAssessment(str(uuid.uuid4()), body.week, body.assessed_at, measured,
                                       now.now())
-    await _command(rt, patient_id, who, Action.RECORD_ASSESSMENT, command, protocol)
-    state = await commands.followup(rt.store, patient_id, who, Action.RECORD_ASSESSMENT)
+    _, state = await _command(rt, patient_id, who, Action.RECORD_ASSESSMENT, command, protocol)
     found = state.assessment(command.assessment_id)
     assert found is not None
     return {**assessment_view(state, found), "study_completed": state.ended == "completed"}
@@ -129,9 +128,8 @@ async def correct_assessment(patient_id: str, assessment_id: str, body: Correcti
                              protocol: CurrentProtocol, now: CurrentClock) -> dict[str, Any]:
     command = domain.CorrectAssessment(str(uuid.uuid4()), assessment_id, _measures(body),
                                        body.reason, now.now())
-    new = await _command(rt, patient_id, who, Action.RECORD_ASSESSMENT, command, protocol,
-                         reason=body.reason)
-    state = await commands.followup(rt.store, patient_id, who, Action.RECORD_ASSESSMENT)
+    new, state = await _command(rt, patient_id, who, Action.RECORD_ASSESSMENT, command, protocol,
+                                reason=body.reason)
     found = state.assessment(assessment_id)
     assert found is not None
     return {**assessment_view(state, found), "correction_id": command.correction_id,
@@ -141,8 +139,8 @@ async def correct_assessment(patient_id: str, assessment_id: str, body: Correcti
 async def _disposition(rt: Runtime, patient_id: str, who: Principal,
                        command: domain.DiscontinueTreatment | domain.DeclareLost,
                        protocol: ProtocolConfig, reason: str) -> dict[str, Any]:
-    await _command(rt, patient_id, who, Action.DISCONTINUE_TREATMENT, command, protocol, reason)
-    state = await commands.followup(rt.store, patient_id, who, Action.DISCONTINUE_TREATMENT)
+    _, state = await _command(rt, patient_id, who, Action.DISCONTINUE_TREATMENT, command,
+                              protocol, reason)
     return {"patient_id": patient_id, "disposition": disposition_view(state)}
 
 

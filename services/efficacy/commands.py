@@ -24,16 +24,19 @@ PatientCommand = (domain.RecordAssessment | domain.CorrectAssessment
 @retried
 async def command_patient(store: EventStore, patient_id: str, who: Principal, action: Action,
                           command: PatientCommand, protocol: ProtocolConfig,
-                          meta: Metadata) -> list[EventData]:
-    """A site's command on one patient: the patient's site must be the caller's (404 if not)."""
+                          meta: Metadata) -> tuple[list[EventData], domain.FollowUp]:
+    """A site's command on one patient: the patient's site must be the caller's (404 if not).
+    Its events, and the follow-up after them: the answer is made from that, never from a read
+    after the commit, which the database could refuse once the write stands (a 503 for a
+    committed write, whose key a retry then finds outcome unknown)."""
     followups = domain.followups(protocol)
     async with session(store) as s:
         stream = domain.followup_stream(patient_id)
         state = await s.load(followups, stream)
         authorize_patient(who, action, state.site_id)
-        new = followups.decide(state, command)
+        new, after = followups.run(state, command)
         await s.append(stream, new, meta)
-    return new
+    return new, after
 
 
 async def followup(store: EventStore, patient_id: str, who: Principal,
