@@ -363,7 +363,7 @@ def status(config: SafetyConfig, state: SafetyState, enrollment_cap: int,
     bayes = next((r.bayes for r in config.rules if r.bayes is not None), None)
     bayes_id = next((r.id for r in config.rules if r.bayes is not None), None)
     arms: dict[str, object] = {}
-    adverse_events = rules.adverse_events_by_arm(state)
+    adverse_events = rules.adverse_events_by_arm(state, config)
     for arm in ARMS:
         arm_holds = [h for h in holds if h.scope == "arm" and h.target == arm]
         view: dict[str, object] = {

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
 from math import comb
+from typing import Any
 
 from services.safety.state import (
     AdverseEventFile,
     AdverseEventView,
     LabFile,
+    PatientFile,
     SafetyState,
     firing_key,
 )
@@ -48,6 +51,7 @@ def derived_id(key: str, kind: str) -> str:
     return str(uuid.uuid5(FIRING_NS, f"{key}#{kind}"))
 
 
+@functools.lru_cache(maxsize=4096)
 def posterior_above(k: int, n: int, rate: Fraction, alpha: int = 1, beta: int = 1) -> Fraction:
     """P(p > rate) exactly, for p ~ Beta(alpha + k, beta + n - k) with integer parameters.
 
@@ -64,6 +68,52 @@ def related(config: SafetyConfig, relatedness: str) -> bool:
 
 # A fact that a reading of the evidence rests on: its event id and its time.
 Fact = tuple[str, datetime]
+
+
+class Readings:
+    """What the rules read of each adverse event and lab result (its arm, each rule's item),
+    kept per piece of evidence while the evidence and its patient's file stay the same objects.
+
+    A state's files never change, and a later state holds the same file object for a patient
+    or an adverse event nothing touched since (services/safety/state.py), so a reading stands
+    while both objects it came from are the state's. A decision then works out again only what
+    it touched, and each rule's pass over the whole state is a dictionary lookup an adverse
+    event. Without it every decision re-read every adverse event of the trial under every rule
+    (54 ms a decision at 600 adverse events: safety's consumer fell behind under load).
+    Invisible to the results: a property test compares them with a fresh `Readings`."""
+
+    def __init__(self, config: SafetyConfig) -> None:
+        self.config = config
+        self._of: dict[str, tuple[object, PatientFile | None, dict[Hashable, Any]]] = {}
+
+    def of(self, key: str, evidence: object, patient: PatientFile | None
+           ) -> dict[Hashable, Any]:
+        """The readings kept for this evidence (by its id) with this patient's file."""
+        entry = self._of.get(key)
+        if entry is not None and entry[0] is evidence and entry[1] is patient:
+            return entry[2]
+        found: dict[Hashable, Any] = {}
+        self._of[key] = (evidence, patient, found)
+        return found
+
+
+_READINGS: dict[int, Readings] = {}
+_CONFIGS_KEPT = 8  # tests make many configurations; a service has one or two
+
+
+def readings(config: SafetyConfig) -> Readings:
+    """The readings of this configuration (keyed by the object: a configuration is immutable)."""
+    found = _READINGS.get(id(config))
+    if found is None or found.config is not config:
+        found = _READINGS[id(config)] = Readings(config)
+        while len(_READINGS) > _CONFIGS_KEPT:
+            del _READINGS[next(iter(_READINGS))]
+    return found
+
+
+def forget_readings() -> None:
+    """Start every reading afresh (tests compare the kept readings with fresh ones)."""
+    _READINGS.clear()
 
 
 def within_infusion_window(config: SafetyConfig, onset: datetime, given: datetime) -> bool:
@@ -169,12 +219,17 @@ def ae_item(ae: AdverseEventFile, arm: str | None, q: Qualified,
                 max([view.reported_at, *(at for _, at in facts)]), ae, view)
 
 
-def adverse_events_by_arm(state: SafetyState) -> dict[str, int]:
+def adverse_events_by_arm(state: SafetyState, config: SafetyConfig | None = None
+                          ) -> dict[str, int]:
     """How many adverse events count for each arm: the arm the patient was on at onset
     (`arm_reading`), each event once. The status and the DSMB report both count so."""
     counts: dict[str, int] = {}
+    memo = readings(config) if config is not None else None
     for ae in state.adverse_events.values():
-        arm, _ = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
+        kept = memo.of(ae.adverse_event_id, ae, state.patients.get(ae.patient_id)) if memo else {}
+        if "arm" not in kept:
+            kept["arm"] = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
+        arm, _ = kept["arm"]
         if arm is not None:
             counts[arm] = counts.get(arm, 0) + 1
     return counts
@@ -196,30 +251,48 @@ def arm_reading(state: SafetyState, patient_id: str, at: datetime,
     return spell.arm, ((spell.fact_id, spell.since),)
 
 
+def _ae_item(config: SafetyConfig, rule: Rule, state: SafetyState, ae: AdverseEventFile,
+             by_arm: bool) -> Item | None:
+    arm, arm_facts = (arm_reading(state, ae.patient_id, ae.onset_at, ae.arm) if by_arm
+                      else (ae.arm, ()))
+    if rule.arms is not None and arm not in rule.arms:
+        return None
+    q = qualifying_prefix(config, rule.adverse_events, ae, state)
+    return ae_item(ae, arm, q, arm_facts) if q is not None else None
+
+
+def _lab_item(rule: Rule, state: SafetyState, lab: LabFile, by_arm: bool) -> Item | None:
+    arm, arm_facts = (arm_reading(state, lab.patient_id, lab.collected_at, lab.arm) if by_arm
+                      else (lab.arm, ()))
+    if rule.arms is not None and arm not in rule.arms:
+        return None
+    if not any(lab_matches(c, lab) for c in rule.labs):
+        return None
+    return Item(lab.patient_id, arm, (lab.event_id, *(f for f, _ in arm_facts)),
+                max([lab.reported_at, *(at for _, at in arm_facts)]))
+
+
 def items_for(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Item]:
+    """The evidence the rule counts: each adverse event and lab result that meets it, read by
+    the arm in force at the time when the rule is by arm (`Readings` keeps each reading)."""
     found: list[Item] = []
     by_arm = rule.scope == "arm" or rule.arms is not None  # else the arm is not the rule's
-
-    def arm_of(patient_id: str, at: datetime, recorded: str | None
-               ) -> tuple[str | None, tuple[Fact, ...]]:
-        return arm_reading(state, patient_id, at, recorded) if by_arm else (recorded, ())
-
+    memo, what = readings(config), ("item", rule.id)
+    patients = state.patients
     if rule.adverse_events:
         for ae in state.adverse_events.values():
-            arm, arm_facts = arm_of(ae.patient_id, ae.onset_at, ae.arm)
-            if rule.arms is not None and arm not in rule.arms:
-                continue
-            q = qualifying_prefix(config, rule.adverse_events, ae, state)
-            if q is not None:
-                found.append(ae_item(ae, arm, q, arm_facts))
-    for lab in state.labs:
-        arm, arm_facts = arm_of(lab.patient_id, lab.collected_at, lab.arm)
-        if rule.arms is not None and arm not in rule.arms:
-            continue
-        if any(lab_matches(c, lab) for c in rule.labs):
-            found.append(Item(lab.patient_id, arm,
-                              (lab.event_id, *(f for f, _ in arm_facts)),
-                              max([lab.reported_at, *(at for _, at in arm_facts)])))
+            kept = memo.of(ae.adverse_event_id, ae, patients.get(ae.patient_id))
+            if what not in kept:
+                kept[what] = _ae_item(config, rule, state, ae, by_arm)
+            if (item := kept[what]) is not None:
+                found.append(item)
+    if rule.labs:
+        for lab in state.labs:
+            kept = memo.of(lab.event_id, lab, patients.get(lab.patient_id))
+            if what not in kept:
+                kept[what] = _lab_item(rule, state, lab, by_arm)
+            if (item := kept[what]) is not None:
+                found.append(item)
     return found
 
 
@@ -232,6 +305,14 @@ class ArmToxicity:
     at: datetime | None
 
 
+def _toxicity_reading(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
+                      ae: AdverseEventFile) -> tuple[str | None, Item | None]:
+    """The arm an adverse event counts for, and the event as a toxicity there (None: not one)."""
+    arm, arm_facts = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
+    q = qualifying_prefix(config, (bayes.toxicity,), ae, state)
+    return arm, ae_item(ae, arm, q, arm_facts) if q is not None and arm is not None else None
+
+
 def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
                  arm: str) -> ArmToxicity:
     """k = patients with a toxicity while on the arm, n = patients who received a dose of the
@@ -239,15 +320,21 @@ def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
     the dose); after a crossover a patient counts in each arm by the treatment received."""
     toxic: dict[str, list[str]] = {}
     times: list[datetime] = []
+    # Kept by the rule that has this posterior; one from elsewhere is read afresh.
+    rule_id = next((r.id for r in config.rules if r.bayes is bayes), None)
+    memo, what = readings(config), ("toxicity", rule_id)
     for ae in state.adverse_events.values():
-        ae_arm, arm_facts = arm_reading(state, ae.patient_id, ae.onset_at, ae.arm)
-        if ae_arm != arm:
+        if rule_id is None:
+            ae_arm, item = _toxicity_reading(config, bayes, state, ae)
+        else:
+            kept = memo.of(ae.adverse_event_id, ae, state.patients.get(ae.patient_id))
+            if what not in kept:
+                kept[what] = _toxicity_reading(config, bayes, state, ae)
+            ae_arm, item = kept[what]
+        if ae_arm != arm or item is None:
             continue
-        q = qualifying_prefix(config, (bayes.toxicity,), ae, state)
-        if q is not None:
-            item = ae_item(ae, arm, q, arm_facts)
-            toxic.setdefault(ae.patient_id, []).extend(item.evidence)
-            times.append(item.at)
+        toxic.setdefault(ae.patient_id, []).extend(item.evidence)
+        times.append(item.at)
     dosed = {p.patient_id for p in state.patients.values() if arm in p.dosed_arms}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)

@@ -79,15 +79,24 @@ class PatientFile:
         spell = self.spell_at(at)
         return spell.arm if spell is not None else self.arm
 
+    @cached_property
+    def spells_by_start(self) -> tuple[ArmSpell, ...]:
+        """The spells by their start, those starting together in the order safety learnt of
+        them (a stable sort); worked out once per file, which never changes."""
+        return tuple(sorted(self.arm_spells, key=lambda s: s.since))
+
     def spell_at(self, at: datetime) -> ArmSpell | None:
         """The arm in force at `at`: the latest assignment or crossover since at or before it
         (the first assignment for a time before every one); None before any is known."""
-        if not self.arm_spells:
+        ordered = self.spells_by_start
+        if not ordered:
             return None
-        ordered = [s for _, s in sorted(enumerate(self.arm_spells),
-                                        key=lambda i_s: (i_s[1].since, i_s[0]))]
-        in_force = [s for s in ordered if s.since <= at]
-        return in_force[-1] if in_force else ordered[0]
+        in_force = ordered[0]
+        for spell in ordered:
+            if spell.since > at:
+                break
+            in_force = spell
+        return in_force
 
 
 @dataclass(frozen=True)
