@@ -77,9 +77,9 @@ class Readings:
     A state's files never change, and a later state holds the same file object for a patient
     or an adverse event nothing touched since (services/safety/state.py), so a reading stands
     while both objects it came from are the state's. A decision then works out again only what
-    it touched, and each rule's pass over the whole state is a dictionary lookup an adverse
-    event. Without it every decision re-read every adverse event of the trial under every rule
-    (54 ms a decision at 600 adverse events: safety's consumer fell behind under load).
+    it touched, and its one pass over the evidence (`evidence_of`) is a lookup a piece. Without
+    it every decision re-read every adverse event of the trial under every rule (54 ms a
+    decision at 600 adverse events: safety's consumer fell behind under load; D79).
     Invisible to the results: a property test compares them with a fresh `Readings`."""
 
     def __init__(self, config: SafetyConfig) -> None:
@@ -272,28 +272,63 @@ def _lab_item(rule: Rule, state: SafetyState, lab: LabFile, by_arm: bool) -> Ite
                 max([lab.reported_at, *(at for _, at in arm_facts)]))
 
 
-def items_for(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Item]:
-    """The evidence the rule counts: each adverse event and lab result that meets it, read by
-    the arm in force at the time when the rule is by arm (`Readings` keeps each reading)."""
-    found: list[Item] = []
-    by_arm = rule.scope == "arm" or rule.arms is not None  # else the arm is not the rule's
-    memo, what = readings(config), ("item", rule.id)
-    patients = state.patients
-    if rule.adverse_events:
-        for ae in state.adverse_events.values():
-            kept = memo.of(ae.adverse_event_id, ae, patients.get(ae.patient_id))
-            if what not in kept:
-                kept[what] = _ae_item(config, rule, state, ae, by_arm)
-            if (item := kept[what]) is not None:
-                found.append(item)
-    if rule.labs:
+def _by_arm(rule: Rule) -> bool:
+    return rule.scope == "arm" or rule.arms is not None  # else the arm is not the rule's
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One pass over the state's adverse events and lab results under every rule: each rule's
+    items in the state's order, and each posterior's toxicities (arm, item) likewise. A piece
+    of evidence costs a lookup (`Readings`) and a walk of the few rules it meets."""
+
+    items: dict[str, list[Item]]
+    toxicities: dict[str, list[tuple[str, Item]]]
+
+
+def evidence_of(config: SafetyConfig, state: SafetyState) -> Evidence:
+    memo, patients = readings(config), state.patients
+    ae_rules = [(r.id, r, _by_arm(r)) for r in config.rules if r.bayes is None and r.adverse_events]
+    lab_rules = [(r.id, r, _by_arm(r)) for r in config.rules if r.bayes is None and r.labs]
+    bayes_rules = [(r.id, r.bayes) for r in config.rules if r.bayes is not None]
+    items: dict[str, list[Item]] = {r.id: [] for r in config.rules if r.bayes is None}
+    toxicities: dict[str, list[tuple[str, Item]]] = {rule_id: [] for rule_id, _ in bayes_rules}
+    for ae in state.adverse_events.values():
+        kept = memo.of(ae.adverse_event_id, ae, patients.get(ae.patient_id))
+        met = kept.get("met")
+        if met is None:
+            met = kept["met"] = (
+                tuple((rule_id, item) for rule_id, rule, by_arm in ae_rules
+                      if (item := _ae_item(config, rule, state, ae, by_arm)) is not None),
+                tuple((rule_id, (arm, item)) for rule_id, bayes in bayes_rules
+                      for arm, item in (_toxicity_reading(config, bayes, state, ae),)
+                      if item is not None and arm is not None))
+        for rule_id, item in met[0]:
+            items[rule_id].append(item)
+        for rule_id, toxicity in met[1]:
+            toxicities[rule_id].append(toxicity)
+    if lab_rules:
         for lab in state.labs:
             kept = memo.of(lab.event_id, lab, patients.get(lab.patient_id))
-            if what not in kept:
-                kept[what] = _lab_item(rule, state, lab, by_arm)
-            if (item := kept[what]) is not None:
-                found.append(item)
-    return found
+            met = kept.get("met")
+            if met is None:
+                met = kept["met"] = (
+                    tuple((rule_id, item) for rule_id, rule, by_arm in lab_rules
+                          if (item := _lab_item(rule, state, lab, by_arm)) is not None), ())
+            for rule_id, item in met[0]:
+                items[rule_id].append(item)
+    return Evidence(items, toxicities)
+
+
+def items_for(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Item]:
+    """The evidence the rule counts: each adverse event and lab result that meets it, read by
+    the arm in force at the time when the rule is by arm."""
+    if rule in config.rules:
+        return evidence_of(config, state).items[rule.id]
+    found = [item for ae in state.adverse_events.values()  # a rule from elsewhere: read afresh
+             if rule.adverse_events and (item := _ae_item(config, rule, state, ae, _by_arm(rule)))]
+    return found + [item for lab in state.labs
+                    if rule.labs and (item := _lab_item(rule, state, lab, _by_arm(rule)))]
 
 
 @dataclass(frozen=True)
@@ -314,34 +349,31 @@ def _toxicity_reading(config: SafetyConfig, bayes: BayesToxicity, state: SafetyS
 
 
 def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
-                 arm: str) -> ArmToxicity:
+                 arm: str, evidence: Evidence | None = None) -> ArmToxicity:
     """k = patients with a toxicity while on the arm, n = patients who received a dose of the
     arm (a patient with a treatment-related toxicity counts as dosed even before safety has seen
     the dose); after a crossover a patient counts in each arm by the treatment received."""
-    toxic: dict[str, list[str]] = {}
-    times: list[datetime] = []
     # Kept by the rule that has this posterior; one from elsewhere is read afresh.
     rule_id = next((r.id for r in config.rules if r.bayes is bayes), None)
-    memo, what = readings(config), ("toxicity", rule_id)
-    for ae in state.adverse_events.values():
-        if rule_id is None:
-            ae_arm, item = _toxicity_reading(config, bayes, state, ae)
-        else:
-            kept = memo.of(ae.adverse_event_id, ae, state.patients.get(ae.patient_id))
-            if what not in kept:
-                kept[what] = _toxicity_reading(config, bayes, state, ae)
-            ae_arm, item = kept[what]
-        if ae_arm != arm or item is None:
-            continue
-        toxic.setdefault(ae.patient_id, []).extend(item.evidence)
-        times.append(item.at)
+    if rule_id is None:
+        readings_ = [_toxicity_reading(config, bayes, state, ae)
+                     for ae in state.adverse_events.values()]
+        toxicities = [(a, item) for a, item in readings_ if item is not None and a is not None]
+    else:
+        toxicities = (evidence or evidence_of(config, state)).toxicities[rule_id]
+    toxic: dict[str, list[str]] = {}
+    times: list[datetime] = []
+    for ae_arm, item in toxicities:
+        if ae_arm == arm:
+            toxic.setdefault(item.patient_id, []).extend(item.evidence)
+            times.append(item.at)
     dosed = {p.patient_id for p in state.patients.values() if arm in p.dosed_arms}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)
     prob = posterior_above(k, n_patients, Fraction(str(bayes.rate)), bayes.prior_alpha,
                            bayes.prior_beta)
-    evidence = tuple(sorted(e for ids in toxic.values() for e in ids))
-    return ArmToxicity(n_patients, k, prob, evidence, max(times, default=None))
+    evidence_ids = tuple(sorted(e for ids in toxic.values() for e in ids))
+    return ArmToxicity(n_patients, k, prob, evidence_ids, max(times, default=None))
 
 
 def _target(rule: Rule, item: Item, trial_id: str) -> str | None:
@@ -356,19 +388,22 @@ class Candidate:
     at: datetime | None  # the newest evidence's report time: the same wherever it is evaluated
 
 
-def candidates(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Candidate]:
-    """Every firing the rule's trigger supports on this state."""
+def candidates(config: SafetyConfig, rule: Rule, state: SafetyState,
+               evidence: Evidence | None = None) -> list[Candidate]:
+    """Every firing the rule's trigger supports on this state (`evidence`: the state's, when
+    the caller has it already)."""
     found: list[Candidate] = []
     if rule.bayes is not None:
         for arm in ARMS:
             if rule.arms is not None and arm not in rule.arms:
                 continue
-            tox = arm_toxicity(config, rule.bayes, state, arm)
+            tox = arm_toxicity(config, rule.bayes, state, arm, evidence)
             if tox.toxicities and tox.probability > Fraction(str(rule.bayes.probability)):
                 found.append(Candidate(arm, tox.evidence, (), tox.at))
         return found
     groups: dict[str, list[Item]] = {}
-    for item in items_for(config, rule, state):
+    items = evidence.items[rule.id] if evidence is not None else items_for(config, rule, state)
+    for item in items:
         target = _target(rule, item, state.trial_id)
         if target is not None:
             groups.setdefault(target, []).append(item)
@@ -376,8 +411,8 @@ def candidates(config: SafetyConfig, rule: Rule, state: SafetyState) -> list[Can
         if rule.distinct_patients == 1:
             found += [Candidate(target, item.evidence, (item,), item.at) for item in items]
         elif len({i.patient_id for i in items}) >= rule.distinct_patients:
-            evidence = tuple(sorted(e for i in items for e in i.evidence))
-            found.append(Candidate(target, evidence, tuple(items), max(i.at for i in items)))
+            ids = tuple(sorted(e for i in items for e in i.evidence))
+            found.append(Candidate(target, ids, tuple(items), max(i.at for i in items)))
     return found
 
 
@@ -412,8 +447,9 @@ def evaluate(config: SafetyConfig, state: SafetyState) -> list[Emitted]:
     """Every firing the state supports that has not fired yet, with its action events."""
     emitted: list[Emitted] = []
     seen = set(state.firing_keys)
+    read = evidence_of(config, state)
     for rule in config.rules:
-        for c in candidates(config, rule, state):
+        for c in candidates(config, rule, state, read):
             target, evidence = c.target, c.evidence
             key = firing_key(rule.id, evidence)
             if key in seen:
