@@ -578,12 +578,17 @@ class Transaction:
     def _staged(self, stream_id: str) -> int:
         return sum(len(a.events) for a in self.appends if a.stream_id == stream_id)
 
-    def _saw(self, stream_id: str, version: int) -> None:
+    def _unstaged(self, stream_id: str) -> None:
+        """Before a stream's read: one this transaction appended to cannot be read (its staged
+        events are not in the database yet), and saying so before the query saves it."""
         if self._staged(stream_id):
             raise StagedRead(f"stream {stream_id!r} read after this transaction appended to it")
+
+    def _saw(self, stream_id: str, version: int) -> None:
         self.read_versions.setdefault(stream_id, version)
 
     async def stream_version(self, stream_id: str) -> int:
+        self._unstaged(stream_id)
         q = sa.select(sa.func.coalesce(sa.func.max(events.c.stream_version), 0)).where(
             events.c.stream_id == stream_id)
         version = int((await self._read(q)).scalar_one())
@@ -592,6 +597,7 @@ class Transaction:
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[RecordedEvent]:
         """The stream's events after `after_version` (a snapshot's, see `shared.commands`)."""
+        self._unstaged(stream_id)
         found = [_to_recorded(r) for r in await self._read(_STREAM,
                                                             _stream_params(stream_id, after_version))]
         self._saw(stream_id, found[-1].stream_version if found else after_version)
