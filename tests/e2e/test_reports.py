@@ -223,7 +223,9 @@ async def test_the_dsmb_report_renders_in_chromium_offline_and_matches_the_safet
             page = await browser.new_page(extra_http_headers={
                 "Authorization": f"Bearer {token('dsmb')}"})
             page.on("request", lambda request: requests.append(request.url))
-            answer = await page.goto(url)
+            # The report is drawn on request (matplotlib, the whole ledger folded): on a busy
+            # two-core machine that can pass Playwright's 30 s default.
+            answer = await page.goto(url, timeout=120_000)
             assert answer is not None and answer.status == 200
             await page.screenshot(path=str(tmp_path / "dsmb.png"), full_page=True)
             charts = await page.eval_on_selector_all(
