@@ -58,9 +58,13 @@ class Delivery:
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
 # Records looked up at once (processed? stored?) as a shared transaction reaches them: a few
-# first (a consumer whose records each start a transaction, as safety's do, asks for few ids
-# it will not reach), twice as many each time the run goes on, up to a most.
+# first (a consumer whose runs end early, at a record that reads what an earlier one staged,
+# asks for few ids it will not reach), twice as many each time the run goes on, up to a most.
 PREFETCH_FIRST, PREFETCH_MOST = 4, 512
+# A run of records sharing one transaction commits once it has taken this long (D80): what the
+# transaction holds meanwhile (safety's state lock, which an adverse event's report waits for)
+# and the run's first record's commit wait no longer, however long the backlog.
+RUN_BUDGET_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -420,6 +424,7 @@ class ConsumerRunner:
         applied: list[bool] = []
         end = looked_up = start
         window = PREFETCH_FIRST
+        budget = asyncio.get_running_loop().time() + RUN_BUDGET_S
         async with self.store.transaction() as tx:
             while end < len(parsed):
                 item = parsed[end]
@@ -440,6 +445,8 @@ class ConsumerRunner:
                     tx.rollback(mark)  # it goes first in the next transaction
                     break
                 end += 1
+                if asyncio.get_running_loop().time() >= budget:
+                    break  # commit: what the run holds (safety's state lock) waits no longer
         return end, applied
 
     @noted_parse  # what the log line reports

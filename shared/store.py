@@ -610,19 +610,31 @@ class Transaction:
         await self._note_head()
         return [_to_recorded(r) for r in await self._read(_after(after, limit, where))]
 
-    async def _note_head(self) -> None:
-        self._across_streams("a read across streams")
+    async def _note_head(self, staged_folded: bool = False) -> None:
+        if not staged_folded:
+            self._across_streams("a read across streams")
         if self.read_head is None:
             head = sa.select(sa.func.coalesce(sa.func.max(events.c.position), 0))
             self.read_head = int((await self._read(head)).scalar_one())
 
     async def scan(self, after: int = 0, where: EventFilter = EVERYTHING,
-                   page: int = SCAN_PAGE) -> AsyncIterator[list[RawEvent]]:
+                   page: int = SCAN_PAGE, *, staged_folded: bool = False
+                   ) -> AsyncIterator[list[RawEvent]]:
         """`read_all` to the end in pages of undecoded rows (memory flat in the store's size),
-        checked at commit like `read_all`: the head is taken before the first page."""
-        await self._note_head()
+        checked at commit like `read_all`: the head is taken before the first page.
+
+        `staged_folded`: the reader folds this transaction's staged events (`staged`) onto the
+        pages itself, as the store will append them, so the earlier records of a shared
+        transaction do not make this read stale and it need not start a transaction of its own
+        (D80). Without it such a read raises `StagedRead` (D78)."""
+        await self._note_head(staged_folded)
         async for rows in _scan(await self.conn(), after, where, page):
             yield rows
+
+    def staged(self) -> list[NewEvent]:
+        """The events this transaction has staged, in the order the commit will append them
+        (after every event in the store: their positions come at commit)."""
+        return [new for a in self.appends for new in a.events]
 
     async def has_event(self, event_id: str) -> bool:
         """Stored or staged. (Two writers of one id: the database's unique key stops the second,

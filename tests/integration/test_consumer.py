@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from sqlalchemy.exc import DBAPIError
 
+from shared import consumer
 from shared.consumer import MAX_HANDLER_ATTEMPTS, ConsumerRunner, Delivery, Handler
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn, dlq_topic
 from shared.kafka import ensure_topics
@@ -178,6 +180,18 @@ def batch_runner(store: EventStore, settings: Settings, records: list[ConsumerRe
                           group_id=f"g-{uuid.uuid4().hex[:8]}")
 
 
+async def filed_in_order(store: EventStore, settings: Settings, records: list[ConsumerRecord],
+                         events: list[CloudEvent], patient: str) -> tuple[ConsumerRunner, int]:
+    """`records` handled as one fetch by `count_down`, which filed `events` in order: the runner,
+    and how many commits it took."""
+    runner = batch_runner(store, settings, records)
+    commits = store.group_commits
+    await runner.handle_batch(records)
+    assert [e.data["event_id"] for e in await store.read_stream(f"seen-{patient}")] == [
+        e.id for e in events]
+    return runner, store.group_commits - commits
+
+
 async def test_a_fetch_whose_records_read_nothing_staged_is_filed_in_one_commit_in_order_and_once(
         settings: Settings, store: EventStore) -> None:
     events = [withdrawal("P7") for _ in range(5)]
@@ -185,12 +199,8 @@ async def test_a_fetch_whose_records_read_nothing_staged_is_filed_in_one_commit_
     values = [e.to_bytes() for e in events[:2]] + [events[0].to_bytes()] + [
         e.to_bytes() for e in events[2:]]
     records = await fetched(settings, *values)
-    runner = batch_runner(store, settings, records)
-    commits = store.group_commits
-    await runner.handle_batch(records)
-    assert store.group_commits - commits == 1
-    assert [e.data["event_id"] for e in await store.read_stream("seen-P7")] == [
-        e.id for e in events]
+    runner, commits = await filed_in_order(store, settings, records, events, "P7")
+    assert commits == 1
     assert (runner.handled, runner.duplicates, runner.records_seen) == (5, 1, 6)
     # The same fetch again (a crash before the offset commit): nothing changes.
     again = batch_runner(store, settings, records)
@@ -384,3 +394,14 @@ async def test_offsets_are_told_the_group_once_an_interval_and_all_of_them_on_st
                            group_id=group)
     await run_until(again, lambda: again.reading.is_set(), "the same group again")
     assert (again.records_seen, again.handled) == (0, 0)
+
+
+async def test_a_run_commits_once_its_time_budget_is_spent(
+        settings: Settings, store: EventStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Records that could all share one transaction (test_a_fetch_whose_records_read_nothing...):
+    # with no time to spend, each run ends after its first record (D80).
+    monkeypatch.setattr(consumer, "RUN_BUDGET_S", 0.0)
+    events = [withdrawal("P15") for _ in range(4)]
+    records = await fetched(settings, *(e.to_bytes() for e in events))
+    _, commits = await filed_in_order(store, settings, records, events, "P15")
+    assert commits == 4
