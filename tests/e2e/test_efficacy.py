@@ -22,6 +22,7 @@ import pytest
 
 from shared.clock import FileClock
 from tests.e2e.conftest import client, screening, system_of_its_own
+from tests.e2e.test_catch_up import not_caught_up_or
 from tests.e2e.test_dosing_patients import schedule_of
 from tests.support import eventually
 from tooling.launcher import System
@@ -489,7 +490,15 @@ async def test_worklists_by_site_and_a_visit_overdue_the_day_after_its_window(
             assert p2 in {i["patient_id"] for i in their_visits}
             assert p1 not in {i["patient_id"] for i in their_visits}
         for path in (f"/v1/patients/{p1}/efficacy", f"/v1/patients/{p1}/schedule"):
-            assert_problem(await s2.get(path), 404, "patient_not_found")  # not even its existence
+            # Not even its existence: a patient hidden from S2 reads as one not found, and a
+            # service says "not found" only once it has caught up (D33), "not yet" (503
+            # not_caught_up) until then, which a site retries.
+            async def hidden(path: str = path) -> httpx.Response | None:
+                r = await s2.get(path)
+                return r if not_caught_up_or(r, 404) else None
+
+            found = await eventually(hidden, timeout=WAIT, what=f"S2's answer for {path}")
+            assert_problem(found, 404, "patient_not_found")
         for site_id, present, absent in (("S1", p1, p2), ("S2", p2, p1)):
             ids = {i["patient_id"] for i in await every_item(monitor, "/v1/patients",
                                                             site=site_id)}

@@ -120,8 +120,10 @@ SWEEP_STABLE_S = 3 * SWEEP_INTERVAL_S  # no new missed visit this long: both swe
 SWEEP_TIMEOUT_S = 60.0
 
 # About 90 s on SQLite + Tansu and 115 s on PostgreSQL + Kafka on a quiet machine; 235 s was seen
-# on PostgreSQL + Kafka with another fault test running beside it.
-pytestmark = pytest.mark.timeout(240)
+# on PostgreSQL + Kafka with another fault test running beside it, and on 2026-12-02's slow
+# machine 195 s embedded and past 240 s on Kafka with every kill recovered (each restart 13-26 s
+# under a load average of 13): the budget is for a hang, not for a slow day.
+pytestmark = pytest.mark.timeout(420)
 
 
 @contextmanager
