@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from shared.decider import Decider, Identified
+from shared.errors import ConcurrencyError
 from shared.events import EventData
 from shared.retry import on_conflict_again
-from shared.store import EventStore, Metadata, NewEvent, Transaction
+from shared.store import EventStore, Metadata, NewEvent, RecordedEvent, Transaction
 
 S = TypeVar("S")
 
@@ -26,13 +27,32 @@ class Session:
     def __init__(self, tx: Transaction) -> None:
         self.tx = tx
         self.versions: dict[str, int] = {}
+        self._read: dict[tuple[str, int], list[RecordedEvent]] = {}  # (stream, after version)
+
+    async def read_ahead(self, after: Mapping[str, int]) -> None:
+        """Read the streams in `after` (each after its version) in one statement; the loads
+        that follow take their events from it instead of a statement each (D81)."""
+        found = await self.tx.read_streams(after)
+        self._read.update({(stream, after[stream]): events for stream, events in found.items()})
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+        """The stream's events after `after_version`: as read ahead at that version, else read.
+        Read ahead at another version (a staging transaction failed meanwhile), the command runs
+        again: its commit would check the stream at the version read ahead."""
+        ahead = self._read.pop((stream, after_version), None)
+        if ahead is not None:
+            return ahead
+        for other, version in self._read:
+            if other == stream:
+                raise ConcurrencyError(stream, after_version, version)
+        return await self.tx.read_stream(stream, after_version)
 
     async def load(self, decider: Decider[S, Any, Any], *streams: str) -> S:
         """Fold the streams' events (one after the other) into the decider's state. Each stream
         is remembered at the version read: appending to it later expects that version."""
         events: list[EventData] = []
         for stream in streams:
-            recorded = await self.tx.read_stream(stream)
+            recorded = await self.read_stream(stream)
             self.versions[stream] = len(recorded)
             events += [r.payload() for r in recorded]
         return decider.fold(events)
@@ -69,13 +89,13 @@ class Snapshot(Generic[S]):
         stream's `exclusive(..., until="queued")` lock may read staged state."""
         store = session.tx.store
         version, state = self._kept.get(store, (0, self.decider.initial))
-        pending = self._staged.get(store) if staged else None
+        pending = self._pending(store, version) if staged else None
         committed = True  # the state is the database's alone: it may be kept
-        if pending is not None and pending[2].state != "failed" and pending[0] > version:
+        if pending is not None:
             version, state, staging = pending
             session.tx.requires.append(staging)
             committed = staging.state == "committed"
-        newer = await session.tx.read_stream(self.stream, after_version=version)
+        newer = await session.read_stream(self.stream, after_version=version)
         if newer:
             state = self.decider.fold((e.payload() for e in newer), state)
             version = newer[-1].stream_version
@@ -85,6 +105,22 @@ class Snapshot(Generic[S]):
                 self._kept[store] = (version, state)
         session.versions[self.stream] = version
         return state
+
+    def _pending(self, store: EventStore, kept: int) -> tuple[int, S, Transaction] | None:
+        """The staged state a `load(staged=True)` starts from, if any is newer than `kept`."""
+        pending = self._staged.get(store)
+        if pending is not None and pending[2].state != "failed" and pending[0] > kept:
+            return pending
+        return None
+
+    def version_to_read(self, session: Session, staged: bool = False) -> int:
+        """The version a `load` now would read the stream after (for `Session.read_ahead`). Should
+        it differ when the load comes (a staging transaction failed meanwhile), the command runs
+        again (`Session.read_stream`)."""
+        store = session.tx.store
+        version = self._kept.get(store, (0, self.decider.initial))[0]
+        pending = self._pending(store, version) if staged else None
+        return pending[0] if pending is not None else version
 
     def stage(self, session: Session, state: S) -> None:
         """`state` is the stream's after this session's appends: the next `load(staged=True)`

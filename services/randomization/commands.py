@@ -110,6 +110,10 @@ async def randomize(store: EventStore, patient_id: str, who: Principal, protocol
     async with session(store) as s:
         await s.tx.exclusive(ALLOCATION_STREAM, until="queued")
         stream = patient_stream(patient_id)
+        # What the allocation is decided on, in one statement (D81): the lock waits one round
+        # trip, not three.
+        await s.read_ahead({stream: 0, HOLDS_STREAM: 0,
+                            ALLOCATION_STREAM: ALLOCATION.version_to_read(s, staged=True)})
         patient = visible_patient(await s.load(patients, stream), who, Action.ENROL)
         if patient.assignment is not None:
             return Randomized(patient.assignment, created=False)

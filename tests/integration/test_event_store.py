@@ -226,6 +226,28 @@ async def test_a_commit_is_refused_when_a_stream_it_read_has_moved(store: EventS
     assert [e.stream_version for e in await store.read_stream("doses")] == [1]
 
 
+@pytest.mark.parametrize("moved", ["a-1", "b-1", "never-written"])
+async def test_streams_read_ahead_in_a_transaction_are_each_checked_at_commit(
+        store: EventStore, moved: str) -> None:
+    """D81: several streams read in one statement, each after its own version, give what a read
+    of each gives, and the commit is refused when any one of them has moved since."""
+    for n in range(3):
+        await store.append("a-1", [ev(n)], expected_version=n)
+        await store.append("b-1", [ev(10 + n)], expected_version=n)
+    async with store.transaction() as tx:
+        found = await tx.read_streams({"a-1": 0, "b-1": 2, "never-written": 0})
+        assert [e.data["n"] for e in found["a-1"]] == [0, 1, 2]
+        assert [e.data["n"] for e in found["b-1"]] == [12]
+        assert found["never-written"] == []
+        assert found["a-1"] == await tx.read_stream("a-1")
+    with pytest.raises(ConcurrencyError):
+        async with store.transaction() as tx:
+            await tx.read_streams({"a-1": 0, "b-1": 2, "never-written": 0})
+            await store.append(moved, [ev(99)], None)  # another writer commits in between
+            await tx.append("decision", [ev()], None)
+    assert await store.read_stream("decision") == []
+
+
 async def test_a_read_across_streams_is_refused_when_anything_committed_since(
         store: EventStore) -> None:
     with pytest.raises(ConcurrencyError):

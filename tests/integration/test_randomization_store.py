@@ -291,3 +291,36 @@ async def test_a_fold_over_a_staged_allocation_is_never_kept(
     assert [e.data["patient_id"] for e in recorded] == ["PT-R1", "PT-R2"]
     assert loaded == domain.ALLOCATION.fold([e.payload() for e in recorded])
     assert loaded.assigned == 2
+
+
+async def test_an_allocation_read_ahead_at_a_staged_version_that_failed_runs_the_command_again(
+        store: EventStore) -> None:
+    """D81: the randomization reads the allocation ahead, after the version a pending staging
+    left. Should that staging fail before the load, the load starts lower than what was read
+    ahead: the command must run again, never fold a read that skipped events."""
+    snapshot = Snapshot(domain.ALLOCATION, commands.ALLOCATION_STREAM)
+    await store.append(commands.ALLOCATION_STREAM, [NewEvent.of(slot(1, "A", "PT-1"), META)], 0)
+    with pytest.raises(Abandoned):
+        async with store.transaction() as first:
+            s1 = Session(first)
+            state = await snapshot.load(s1, staged=True)
+            staged = slot(2, "A", "PT-2")
+            await s1.append(commands.ALLOCATION_STREAM, [staged], META)
+            snapshot.stage(s1, domain.ALLOCATION.fold([staged], state))
+            async with store.transaction() as second:
+                s2 = Session(second)
+                ahead = snapshot.version_to_read(s2, staged=True)
+                assert ahead == 2  # after the staged slot
+                await s2.read_ahead({commands.ALLOCATION_STREAM: ahead})
+                first.settle(False)  # the staging transaction fails meanwhile
+                assert snapshot.version_to_read(s2, staged=True) == 1
+                with pytest.raises(ConcurrencyError):
+                    await snapshot.load(s2, staged=True)
+            await first.close_reads()
+            raise Abandoned
+    assert [e.data["patient_id"] for e in await store.read_stream(
+        commands.ALLOCATION_STREAM)] == ["PT-1"]
+
+
+class Abandoned(Exception):
+    pass
