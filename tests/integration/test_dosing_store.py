@@ -230,9 +230,9 @@ async def test_a_hold_committed_between_a_doses_reads_and_its_commit_is_enforced
     read_stream = Transaction.read_stream
     held: list[str] = []
 
-    async def hold_right_after_the_dose_reads(self: Transaction, stream_id: str
-                                              ) -> list[RecordedEvent]:
-        found = await read_stream(self, stream_id)
+    async def hold_right_after_the_dose_reads(self: Transaction, stream_id: str,
+                                              after_version: int = 0) -> list[RecordedEvent]:
+        found = await read_stream(self, stream_id, after_version)
         if stream_id == HOLDS_STREAM and not held:
             held.append("H-race")  # before: the hold's own transaction reads the stream too
             await handle(store, PatientDosingHeld(
