@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,20 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 10)
     if not is_sqlite(url):
-        kwargs.setdefault("pool_pre_ping", True)
+        # A connection is pinged at checkout only when it sat in the pool for a while (D82):
+        # SQLAlchemy's pre-ping on asyncpg is three round trips (BEGIN, ";", ROLLBACK) on every
+        # checkout, and a randomization, a group commit and a relay pass each check out one.
+        kwargs.setdefault("pool_pre_ping", False)
         # A custom plan for every statement: asyncpg prepares and reuses statements, and after
         # five runs PostgreSQL may settle on a generic plan; for the store's reads by stream
         # (`position > $1 AND stream_id IN (...) ORDER BY position LIMIT $2`) that plan walks
         # the primary key, milliseconds where the stream index takes microseconds.
         kwargs.setdefault("connect_args", {"server_settings": {
             "plan_cache_mode": "force_custom_plan"}})
-        return create_async_engine(url, **kwargs)
+        engine = create_async_engine(url, **kwargs)
+        if not kwargs["pool_pre_ping"]:
+            _ping_when_idle(engine)
+        return engine
 
     path = sa.engine.make_url(url).database
     if path and path != ":memory:":
@@ -73,3 +80,29 @@ def create_engine(url: str, *, immediate: bool = True, **kwargs: Any) -> AsyncEn
             connection.exec_driver_sql(begin)
 
     return engine
+
+
+# Longer idle than this and a connection is pinged before use: a database restart or a dropped
+# socket takes longer than a second to come back from, so a connection in use within the last
+# second was working and one idle across an outage is found out before a request uses it. One
+# that fails anyway (the database gone within the second) fails its statement, which SQLAlchemy
+# reports as a disconnect and answers by invalidating the whole pool; the caller retries (a
+# consumer) or answers 503 (a request), as for any statement cut off by an outage.
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= PING_AFTER_IDLE_S:
+            return  # just opened, or used within the second
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool drops it and checks out another (SQLAlchemy's own)
+            raise sa.exc.DisconnectionError(f"a pooled connection failed its ping: {exc!r}") from exc

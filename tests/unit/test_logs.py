@@ -105,6 +105,26 @@ def test_outside_a_request_a_stdlib_line_is_json_and_token_like_text_is_blanked(
     assert line["jwt_secret"] == "[redacted]"
 
 
+def test_every_line_is_scrubbed_not_only_the_first_with_its_keys(lines: io.StringIO) -> None:
+    """The scrub remembers which keys are plain and which secret (D82): a key's second line is
+    blanked as its first was, and a plain key's text is still searched for a token each time."""
+    token = issue_dev_token(SECRET, "monitor")
+    relay = logging.getLogger("shared.relay")
+    relay.warning("first", extra={"api_key": "k-1", "detail": "plain"})
+    relay.warning("second", extra={"api_key": "k-2", "detail": f"refused: Bearer {token}"})
+    first, second = parsed(lines)
+    assert first["api_key"] == second["api_key"] == "[redacted]"
+    assert first["detail"] == "plain" and second["detail"] == "refused: [redacted]"
+    assert token not in lines.getvalue()
+
+
+def test_a_line_orjson_refuses_is_written_whole_by_the_standard_encoder(
+        lines: io.StringIO) -> None:
+    logging.getLogger("shared.relay").warning("counted", extra={"total": 2**70, "by_arm": {1: "a"}})
+    (line,) = parsed(lines)
+    assert line["event"] == "counted" and line["total"] == 2**70 and line["by_arm"] == {"1": "a"}
+
+
 def test_a_console_traceback_shows_the_stack_and_never_the_locals() -> None:
     """Locals can hold patient data and, rendered by rich, ran to thousands of lines an error
     (docs/faults.md, defect 4): the development console prints a plain stack."""
