@@ -16,6 +16,13 @@ import httpx
 from deploy.infra import die_with_parent
 from shared.settings import SERVICES
 
+# How long uvicorn keeps an idle client connection open. Its default, 5 s, is exactly httpx's
+# (and many clients') own idle expiry: a site system reusing a connection at the fifth second
+# meets a server that has just closed it, and its POST fails with "server disconnected" (seen
+# in CI). Above the usual client and load-balancer idle times (60 s), the client closes first.
+# The gateway's own pool to the services drops idle connections at 4 s (IDLE_CONNECTION_S).
+KEEP_ALIVE_S = 75
+
 DEFAULT_PORTS = {"gateway": 8000, "randomization": 8001, "dosing": 8002, "safety": 8003,
                  "audit": 8004, "efficacy": 8005}
 
@@ -64,7 +71,8 @@ class System:
         log = (self.log_dir / f"{service}.log").open("ab")
         self.processes[service] = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", f"services.{service}.app:app", "--host",
-             "127.0.0.1", "--port", str(self.ports[service]), "--log-level", "warning"],
+             "127.0.0.1", "--port", str(self.ports[service]), "--log-level", "warning",
+             "--timeout-keep-alive", str(KEEP_ALIVE_S)],
             env=self.service_env(service), stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent())  # prctl only: nothing in the child that locks
 
