@@ -52,6 +52,10 @@ class ServiceSpec:
     # How a monitor's or the DSMB's read of a patient is filed (D50); None: in the service's own
     # store, relayed to trial.access (`shared.access.append_view`).
     record_view: Callable[..., Awaitable[None]] | None = None
+    # How long its consumer lets records gather under traffic (D84, `ConsumerRunner.linger_s`):
+    # only where every answer given on consumed records first waits for the consumer
+    # (`shared.catchup`), which cuts the wait short, or where a moment's delay decides nothing.
+    consumer_linger_ms: int = 0
 
 
 class Runtime:
@@ -68,7 +72,10 @@ class Runtime:
         self.relay = Relay(self.store, settings) if spec.publishes else None
         self.consumer = (ConsumerRunner(self.store, settings, spec.consumes,
                                         spec.handlers(self.protocol),
-                                        fail_closed=spec.fail_closed)
+                                        fail_closed=spec.fail_closed,
+                                        linger_ms=settings.kafka_consumer_linger_ms
+                                        if settings.kafka_consumer_linger_ms is not None
+                                        else spec.consumer_linger_ms)
                          if spec.consumes else None)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

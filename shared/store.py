@@ -918,7 +918,11 @@ class EventStore:
         for tx, outcome in batch:
             outcome.set_result(failed.get(id(tx)))
             tx.settle(id(tx) not in failed)
-        self._committed.set()
+        # Only a commit with events has anything to publish: a consumer's processed marks, a
+        # relay's own checkpoint or an idempotency mark alone woke the relay for a pass that
+        # found nothing (two after every batch it published: its checkpoint, then D84).
+        if any(tx.appended for tx, _ in batch):
+            self._committed.set()
 
     async def _write(self, batch: list[Transaction]) -> dict[int, ConcurrencyError]:
         """One database transaction for the batch; returns the transactions refused for reading

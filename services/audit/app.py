@@ -17,7 +17,9 @@ from shared.settings import Settings
 # The ledger's queries (/v1/audit/...) and what is made of it (/v1/reports, /v1/exports, /v1/fhir).
 router = APIRouter(routes=[*api.router.routes, *reports.router.routes])
 spec = ServiceSpec(name="audit", router=router, consumes=list(LEDGER_TOPICS), handlers=handlers,
-                   publishes=False, record_view=record_view)
+                   publishes=False, record_view=record_view,
+                   # A monitor's read a moment later decides nothing; an unknown patient waits (D84).
+                   consumer_linger_ms=100)
 
 
 def create_audit_app(settings: Settings | None = None) -> FastAPI:

@@ -20,7 +20,9 @@ from shared.sweep import Sweeper
 
 spec = ServiceSpec(name="dosing", router=router, consumes=[ENROLLMENT, SAFETY, EFFICACY], handlers=handlers,
                    fail_closed={SAFETY: fail_closed_on_safety_record},
-                   unapplied=unapplied_safety_records)
+                   unapplied=unapplied_safety_records,
+                   # Every dose first waits for the consumer (having_read), cutting it short (D84).
+                   consumer_linger_ms=100)
 
 
 def create_dosing_app(settings: Settings | None = None) -> FastAPI:

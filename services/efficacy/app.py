@@ -15,7 +15,9 @@ from shared.settings import Settings
 from shared.sweep import Sweeper
 
 spec = ServiceSpec(name="efficacy", router=router, consumes=[ENROLLMENT, DOSING, SAFETY],
-                   handlers=handlers)
+                   handlers=handlers,
+                   # Every assessment first waits for the consumer, cutting it short (D84).
+                   consumer_linger_ms=100)
 
 
 def create_efficacy_app(settings: Settings | None = None) -> FastAPI:

@@ -348,11 +348,10 @@ def _toxicity_reading(config: SafetyConfig, bayes: BayesToxicity, state: SafetyS
     return arm, ae_item(ae, arm, q, arm_facts) if q is not None and arm is not None else None
 
 
-def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
-                 arm: str, evidence: Evidence | None = None) -> ArmToxicity:
-    """k = patients with a toxicity while on the arm, n = patients who received a dose of the
-    arm (a patient with a treatment-related toxicity counts as dosed even before safety has seen
-    the dose); after a crossover a patient counts in each arm by the treatment received."""
+def _arm_toxicities(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState, arm: str,
+                    evidence: Evidence | None) -> tuple[dict[str, list[str]], list[datetime]]:
+    """The patients with a toxicity while on `arm` (each with its evidence), and when each
+    toxicity was reported."""
     # Kept by the rule that has this posterior; one from elsewhere is read afresh.
     rule_id = next((r.id for r in config.rules if r.bayes is bayes), None)
     if rule_id is None:
@@ -367,6 +366,15 @@ def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
         if ae_arm == arm:
             toxic.setdefault(item.patient_id, []).extend(item.evidence)
             times.append(item.at)
+    return toxic, times
+
+
+def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
+                 arm: str, evidence: Evidence | None = None) -> ArmToxicity:
+    """k = patients with a toxicity while on the arm, n = patients who received a dose of the
+    arm (a patient with a treatment-related toxicity counts as dosed even before safety has seen
+    the dose); after a crossover a patient counts in each arm by the treatment received."""
+    toxic, times = _arm_toxicities(config, bayes, state, arm, evidence)
     dosed = {p.patient_id for p in state.patients.values() if arm in p.dosed_arms}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)
@@ -396,6 +404,11 @@ def candidates(config: SafetyConfig, rule: Rule, state: SafetyState,
     if rule.bayes is not None:
         for arm in ARMS:
             if rule.arms is not None and arm not in rule.arms:
+                continue
+            # No toxicity on the arm: no firing, whoever was dosed. Counting the dosed (every
+            # patient) for nothing cost safety a seventh of its CPU on each fact at 2,000
+            # patients (D84).
+            if not _arm_toxicities(config, rule.bayes, state, arm, evidence)[0]:
                 continue
             tox = arm_toxicity(config, rule.bayes, state, arm, evidence)
             if tox.toxicities and tox.probability > Fraction(str(rule.bayes.probability)):

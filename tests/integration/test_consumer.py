@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -405,3 +406,71 @@ async def test_a_run_commits_once_its_time_budget_is_spent(
     records = await fetched(settings, *(e.to_bytes() for e in events))
     _, commits = await filed_in_order(store, settings, records, events, "P15")
     assert commits == 4
+
+
+class _Batches(ConsumerRunner):
+    """A runner that notes the size of each fetch it files as a batch."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.batch_sizes: list[int] = []
+
+    async def handle_batch(self, records: list[ConsumerRecord]) -> None:
+        self.batch_sizes.append(len(records))
+        await super().handle_batch(records)
+
+
+async def test_a_linger_gathers_records_and_a_request_waiting_for_the_consumer_cuts_it_short(
+        settings: Settings, store: EventStore) -> None:
+    """D84: after a fetch that found records the consumer lets more gather (its linger, here a
+    minute) and files them together, unless a request waits for it (`caught_up`, which every
+    dose and assessment does before it decides): then it reads at once."""
+    topic = f"test.linger.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    runner = _Batches(store, settings, [topic], {"PatientWithdrawn": count_down},
+                      group_id=f"g-{uuid.uuid4().hex[:8]}", linger_ms=60_000)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, withdrawal("P-l0").to_bytes(), key=b"k")
+        await eventually(lambda: runner.handled == 1, what="the first record, at once")
+        # Three more in one produce request: fetched together, and held while the consumer
+        # lingers after the first.
+        sent = [await producer.send(topic, withdrawal(f"P-l{n}").to_bytes(), key=b"k")
+                for n in (1, 2, 3)]
+        await producer.flush()
+        await asyncio.gather(*sent)
+        live = runner._consumer
+        assert live is not None
+
+        def fetched() -> bool:
+            return any(live.highwater(tp) == 4 for tp in live.assignment())
+
+        await eventually(fetched, what="the three records fetched")
+        assert runner.handled == 1 and runner.batch_sizes == []  # lingering: not filed yet
+        assert await runner.caught_up(topic, "k", timeout=30)  # far shorter than the linger
+        assert runner.handled == 4
+        assert runner.batch_sizes == [3]  # one fetch, filed together
+        assert len(await store.read_stream("seen-P-l3")) == 1
+    finally:
+        await producer.stop()
+        stop.set()
+        await task
+
+
+def test_a_service_s_linger_is_its_own_unless_the_settings_say_otherwise(tmp_path: Path) -> None:
+    from services.dosing.app import spec as dosing
+    from services.randomization.app import spec as randomization
+    from shared.runtime import Runtime
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'linger.db'}"  # never opened
+    own = Runtime(dosing, Settings(service_name="dosing", database_url=url))
+    told = Runtime(dosing, Settings(service_name="dosing", database_url=url,
+                                    kafka_consumer_linger_ms=0))
+    never = Runtime(randomization, Settings(service_name="randomization", database_url=url))
+    assert own.consumer is not None and told.consumer is not None and never.consumer is not None
+    assert own.consumer.linger_s == 0.1
+    assert told.consumer.linger_s == 0
+    assert never.consumer.linger_s == 0  # its enrolment gate reads holds without waiting

@@ -350,3 +350,20 @@ async def test_a_sqlite_store_syncs_every_commit_to_disk(store: EventStore) -> N
                     "SELECT setting, reset_val FROM pg_settings "
                     "WHERE name = 'synchronous_commit'")).mappings().one()
                 assert found["setting"] == found["reset_val"]  # the session's, the server's
+
+
+async def test_only_a_commit_with_events_wakes_the_relay(store: EventStore) -> None:
+    """D84: the relay waits for a commit of this process (`wait_for_commit`). A consumer's
+    processed marks or a relay's own checkpoint have nothing to publish: they once woke it for
+    a pass that found nothing (two after each batch it published). A commit with events does."""
+    await store.append("s-wake", [ev(0)], expected_version=0)
+    await store.wait_for_commit(0.001)  # the append's wake-up, taken
+    waiter = asyncio.ensure_future(store.wait_for_commit(3600))
+    async with store.transaction() as tx:
+        await tx.mark_processed("a-consumer", "an-event", "trial.enrollment")
+        await tx.save_checkpoint("kafka", 1)
+    await store.save_checkpoint("kafka", 1)
+    assert not store._committed.is_set()  # what wakes the waiter
+    assert not waiter.done()
+    await store.append("s-wake", [ev(1)], expected_version=1)
+    await asyncio.wait_for(waiter, 30)  # woken
