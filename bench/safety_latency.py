@@ -60,7 +60,10 @@ async def publish_patient(bootstrap: str, patient_id: str) -> None:
     await producer.start()
     try:
         for data in events:
-            ce = CloudEvent(id=str(uuid.uuid4()), source="/services/bench", type=data.event_type(),
+            # As randomization publishes them: a consumer takes a topic's records only from
+            # the service that owns it (a record from anyone else goes to the DLQ, D52).
+            ce = CloudEvent(id=str(uuid.uuid4()), source="/services/randomization",
+                            type=data.event_type(),
                             subject=patient_id, time=now, data=data.model_dump(mode="json"),
                             sequence=1)
             await producer.send_and_wait(physical(settings, data.topic), ce.to_bytes(),
