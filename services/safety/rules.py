@@ -374,7 +374,12 @@ def arm_toxicity(config: SafetyConfig, bayes: BayesToxicity, state: SafetyState,
     """k = patients with a toxicity while on the arm, n = patients who received a dose of the
     arm (a patient with a treatment-related toxicity counts as dosed even before safety has seen
     the dose); after a crossover a patient counts in each arm by the treatment received."""
-    toxic, times = _arm_toxicities(config, bayes, state, arm, evidence)
+    return _arm_toxicity(bayes, state, arm, *_arm_toxicities(config, bayes, state, arm, evidence))
+
+
+def _arm_toxicity(bayes: BayesToxicity, state: SafetyState, arm: str,
+                  toxic: dict[str, list[str]], times: list[datetime]) -> ArmToxicity:
+    """`arm_toxicity` from the arm's toxicities (`_arm_toxicities`)."""
     dosed = {p.patient_id for p in state.patients.values() if arm in p.dosed_arms}
     n_patients = len(dosed | set(toxic))
     k = len(toxic)
@@ -408,9 +413,10 @@ def candidates(config: SafetyConfig, rule: Rule, state: SafetyState,
             # No toxicity on the arm: no firing, whoever was dosed. Counting the dosed (every
             # patient) for nothing cost safety a seventh of its CPU on each fact at 2,000
             # patients (D84).
-            if not _arm_toxicities(config, rule.bayes, state, arm, evidence)[0]:
+            toxic, times = _arm_toxicities(config, rule.bayes, state, arm, evidence)
+            if not toxic:
                 continue
-            tox = arm_toxicity(config, rule.bayes, state, arm, evidence)
+            tox = _arm_toxicity(rule.bayes, state, arm, toxic, times)
             if tox.toxicities and tox.probability > Fraction(str(rule.bayes.probability)):
                 found.append(Candidate(arm, tox.evidence, (), tox.at))
         return found
