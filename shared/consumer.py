@@ -247,16 +247,20 @@ class ConsumerRunner:
             batches = await consumer.getmany(timeout_ms=200, max_records=self.max_records)
             if not self.reading.is_set() and consumer.assignment():
                 self.reading.set()
-            for tp, records in batches.items():
-                if len(records) > 1:
-                    await self.handle_batch(records)
-                else:
-                    for record in records:
-                        await self.handle_record(record)
-                # Only now is every record of the batch in the database (or the DLQ).
+            # The whole fetch, every partition's records in their order one after the other,
+            # files as one batch (D85): no order holds between partitions, and a record that
+            # reads what an earlier one staged starts the next transaction all the same (D78).
+            fetched = [record for records in batches.values() for record in records]
+            if len(fetched) > 1:
+                await self.handle_batch(fetched)
+            elif fetched:
+                await self.handle_record(fetched[0])
+            if batches:
+                # Only now is every record of the fetch in the database (or the DLQ).
                 self.failpoints.reach(BEFORE_OFFSET_COMMIT)
                 if self.commit_offsets:
-                    self._uncommitted[tp] = self.committed_here[tp] = records[-1].offset + 1
+                    for tp, records in batches.items():
+                        self._uncommitted[tp] = self.committed_here[tp] = records[-1].offset + 1
                     self._moved.set()
                     self._moved = asyncio.Event()
             if self._uncommitted and (not batches or time.monotonic() - self._told_at >= (
@@ -413,14 +417,15 @@ class ConsumerRunner:
 
     @traced_batch  # its span and log line (shared/tracing.py)
     async def handle_batch(self, records: list[ConsumerRecord]) -> None:
-        """One partition's fetched records, in order, in as few transactions as their reads allow
+        """A fetch's records, each partition's in order, in as few transactions as their reads allow
         (D78): each record's work joins the transaction of the records before it unless it reads
         what they staged (`StagedRead`); it then starts the next one. Anything but a database or
         network failure (which is waited out, like a record's) sends the records not yet
         committed back to one transaction a record, so a poison record or a failing handler goes
         to the DLQ alone and the rest are filed as they would have been."""
-        where = (f"consumer {self.group_id} at {records[0].topic}:{records[0].partition}:"
-                 f"{records[0].offset}-{records[-1].offset}")
+        where = f"consumer {self.group_id} at " + ", ".join(
+            f"{first.topic}:{first.partition}:{first.offset}-{last.offset}"
+            for first, last in _partition_spans(records))
         done, outcomes = 0, []  # records[:done] are filed; each one's handled-or-duplicate
         try:
             parsed = [self._parse(record) for record in records]
@@ -551,6 +556,19 @@ class ConsumerRunner:
 
             await retry(record_it, what=f"consumer {self.group_id}: fail closed on "
                                         f"{unapplied.record_id}", retry_if=_transient)
+
+
+def _partition_spans(records: list[ConsumerRecord]
+                     ) -> list[tuple[ConsumerRecord, ConsumerRecord]]:
+    """The first and last record of each partition's run in a fetch's batch."""
+    spans: list[tuple[ConsumerRecord, ConsumerRecord]] = []
+    for record in records:
+        if spans and (spans[-1][0].topic, spans[-1][0].partition) == (record.topic,
+                                                                      record.partition):
+            spans[-1] = (spans[-1][0], record)
+        else:
+            spans.append((record, record))
+    return spans
 
 
 def _short(exc: ValidationError) -> str:

@@ -245,15 +245,22 @@ def _header(record: ConsumerRecord, name: str) -> bytes | None:
     return None
 
 
+At = tuple[str, int, int]  # a record's topic, partition and offset: a batch spans partitions
+
+
+def _at(record: ConsumerRecord) -> At:
+    return record.topic, record.partition, record.offset
+
+
 @dataclass
 class _Consuming:
     """What a record's (or a batch's) handling learnt on the way: each record's event, and each
     event's outcome in a batch."""
 
-    events: dict[int, tuple[str, str, str | None]] = field(default_factory=dict)  # offset ->
+    events: dict[At, tuple[str, str, str | None]] = field(default_factory=dict)  # record ->
     applied: list[bool] = field(default_factory=list)  # each record's: handled (not a duplicate)
-    # offset -> the trace and span ids of the record's last try in a batch (`record_in_batch`)
-    ids: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # record -> the trace and span ids of its last try in a batch (`record_in_batch`)
+    ids: dict[At, tuple[str, str]] = field(default_factory=dict)
     fell_back: bool = False  # the batch went back to one record at a time
 
 
@@ -291,7 +298,7 @@ def traced_record(handle: Callable[[Any, ConsumerRecord], Awaitable[None]]
         try:
             with span_cm as span:
                 await handle(runner, record)
-                event_id, event_type, correlation = seen.events.get(record.offset, (None, None, None))
+                event_id, event_type, correlation = seen.events.get(_at(record), (None, None, None))
                 after = (runner.handled, runner.duplicates, runner.dead_lettered)
                 outcome = ("handled" if after[0] > before[0] else "duplicate" if after[1] > before[1]
                            else "dead-lettered" if after[2] > before[2] else "skipped")
@@ -342,16 +349,16 @@ def traced_batch(handle: Callable[[Any, list[ConsumerRecord]], Awaitable[None]]
                 outcomes = iter(seen.applied)
                 lines = []
                 for record in records:
-                    event_id, event_type, correlation = seen.events.get(record.offset,
-                                                                        (None, None, None))
-                    applied = next(outcomes, None) if record.offset in seen.events else None
+                    at = _at(record)
+                    event_id, event_type, correlation = seen.events.get(at, (None, None, None))
+                    applied = next(outcomes, None) if at in seen.events else None
                     lines.append(dict(
                         service=runner.settings.service_name, group=runner.group_id,
                         topic=record.topic, partition=record.partition, offset=record.offset,
                         event_id=event_id, event_type=event_type, correlation_id=correlation,
                         outcome=("skipped" if applied is None else
                                  "handled" if applied else "duplicate"),
-                        duration_ms=took, batch=len(records), ids=seen.ids.get(record.offset)))
+                        duration_ms=took, batch=len(records), ids=seen.ids.get(at)))
                 logs.consumed_lines(lines)  # one write for the batch's lines
         finally:
             _consuming.reset(token)
@@ -368,7 +375,7 @@ def noted_parse(parse: Callable[[Any, ConsumerRecord], R]) -> Callable[[Any, Con
         seen = _consuming.get()
         if seen is not None and parsed is not None:
             event = parsed[1].event  # type: ignore[index]
-            seen.events[record.offset] = (event.id, event.type, event.correlationid)
+            seen.events[_at(record)] = (event.id, event.type, event.correlationid)
         return parsed
 
     return wrapper
@@ -389,7 +396,7 @@ def record_in_batch(record: ConsumerRecord, group: str, event_id: str) -> Iterat
             attributes={**_record_attributes(record, group), "messaging.message.id": event_id}):
         seen, ids = _consuming.get(), current_ids()
         if seen is not None and ids is not None:  # the record's log line joins its trace
-            seen.ids[record.offset] = ids
+            seen.ids[_at(record)] = ids
         yield
 
 

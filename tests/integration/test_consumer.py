@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -420,22 +421,35 @@ class _Batches(ConsumerRunner):
         await super().handle_batch(records)
 
 
-async def test_a_linger_gathers_records_and_a_request_waiting_for_the_consumer_cuts_it_short(
-        settings: Settings, store: EventStore) -> None:
-    """D84: after a fetch that found records the consumer lets more gather (its linger, here a
-    minute) and files them together, unless a request waits for it (`caught_up`, which every
-    dose and assessment does before it decides): then it reads at once."""
-    topic = f"test.linger.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(settings, [topic, dlq_topic(topic)])
-    runner = _Batches(store, settings, [topic], {"PatientWithdrawn": count_down},
+@contextlib.asynccontextmanager
+async def _lingering(settings: Settings, store: EventStore, topics: list[str]
+                     ) -> AsyncIterator[tuple[_Batches, AIOKafkaProducer]]:
+    """A running consumer of `topics` that lingers a minute after each fetch, and a producer;
+    its first record (on `topics[0]`, patient P-0) handled at once."""
+    await ensure_topics(settings, [*topics, *map(dlq_topic, topics)])
+    runner = _Batches(store, settings, topics, {"PatientWithdrawn": count_down},
                       group_id=f"g-{uuid.uuid4().hex[:8]}", linger_ms=60_000)
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
     await producer.start()
     try:
-        await producer.send_and_wait(topic, withdrawal("P-l0").to_bytes(), key=b"k")
+        await producer.send_and_wait(topics[0], withdrawal("P-0").to_bytes(), key=b"k")
         await eventually(lambda: runner.handled == 1, what="the first record, at once")
+        yield runner, producer
+    finally:
+        await producer.stop()
+        stop.set()
+        await task
+
+
+async def test_a_linger_gathers_records_and_a_request_waiting_for_the_consumer_cuts_it_short(
+        settings: Settings, store: EventStore) -> None:
+    """D84: after a fetch that found records the consumer lets more gather (its linger, here a
+    minute) and files them together, unless a request waits for it (`caught_up`, which every
+    dose and assessment does before it decides): then it reads at once."""
+    topic = f"test.linger.{uuid.uuid4().hex[:8]}"
+    async with _lingering(settings, store, [topic]) as (runner, producer):
         # Three more in one produce request: fetched together, and held while the consumer
         # lingers after the first.
         sent = [await producer.send(topic, withdrawal(f"P-l{n}").to_bytes(), key=b"k")
@@ -454,10 +468,34 @@ async def test_a_linger_gathers_records_and_a_request_waiting_for_the_consumer_c
         assert runner.handled == 4
         assert runner.batch_sizes == [3]  # one fetch, filed together
         assert len(await store.read_stream("seen-P-l3")) == 1
-    finally:
-        await producer.stop()
-        stop.set()
-        await task
+
+
+async def test_a_fetch_across_topics_is_filed_as_one_batch(settings: Settings,
+                                                           store: EventStore) -> None:
+    """D85: the records of one fetch from several topics (or partitions) share one batch, and
+    so one transaction and one commit, where each partition's records had one of their own; each
+    record's log line and offset stay its own."""
+    topics = [f"test.across.{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    async with _lingering(settings, store, topics) as (runner, producer):
+        # One on each topic while the consumer lingers: fetched, then filed together.
+        for n, topic in enumerate(topics, start=1):
+            await producer.send_and_wait(topic, withdrawal(f"P-x{n}").to_bytes(), key=b"k")
+        live = runner._consumer
+        assert live is not None
+
+        def fetched() -> bool:
+            marks = {tp.topic: live.highwater(tp) for tp in live.assignment()
+                     if live.highwater(tp)}
+            return marks == {topics[0]: 2, topics[1]: 1}
+
+        await eventually(fetched, what="both records fetched")
+        assert runner.handled == 1 and runner.batch_sizes == []  # lingering: not filed yet
+        assert await runner.caught_up(topics[1], "k", timeout=30)
+        assert runner.handled == 3
+        assert runner.batch_sizes == [2]  # two topics, one batch
+        assert [len(await store.read_stream(f"seen-P-x{n}")) for n in (1, 2)] == [1, 1]
+        assert {tp.topic: offset for tp, offset in runner.committed_here.items()} == {
+            topics[0]: 2, topics[1]: 1}
 
 
 def test_a_service_s_linger_is_its_own_unless_the_settings_say_otherwise(tmp_path: Path) -> None:
