@@ -423,9 +423,9 @@ class ConsumerRunner:
         network failure (which is waited out, like a record's) sends the records not yet
         committed back to one transaction a record, so a poison record or a failing handler goes
         to the DLQ alone and the rest are filed as they would have been."""
-        where = f"consumer {self.group_id} at " + ", ".join(
-            f"{first.topic}:{first.partition}:{first.offset}-{last.offset}"
-            for first, last in _partition_spans(records))
+        first, last = records[0], records[-1]  # of a fetch: perhaps of several partitions
+        where = (f"consumer {self.group_id} at {first.topic}:{first.partition}:{first.offset}"
+                 f" to {last.topic}:{last.partition}:{last.offset} ({len(records)} records)")
         done, outcomes = 0, []  # records[:done] are filed; each one's handled-or-duplicate
         try:
             parsed = [self._parse(record) for record in records]
@@ -556,19 +556,6 @@ class ConsumerRunner:
 
             await retry(record_it, what=f"consumer {self.group_id}: fail closed on "
                                         f"{unapplied.record_id}", retry_if=_transient)
-
-
-def _partition_spans(records: list[ConsumerRecord]
-                     ) -> list[tuple[ConsumerRecord, ConsumerRecord]]:
-    """The first and last record of each partition's run in a fetch's batch."""
-    spans: list[tuple[ConsumerRecord, ConsumerRecord]] = []
-    for record in records:
-        if spans and (spans[-1][0].topic, spans[-1][0].partition) == (record.topic,
-                                                                      record.partition):
-            spans[-1] = (spans[-1][0], record)
-        else:
-            spans.append((record, record))
-    return spans
 
 
 def _short(exc: ValidationError) -> str:
