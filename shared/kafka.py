@@ -217,6 +217,14 @@ async def broker_view(client: AIOKafkaClient, topics: Iterable[str]
     return getattr(response, "cluster_id", None), present
 
 
+def connections(client: AIOKafkaClient) -> dict[Any, Any]:
+    """The client's open connections, by node and group. A broker that restarted, or another one
+    behind the same address, can only be reached over a new connection: while these are the very
+    connections a `broker_view` went over, the broker answering is the process that view saw
+    (D86). aiokafka keeps them in `_conns`; no public call lists them."""
+    return {key: conn for key, conn in client._conns.items() if conn.connected()}
+
+
 async def known_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
     """The partitions of `topic` (its name on the broker, `physical`) as the broker knows them
     now ([] if it has no such topic).

@@ -23,6 +23,7 @@ from shared.kafka import (
     LazyProducer,
     broker_view,
     client_options,
+    connections,
     drain,
     ensure_topics,
     known_partitions,
@@ -75,6 +76,11 @@ class Relay:
         # Answers that waited for their events (D56): on the broker in time, or sent before.
         self.answers = {"published": 0, "before_published": 0}
         self._cluster: str | None = None  # the broker cluster's id, as last seen
+        # The producer's connections when a metadata request last showed the broker, and the
+        # topics it had then (D86): while those connections carry the acknowledgements, the
+        # broker is the process that was seen, and a batch on those topics needs no new look.
+        self._seen: tuple[dict[Any, Any], set[str]] | None = None
+        self._sent_to: set[str] = set()  # every topic a batch went to: each look asks for all
         self._delivery_timeout_s = 3 * settings.kafka_request_timeout_ms / 1000
         # A pass's budget (D72): more than its bounded steps take together (a resume's drain,
         # 2 x delivery, is the longest), so only a wedged client reaches it.
@@ -125,6 +131,7 @@ class Relay:
             self.healthy = False
             self.failed_at = time.monotonic()
             self._resumed = False  # what reached the broker is unknown: read its tail again
+            self._seen = None
             await self.producer.drop()  # (`using` drops it too, but not after a cancel)
             raise
         finally:
@@ -178,19 +185,7 @@ class Relay:
             with publishing(fresh, records, self.settings.service_name):  # traceparent headers
                 futures = [await producer.send(**record) for record in records]
                 sent = await asyncio.wait_for(asyncio.gather(*futures), self._delivery_timeout_s)
-            # The checkpoint moves only if the broker that acknowledged the batch is the one
-            # the checkpoint is for, and has every topic of the batch: the embedded broker
-            # acknowledges records for a topic it does not have (one a restart made it forget,
-            # to a producer connected before, D36). Else the batch is sent again.
-            cluster, present = await broker_view(producer.client, {r["topic"] for r in records})
-            if cluster != self._cluster:
-                self._cluster = cluster
-                raise BrokerChanged(f"the broker is now cluster {cluster}: publishing from the "
-                                    "start")
-            missing = {r["topic"] for r in records} - present
-            if missing:
-                await ensure_topics(self.settings, sorted(missing))
-                raise TopicsForgotten(f"the broker had no {', '.join(sorted(missing))}")
+            await self._confirm(producer, {r["topic"] for r in records})
         # The batch is on the broker: the answers waiting for it may leave now, before the
         # checkpoint's commit (a write and an fsync they need not wait for). Should that commit
         # fail, the batch is still on the broker; the retry resumes from the broker's tail and
@@ -209,6 +204,31 @@ class Relay:
                 await tx.save_checkpoint(key, end)
         self._on_broker.difference_update(event.event_id for event in batch)
         return len(batch)
+
+    async def _confirm(self, producer: AIOKafkaProducer, topics: set[str]) -> None:
+        """The checkpoint moves only if the broker that acknowledged the batch is the one the
+        checkpoint is for, and has every topic of the batch: the embedded broker acknowledges
+        records for a topic it does not have (one a restart made it forget, to a producer
+        connected before, D36). Else the batch is sent again. One metadata request tells, unless
+        the acknowledgements came over the very connections of the last such request, to the
+        topics it showed (D86): a restarted broker is a new connection."""
+        if self._seen is not None:
+            before, present = self._seen
+            now = connections(producer.client)
+            if (topics <= present and now.keys() == before.keys()
+                    and all(now[key] is conn for key, conn in before.items())):
+                return
+        self._seen = None
+        self._sent_to |= topics
+        cluster, present = await broker_view(producer.client, self._sent_to)
+        if cluster != self._cluster:
+            self._cluster = cluster
+            raise BrokerChanged(f"the broker is now cluster {cluster}: publishing from the start")
+        missing = topics - present
+        if missing:
+            await ensure_topics(self.settings, sorted(missing))
+            raise TopicsForgotten(f"the broker had no {', '.join(sorted(missing))}")
+        self._seen = (connections(producer.client), present)
 
     async def published(self, position: int, timeout: float) -> bool:
         """Wait up to `timeout` seconds until the event at `position` is on the broker (D56).

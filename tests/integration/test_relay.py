@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka.protocol.metadata import MetadataRequest
 
 from shared.events import ENROLLMENT, CloudEvent, PatientWithdrawn
+from shared.kafka import physical
 from shared.relay import Relay
 from shared.settings import Settings
 from shared.store import EventStore, Metadata, NewEvent, utcnow
@@ -76,10 +80,12 @@ async def test_relay_publishes_every_event_in_order_under_concurrent_writers(
     assert envelope.subject == envelope.data["patient_id"] and envelope.actor == "tester"
 
 
-async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
-        own_broker: Broker, database_url: str, store: EventStore) -> None:
-    settings = Settings(service_name="outage-test", database_url=database_url,
-                        kafka_bootstrap_servers=own_broker.bootstrap, relay_poll_interval_s=0.1,
+@contextlib.asynccontextmanager
+async def first_published(broker: Broker, database_url: str, store: EventStore,
+                          name: str) -> AsyncIterator[Relay]:
+    """A relay of service `name` running on `broker`, once its first event is on the broker."""
+    settings = Settings(service_name=name, database_url=database_url,
+                        kafka_bootstrap_servers=broker.bootstrap, relay_poll_interval_s=0.1,
                         kafka_request_timeout_ms=3000)
     relay = Relay(store, settings)
     stop = asyncio.Event()
@@ -87,6 +93,15 @@ async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
     try:
         await store.append("patient-A", [withdrawn("A", 0)], None)
         await eventually(lambda: relay.published_position >= 1, what="first event published")
+        yield relay
+    finally:
+        stop.set()
+        await task
+
+
+async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
+        own_broker: Broker, database_url: str, store: EventStore) -> None:
+    async with first_published(own_broker, database_url, store, "outage-test") as relay:
         own_broker.stop()
         for n in range(1, 21):  # the service keeps writing; nothing waits for the broker
             await store.append(f"patient-{n % 4}", [withdrawn(str(n % 4), n)], None)
@@ -95,9 +110,6 @@ async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
         assert relay.published_position == 1
         own_broker.start()
         await eventually(lambda: relay.published_position >= 21, timeout=120, what="relay resuming")
-    finally:
-        stop.set()
-        await task
     source = "/services/outage-test"
     # The in-memory embedded broker comes back empty, with a cluster id of its own: the relay
     # publishes the whole history to it again. Kafka kept it. Either way the topic holds all.
@@ -105,6 +117,67 @@ async def test_writes_succeed_while_the_broker_is_down_and_the_relay_resumes(
                                until=lambda rs: {e.sequence for e in ours(rs, source)}
                                >= set(range(1, 22)))
     assert_complete_and_ordered(records, source, 21, 1)
+
+
+async def test_the_broker_is_looked_at_again_only_over_a_new_connection(
+        settings: Settings, store: EventStore, broker: Broker) -> None:
+    """D86. After a batch the relay asks the broker (a metadata request) whether it has the
+    batch's topics and is the cluster the checkpoint is for (D36), unless the acknowledgements
+    came over the very connections its last look went over, for topics that look showed."""
+    relay = Relay(store, settings)
+    producer = await relay.producer.get()
+    looks: list[list[str]] = []
+    send = producer.client.send
+
+    async def counted(node_id: Any, request: Any, **kwargs: Any) -> Any:
+        if isinstance(request, MetadataRequest):
+            looks.append(sorted(request._topics or ()))
+        return await send(node_id, request, **kwargs)
+
+    producer.client.send = counted
+    try:
+        await store.append("patient-1", [withdrawn("P1", 1)], None)
+        assert await relay.publish_pending() == 1
+        topic = physical(settings, ENROLLMENT)
+        assert looks and looks[-1] == [topic], looks  # the first batch: looked
+        seen = len(looks)
+        for n in range(2, 5):
+            await store.append(f"patient-{n}", [withdrawn(f"P{n}", n)], None)
+            assert await relay.publish_pending() == 1
+        assert len(looks) == seen, f"looked again over the same connections: {looks[seen:]}"
+        # The same address, a new connection (as after a broker's restart): looked at again.
+        for conn in list(producer.client._conns.values()):
+            conn.close()
+        await store.append("patient-5", [withdrawn("P5", 5)], None)
+        assert await relay.publish_pending() == 1
+        assert len(looks) == seen + 1 and looks[-1] == [topic], looks
+        assert await store.checkpoint(relay.checkpoint_name) == 5
+    finally:
+        await relay.producer.drop()
+        await relay.leadership.release()
+    source = f"/services/{settings.service_name}"
+    records = await read_topic(broker.bootstrap, ENROLLMENT,
+                               until=lambda rs: len(ours(rs, source)) >= 5)
+    assert_complete_and_ordered(records, source, 5)
+
+
+async def test_a_broker_restarted_under_an_idle_producer_gets_the_whole_history(
+        own_broker: Broker, database_url: str, store: EventStore) -> None:
+    """D36 with D86: the relay is idle while the broker restarts, so its producer, connected
+    before, is kept; the embedded broker comes back empty, forgets the topics and would
+    acknowledge the next batch all the same. The new connection has the relay look again, see
+    another cluster, and publish from the start; Kafka kept everything. Either way all is there."""
+    async with first_published(own_broker, database_url, store, "idle-restart-test") as relay:
+        await asyncio.to_thread(own_broker.stop)  # the relay idle, its producer kept
+        await asyncio.to_thread(own_broker.start)
+        await store.append("patient-B", [withdrawn("B", 1)], None)
+        await eventually(lambda: relay.published_position >= 2, timeout=120,
+                         what="the relay publishing after the restart")
+        source = "/services/idle-restart-test"
+        records = await read_topic(own_broker.bootstrap, ENROLLMENT,
+                                   until=lambda rs: {e.sequence for e in ours(rs, source)}
+                                   >= {1, 2}, timeout=60)
+        assert_complete_and_ordered(records, source, 2)
 
 
 async def test_pending_is_what_follows_the_checkpoint_in_order_up_to_the_limit(
