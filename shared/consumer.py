@@ -153,6 +153,10 @@ class ConsumerRunner:
         self.commit_offsets = True  # tests turn it off to act out a crash before the commit
         self.failpoints = Failpoints(settings)  # or a fault test kills the process there
         self._consumer: AIOKafkaConsumer | None = None  # while a session runs
+        # Beside it, a client of no group that only asks the logs' ends for `caught_up`, over
+        # connections of its own (D87): over the consumer's, Kafka answers it only after the
+        # fetch in flight, which it holds up to `fetch_max_wait_ms` when nothing is new.
+        self._ends: AIOKafkaConsumer | None = None
         self.reading = asyncio.Event()  # set once the group has given it partitions to read
         # When the group last gave this process its partitions again (monotonic): after a
         # broker restart, a rebalance or a lost session. Not the first time. Until it has
@@ -211,6 +215,10 @@ class ConsumerRunner:
             fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
             request_timeout_ms=max(self.settings.kafka_request_timeout_ms, 40_000),
         )
+        ends = AIOKafkaConsumer(**client_options(self.settings),
+                                client_id=f"{self.settings.service_name}-log-ends",
+                                enable_auto_commit=False,
+                                request_timeout_ms=self.settings.kafka_request_timeout_ms)
         try:
             if self._assignments:  # a session again, after one that failed
                 self.trouble_at = time.monotonic()
@@ -218,15 +226,17 @@ class ConsumerRunner:
             await consumer.start()
             consumer.subscribe([physical(self.settings, topic) for topic in self.topics],
                                listener=_Assignments(self))
-            self._consumer = consumer
+            await ends.start()
+            self._consumer, self._ends = consumer, ends
             watch = asyncio.create_task(self._watch(consumer))
             try:
                 await self._consume(consumer, stop)
             finally:
                 watch.cancel()
         finally:
-            self._consumer = None
+            self._consumer = self._ends = None
             await quietly(consumer.stop())
+            await quietly(ends.stop())
 
     async def _watch(self, consumer: AIOKafkaConsumer) -> None:
         """Marks `trouble_at` while the group's coordinator is lost (the broker away), looking
@@ -327,18 +337,18 @@ class ConsumerRunner:
         committed: dict[TopicPartition, int | None] = {}
         topic = physical(self.settings, topic)
         while True:
-            consumer = self._consumer
+            consumer, log_ends = self._consumer, self._ends
             moved = self._moved
             try:
                 partitions = sorted(consumer.partitions_for_topic(topic) or ()) if consumer else []
-                if consumer is not None and partitions:
+                if consumer is not None and log_ends is not None and partitions:
                     tps = [TopicPartition(topic, p) for p in (
                         partitions if key is None
                         else [_PARTITIONER(key.encode(), partitions, partitions)])]
                     if not ends.keys() >= set(tps):  # what existed when asked: the log's end, now
                         # Bounded by the caller's budget: with the broker away aiokafka waits
                         # out its whole request timeout (D64).
-                        found = await asyncio.wait_for(consumer.end_offsets(tps),
+                        found = await asyncio.wait_for(log_ends.end_offsets(tps),
                                                        max(deadline - time.monotonic(), 0.01))
                         # The embedded broker answers ListOffsets with its last batch's base
                         # offset + 1, short of the end when a batch held several records; the

@@ -498,6 +498,43 @@ async def test_a_fetch_across_topics_is_filed_as_one_batch(settings: Settings,
             topics[0]: 2, topics[1]: 1}
 
 
+async def test_the_log_end_is_asked_beside_the_consumer_s_fetch_not_behind_it(
+        settings: Settings, store: EventStore) -> None:
+    """D87. `caught_up` (every dose and assessment waits for it) asks the log's end over
+    connections of its own, never over the consumer's: Kafka answers a connection's requests
+    one at a time and holds an idle consumer's fetch up to `fetch_max_wait_ms`, so over the
+    consumer's connection every dose first waited out that fetch. Here a fetch may wait 5 s: the
+    catch-up sends nothing over the consumer's connections and answers within half of that."""
+    slow = settings.model_copy(update={"kafka_fetch_max_wait_ms": 5000})
+    topic = f"test.ends.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(slow, [topic, dlq_topic(topic)])
+    runner = ConsumerRunner(store, slow, [topic], {"PatientWithdrawn": count_down},
+                            group_id=f"g-{uuid.uuid4().hex[:8]}")
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await produce(slow, topic, withdrawal("P-e").to_bytes())
+        await eventually(lambda: runner.handled == 1, what="the record handled")
+        live = runner._consumer
+        assert live is not None
+        sent: list[str] = []
+        send = live._client.send
+
+        async def counted(node_id: object, request: object, **kwargs: object) -> object:
+            sent.append(type(request).__name__)
+            return await send(node_id, request, **kwargs)
+
+        live._client.send = counted
+        assert await runner.caught_up(topic, "k", timeout=2.5)  # the next fetch still waits
+        assert "OffsetRequest" not in sent, sent
+        await produce(slow, topic, withdrawal("P-f").to_bytes())  # a new end, asked the same way
+        assert await runner.caught_up(topic, "k", timeout=30)
+        assert runner.handled == 2 and "OffsetRequest" not in sent, sent
+    finally:
+        stop.set()
+        await task
+
+
 def test_a_service_s_linger_is_its_own_unless_the_settings_say_otherwise(tmp_path: Path) -> None:
     from services.dosing.app import spec as dosing
     from services.randomization.app import spec as randomization
