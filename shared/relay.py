@@ -52,7 +52,8 @@ class PassStalled(Exception):
 
 
 class Relay:
-    """Reads events after its stored checkpoint, publishes them, then moves the checkpoint.
+    """Reads events after its stored checkpoint, publishes them, then moves the checkpoint
+    (beside the next batches, D88).
 
     With the checkpoint it saves, per partition, the offset after the last record it published
     there. A crash between publishing and saving the checkpoint leaves records on the broker
@@ -89,6 +90,13 @@ class Relay:
         self.leading = False  # this replica publishes (health detail)
         self._resumed = False  # the broker's tail has been read since the last start or failure
         self._on_broker: set[str] = set()  # ids after the checkpoint the broker already holds
+        # The checkpoint moves behind the publishing, not in its way (D88): a pass reads after
+        # the position its last batch reached on the broker (`_through`, this checkpoint name's;
+        # forgotten at every resume, which starts from the saved checkpoint again), while one
+        # transaction at a time saves the latest checkpoints (`_unsaved`) beside it.
+        self._through: tuple[str, int] | None = None
+        self._unsaved: dict[str, int] = {}
+        self._saving: asyncio.Task[None] | None = None
         # Where its records can be: the topics the service owns (a name the table does not know,
         # a test's, may publish anywhere).
         self._topics = sorted(t for t, owners in PUBLISHERS.items() if self.source in owners
@@ -106,6 +114,10 @@ class Relay:
         except Stopped:
             pass
         finally:
+            with contextlib.suppress(Exception):  # what it cannot save, a resume reads again
+                await asyncio.wait_for(self.checkpoint_saved(), self._delivery_timeout_s)
+            if self._saving is not None:
+                self._saving.cancel()
             await self.producer.drop()
             await self.leadership.release()
 
@@ -159,6 +171,7 @@ class Relay:
         published to before (the embedded broker restarted empty, a Kafka cluster rebuilt) has a
         cluster id of its own, so a checkpoint at 0, and gets the whole history again; consumers
         drop what they have seen, by event id (issue 15)."""
+        self._save_checkpoint()
         if not await self.leadership.hold():
             if self.leading:
                 log.warning("relay %s: no longer the leader; another replica publishes", self.name)
@@ -173,7 +186,8 @@ class Relay:
             name = self.checkpoint_name
             if not self._resumed:
                 await self._resume(producer)
-            batch = await self.store.pending(name, self.settings.relay_batch_size)
+            through = self._through[1] if self._through and self._through[0] == name else None
+            batch = await self.store.pending(name, self.settings.relay_batch_size, through)
             if not batch:
                 return 0
             # send() queues in order; the client keeps one request in flight per broker, so the
@@ -194,16 +208,50 @@ class Relay:
         self.healthy = True
         self._moved.set()
         self._moved = asyncio.Event()
-        ends: dict[str, int] = {}  # per partition: the offset after our last record there
+        # The checkpoint and, per partition, the offset after our last record there: saved
+        # beside the next passes (D88). Until saved, a resume reads them from the broker's tail.
+        self._through = (name, batch[-1].position)
+        self._later(name, batch[-1].position)
         for meta in sent:
-            key = _offset_name(name, meta.topic, meta.partition)
-            ends[key] = max(ends.get(key, 0), meta.offset + 1)
-        async with self.store.transaction() as tx:
-            await tx.save_checkpoint(name, batch[-1].position)
-            for key, end in ends.items():
-                await tx.save_checkpoint(key, end)
+            self._later(_offset_name(name, meta.topic, meta.partition), meta.offset + 1)
+        self._save_checkpoint()
         self._on_broker.difference_update(event.event_id for event in batch)
         return len(batch)
+
+    def _later(self, key: str, value: int) -> None:
+        self._unsaved[key] = max(value, self._unsaved.get(key, 0))
+
+    def _save_checkpoint(self) -> None:
+        """Start saving the checkpoints not saved yet, unless a save is under way (it saves
+        what came meanwhile next). A save that failed fails the pass that finds it, as the
+        pass that made it would have: the relay then retries, resuming from what was saved."""
+        if self._saving is not None and self._saving.done():
+            saving, self._saving = self._saving, None
+            saving.result()
+        if self._saving is None and self._unsaved:
+            self._saving = asyncio.ensure_future(self._save_unsaved())
+
+    async def _save_unsaved(self) -> None:
+        while self._unsaved:
+            unsaved, self._unsaved = self._unsaved, {}
+            try:
+                async with self.store.transaction() as tx:
+                    for key, value in unsaved.items():
+                        await tx.save_checkpoint(key, value)  # never back (max at commit)
+            except BaseException:
+                for key, value in unsaved.items():
+                    self._later(key, value)
+                raise
+
+    async def checkpoint_saved(self) -> None:
+        """Until every batch on the broker has its checkpoint saved (or the save has failed)."""
+        while self._saving is not None or self._unsaved:
+            if self._saving is None:
+                self._save_checkpoint()
+            saving = self._saving
+            assert saving is not None
+            await asyncio.wait({saving})
+            self._save_checkpoint()  # raises what it failed with
 
     async def _confirm(self, producer: AIOKafkaProducer, topics: set[str]) -> None:
         """The checkpoint moves only if the broker that acknowledged the batch is the one the
@@ -264,8 +312,12 @@ class Relay:
         Where no offset was saved (a checkpoint from before this was kept) the last
         `4 x relay_batch_size` records of the partition are read: more than one unsaved batch
         can leave there. A new broker cluster has a checkpoint at 0: read from its start."""
-        # Our own records still queued land before the tail is read.
+        # Our own records still queued land before the tail is read; from now on a pass reads
+        # after the saved checkpoint, not after the last batch this process saw acknowledged.
         await asyncio.wait_for(producer.flush(), self._delivery_timeout_s)
+        self._through = None
+        with contextlib.suppress(Exception):  # what it could not save, the tail shows
+            await asyncio.wait_for(self.checkpoint_saved(), self._delivery_timeout_s)
         name = self.checkpoint_name
         at_start = await self.store.checkpoint(name) == 0
         consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None,

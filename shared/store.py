@@ -284,6 +284,8 @@ def _after(after: int | sa.ColumnElement[int], limit: int | sa.BindParameter[int
 _PENDING = _after(sa.func.coalesce(sa.select(checkpoints.c.position).where(
     checkpoints.c.name == sa.bindparam("checkpoint")).scalar_subquery(), 0),
     sa.bindparam("limit", type_=sa.Integer))
+_PENDING_AFTER = _after(sa.bindparam("after", type_=sa.Integer),
+                        sa.bindparam("limit", type_=sa.Integer))
 
 
 _encode_str = json.encoder.encode_basestring  # the string encoder `canonical_json` uses (C)
@@ -1049,13 +1051,18 @@ class EventStore:
             q = sa.select(checkpoints.c.position).where(checkpoints.c.name == name)
             return int((await conn.execute(q)).scalar_one_or_none() or 0)
 
-    async def pending(self, checkpoint: str, limit: int) -> list[RecordedEvent]:
-        """The first `limit` events after the checkpoint `checkpoint`, in position order: what a
+    async def pending(self, checkpoint: str, limit: int, after: int | None = None
+                      ) -> list[RecordedEvent]:
+        """The first `limit` events after the checkpoint `checkpoint` (or after the position
+        `after`, when the relay knows it has published that far), in position order: what a
         relay publishes next. One statement (the checkpoint read inside it), where `checkpoint`
         and `read_all` would take a connection and a snapshot each, on every commit's wake-up."""
         async with self.read_engine.connect() as conn:
-            return [_to_recorded(r) for r in await conn.execute(
-                _PENDING, {"checkpoint": checkpoint, "limit": limit})]
+            if after is not None:
+                rows = await conn.execute(_PENDING_AFTER, {"after": after, "limit": limit})
+            else:
+                rows = await conn.execute(_PENDING, {"checkpoint": checkpoint, "limit": limit})
+            return [_to_recorded(r) for r in rows]
 
     async def published_through(self, relay: str) -> int:
         """How far the relay `relay` has published, whichever replica runs it: its furthest

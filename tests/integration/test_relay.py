@@ -151,6 +151,7 @@ async def test_the_broker_is_looked_at_again_only_over_a_new_connection(
         await store.append("patient-5", [withdrawn("P5", 5)], None)
         assert await relay.publish_pending() == 1
         assert len(looks) == seen + 1 and looks[-1] == [topic], looks
+        await relay.checkpoint_saved()
         assert await store.checkpoint(relay.checkpoint_name) == 5
     finally:
         await relay.producer.drop()
@@ -159,6 +160,48 @@ async def test_the_broker_is_looked_at_again_only_over_a_new_connection(
     records = await read_topic(broker.bootstrap, ENROLLMENT,
                                until=lambda rs: len(ours(rs, source)) >= 5)
     assert_complete_and_ordered(records, source, 5)
+
+
+async def test_the_next_batch_goes_out_while_the_checkpoint_is_still_being_saved(
+        settings: Settings, store: EventStore, broker: Broker) -> None:
+    """D88. A batch's checkpoint is saved beside the next batches, not before them: the next
+    pass reads after the last batch the broker acknowledged, whether or not its checkpoint has
+    committed, and one save at a time takes whatever checkpoints came meanwhile. Here every
+    checkpoint transaction waits at a gate; three batches of one go out all the same, each
+    once, and the checkpoint reaches the last when the gate opens."""
+    relay = Relay(store, settings.model_copy(update={"relay_batch_size": 1}))
+    for n in range(1, 4):
+        await store.append(f"patient-{n}", [withdrawn(f"P{n}", n)], None)
+    gate, saves, real = asyncio.Event(), 0, store.transaction
+
+    @contextlib.asynccontextmanager
+    async def held() -> AsyncIterator[Any]:
+        nonlocal saves
+        saves += 1
+        await gate.wait()
+        async with real() as tx:
+            yield tx
+
+    store.transaction = held  # type: ignore[method-assign]
+    try:
+        for n in range(1, 4):  # bounded: before D88 the first pass waited at the gate
+            assert await asyncio.wait_for(relay.publish_pending(), 30) == 1
+            assert relay.published_position == n
+        assert await store.checkpoint(relay.checkpoint_name) == 0  # none saved yet...
+        assert saves == 1  # ...one save under way, the two after it waiting for it
+        gate.set()
+        await relay.checkpoint_saved()
+        assert saves == 2  # the two that came meanwhile, in one transaction
+        assert await store.checkpoint(relay.checkpoint_name) == 3
+        assert await asyncio.wait_for(relay.publish_pending(), 30) == 0  # nothing twice
+    finally:
+        store.transaction = real  # type: ignore[method-assign]
+        await relay.producer.drop()
+        await relay.leadership.release()
+    source = f"/services/{settings.service_name}"
+    records = await read_topic(broker.bootstrap, ENROLLMENT,
+                               until=lambda rs: len(ours(rs, source)) >= 3)
+    assert sorted(e.sequence for e in ours(records, source)) == [1, 2, 3]  # each once
 
 
 async def test_a_broker_restarted_under_an_idle_producer_gets_the_whole_history(
