@@ -57,6 +57,23 @@ class Delivery:
 
 
 Handler = Callable[[Transaction, Delivery], Awaitable[None]]
+# Handlers that store every delivery they apply as an event under the delivery's own event id
+# (the audit ledger, D89): the stored id, unique in the database and committed in the same
+# transaction, is the processed mark, so none is written beside it.
+_FILED_UNDER_EVENT_ID: set[Handler] = set()
+
+
+def files_under_event_id(handler: Handler) -> Handler:
+    """Declare that `handler` stores each delivery as an event with the delivery's id (or finds
+    it stored): its consumer then takes a stored id for processed and writes no mark (D89)."""
+    _FILED_UNDER_EVENT_ID.add(handler)
+    return handler
+
+
+def marks_by_event_id(handler: Handler) -> bool:
+    """Whether a record `handler` applied is known by its event id in the store, not a mark."""
+    return handler in _FILED_UNDER_EVENT_ID
+
 # Records looked up at once (processed? stored?) as a shared transaction reaches them: a few
 # first (a consumer whose runs end early, at a record that reads what an earlier one staged,
 # asks for few ids it will not reach), twice as many each time the run goes on, up to a most.
@@ -516,6 +533,11 @@ class ConsumerRunner:
 
     async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
         """Handle and mark one delivery in `tx`; False when it was processed before."""
+        if handler in _FILED_UNDER_EVENT_ID:  # its event is its mark (D89)
+            if await tx.has_event(delivery.event.id):
+                return False
+            await handler(tx, delivery)
+            return True
         if await tx.was_processed(self.group_id, delivery.event.id):
             return False
         await handler(tx, delivery)

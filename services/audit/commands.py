@@ -6,14 +6,19 @@ import uuid
 
 from services.audit.domain import ledger_stream, ledger_time
 from shared.auth import Principal
-from shared.consumer import Delivery
+from shared.consumer import Delivery, files_under_event_id
 from shared.events import ACCESS, CloudEvent, PatientDataViewed
 from shared.store import NewEvent, Transaction
 from shared.web import current_request_id
 
 
+@files_under_event_id  # the ledger's entry is the consumer's processed mark (D89)
 async def record(tx: Transaction, delivery: Delivery) -> None:
+    """File the delivery's event in the ledger under its own id, once (a stored id: nothing)."""
     e = delivery.event
+    # The ledger holds each event id once (its consumer asks the same first, D89).
+    if await tx.has_event(e.id):
+        return
     metadata = {
         "topic": delivery.topic, "source": e.source, "subject": e.subject,
         "time": ledger_time(e.time), "sequence": e.sequence, "actor": e.actor,
@@ -22,9 +27,6 @@ async def record(tx: Transaction, delivery: Delivery) -> None:
     }
     entry = NewEvent(type=e.type, data=e.data, event_id=e.id, schema_version=e.schemaversion,
                      metadata={k: v for k, v in metadata.items() if v is not None})
-    # Belt and braces beside the processed-id check: the ledger holds each event id once.
-    if await tx.has_event(e.id):
-        return
     # Position is arrival order (docs/decisions.md, D6 and "Audit: the ledger files by patient").
     await tx.append(ledger_stream(e.subject, e.data), [entry], None)
 

@@ -45,7 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 
-from shared.consumer import ANY_TYPE
+from shared.consumer import ANY_TYPE, marks_by_event_id
 from shared.events import LEDGER_TOPICS, dlq_topic
 from shared.kafka import broker_view, client_options, known_partitions
 from shared.protocol import ProtocolConfig
@@ -411,7 +411,13 @@ class ProcessedCheck:
     extra: list[str] = field(default_factory=list)  # marked, but not on its topics
 
 
-async def processed_marks(store: EventStore, consumer: str) -> set[str]:
+async def processed_marks(store: EventStore, consumer: str, by_event_id: bool = False
+                          ) -> set[str]:
+    """The ids `consumer` marked processed; of a consumer whose handler files each record under
+    its event id (the ledger, D89), the ids it filed from Kafka (not its own entries)."""
+    if by_event_id:
+        counts, own = await ledger_ids(store)
+        return set(counts) - own
     q = sa.select(processed_events.c.event_id).where(processed_events.c.consumer == consumer)
     async with store.read_engine.connect() as conn:
         return {str(r[0]) for r in await conn.execute(q)}
@@ -427,7 +433,8 @@ async def processed_check(stores: Mapping[str, EventStore], log: Sequence[KafkaR
         types = set(spec.handlers(protocol))
         expected = {r.event_id for r in log if r.topic in spec.consumes and r.event_id
                     and (ANY_TYPE in types or r.type in types)}
-        marked = await processed_marks(stores[name], name)
+        marked = await processed_marks(stores[name], name, by_event_id=any(
+            marks_by_event_id(h) for h in spec.handlers(protocol).values()))
         found[name] = ProcessedCheck(len(expected), len(marked), sorted(expected - marked),
                                      sorted(marked - expected))
     return found
