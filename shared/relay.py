@@ -309,7 +309,8 @@ class Relay:
         source is this service. A batch published before a crash (or a failed delivery wait,
         or another replica's last batch before it lost the leadership) is thus not sent again.
 
-        Where no offset was saved (a checkpoint from before this was kept) the last
+        Where no offset was saved (a checkpoint from before this was kept, or a partition first
+        published to by batches whose checkpoint was not saved yet, D88) the last
         `4 x relay_batch_size` records of the partition are read: more than one unsaved batch
         can leave there. A new broker cluster has a checkpoint at 0: read from its start."""
         # Our own records still queued land before the tail is read; from now on a pass reads
