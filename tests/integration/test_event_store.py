@@ -367,3 +367,18 @@ async def test_only_a_commit_with_events_wakes_the_relay(store: EventStore) -> N
     assert not waiter.done()
     await store.append("s-wake", [ev(1)], expected_version=1)
     await asyncio.wait_for(waiter, 30)  # woken
+
+
+async def test_a_checkpoint_only_moves_forward(store: EventStore) -> None:
+    """A checkpoint is made when first saved and never goes back: a late save of an older
+    position (a relay's save behind one already made) leaves the newer. All a commit moves go
+    in one statement, also when several transactions of one group commit move the same one."""
+    assert await store.checkpoint("cp-a") == 0
+    await store.save_checkpoint("cp-a", 5)
+    await store.save_checkpoint("cp-a", 3)
+    assert await store.checkpoint("cp-a") == 5
+    async with store.transaction() as tx:  # two in one transaction, one of them new
+        await tx.save_checkpoint("cp-a", 9)
+        await tx.save_checkpoint("cp-b", 2)
+    await asyncio.gather(*(store.save_checkpoint("cp-c", n) for n in (4, 8, 6, 1)))
+    assert [await store.checkpoint(n) for n in ("cp-a", "cp-b", "cp-c")] == [9, 2, 8]
