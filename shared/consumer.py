@@ -74,6 +74,7 @@ def marks_by_event_id(handler: Handler) -> bool:
     """Whether a record `handler` applied is known by its event id in the store, not a mark."""
     return handler in _FILED_UNDER_EVENT_ID
 
+
 # Records looked up at once (processed? stored?) as a shared transaction reaches them: a few
 # first (a consumer whose runs end early, at a record that reads what an earlier one staged,
 # asks for few ids it will not reach), twice as many each time the run goes on, up to a most.
@@ -533,7 +534,7 @@ class ConsumerRunner:
 
     async def _apply(self, tx: Transaction, handler: Handler, delivery: Delivery) -> bool:
         """Handle and mark one delivery in `tx`; False when it was processed before."""
-        if handler in _FILED_UNDER_EVENT_ID:  # its event is its mark (D89)
+        if marks_by_event_id(handler):  # its event is its mark (D89)
             if await tx.has_event(delivery.event.id):
                 return False
             await handler(tx, delivery)
