@@ -11,7 +11,9 @@ per rate, it sends `POST /v1/patients/{id}/randomization` open-loop (at fixed ti
 answers) for --seconds, and measures, per request, from its send time to the moment the consumer
 receives that patient's ArmAssigned. Target: p99 at most 50 ms at 10/s and 100 ms at 50/s.
 The peer figure is the same request's HTTP response time: the floor, the commit included, so
-the ratio and the difference show what the relay and the broker add.
+the ratio and the difference show what the relay and the broker add. Each answer's
+`Server-Timing` (D90) shows where the answer's own time went: the randomization service's wait
+for its group commit and for the broker, its whole, and the gateway's.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ from bench.system import (
 from shared.events import ENROLLMENT
 from shared.kafka import client_options, known_partitions, physical
 from shared.settings import Settings
+from shared.timing import entries
 
 TARGETS_MS = {10: 50.0, 50: 100.0}  # rate (requests/s) -> p99 target
+# An answer's Server-Timing parts (D90), the innermost first: the randomization service's wait
+# for its group commit and for the broker, its whole, the gateway's round trip to it, its whole.
+PARTS = ("commit", "publish", "app", "upstream", "gateway")
 WARMUP = 5
 
 
@@ -51,6 +57,7 @@ class Phase:
     rate: float
     sent: dict[str, float] = field(default_factory=dict)  # patient -> send time
     answered: dict[str, float] = field(default_factory=dict)  # patient -> 201 received
+    parts: list[dict[str, float]] = field(default_factory=list)  # each 201's Server-Timing (D90)
     errors: list[str] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)  # process -> cores used while sending
     late: float = 0.0  # the worst delay of a send behind its schedule (the client's own lag)
@@ -126,6 +133,7 @@ async def load(site: httpx.AsyncClient, patients: list[str], phase: Phase) -> No
             return
         if r.status_code == 201:
             phase.answered[patient] = time.perf_counter()
+            phase.parts.append(entries(r.headers.get("server-timing", "")))
         else:
             phase.errors.append(f"{r.status_code} {r.json().get('code')}")
 
@@ -166,6 +174,11 @@ def report(phase: Phase, seen: dict[str, float], target: float | None) -> None:
     print(f"  ratio seen/HTTP: p50 {statistics.median(observed) / statistics.median(http):.2f}x, "
           f"p99 {p99 / percentile(http, 0.99):.2f}x; per request, seen minus answered: "
           f"p50={statistics.median(added):.1f} ms p99={percentile(added, 0.99):.1f} ms")
+    names = [n for n in PARTS if any(n in parts for parts in phase.parts)]
+    if names:  # where the answers' time went, by their Server-Timing
+        print("  the answers' parts (Server-Timing, ms, p50 / p99): " + ", ".join(
+            f"{n} {statistics.median(got):.1f} / {percentile(got, 0.99):.1f}"
+            for n in names if (got := [parts[n] for parts in phase.parts if n in parts])))
 
 
 async def run(running: Running, rates: list[float], seconds: float, fetch_wait_ms: int) -> None:

@@ -22,6 +22,7 @@ from shared.relay import AnswerWhenPublished
 from shared.runtime import Loop, Runtime, ServiceSpec
 from shared.settings import Settings, check_production
 from shared.store import UNAVAILABLE_ERRORS, database_unavailable
+from shared.timing import ServerTimingMiddleware
 from shared.tracing import configure_tracing, instrument_app
 from shared.web import (
     BodyLimitMiddleware,
@@ -69,6 +70,8 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AnswerWhenPublished)
     # Added first, so it runs inside the request id middleware: replays carry the new id.
     app.add_middleware(IdempotencyMiddleware)
+    # Where the answer's time went (D90); outside the key's middleware: a replay has its own.
+    app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     install_service_metrics(app)

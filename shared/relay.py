@@ -34,6 +34,7 @@ from shared.leader import Leadership
 from shared.retry import Stopped, retry
 from shared.settings import Settings
 from shared.store import EventStore, RecordedEvent, Written, written
+from shared.timing import timed
 from shared.tracing import publishing
 
 log = logging.getLogger(__name__)
@@ -438,7 +439,9 @@ class AnswerWhenPublished:
                 settings = runtime.settings if runtime is not None else None
                 if (relay is not None and settings is not None and settings.relay_enabled
                         and settings.answer_after_publish_s > 0):
+                    waited = time.perf_counter()
                     await relay.published(mark.position, settings.answer_after_publish_s)
+                    timed("publish", time.perf_counter() - waited)  # Server-Timing (D90)
             await send(message)
 
         try:

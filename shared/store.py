@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -22,6 +23,7 @@ from shared.db import create_engine, is_sqlite
 from shared.errors import ConcurrencyError
 from shared.events import CloudEvent, EventData, canonical_json, model_for
 from shared.schema import checkpoints, events, processed_events
+from shared.timing import timed
 from shared.tracing import with_traceparent
 
 GENESIS_HASH = "0" * 64
@@ -865,12 +867,14 @@ class EventStore:
         tx.queued = True
         self._wake_committer()
         self.in_flight += 1
+        queued = time.perf_counter()
         try:
             if tx._release_when_queued:
                 await tx._exclusive.aclose()
             error = await asyncio.shield(outcome)
         finally:
             self.in_flight -= 1
+            timed("commit", time.perf_counter() - queued)  # a request's Server-Timing (D90)
         if error is not None:
             raise error
 

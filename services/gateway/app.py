@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
 from shared.permissions import allowed
 from shared.settings import Settings, check_production
+from shared.timing import ServerTimingMiddleware, timed
 from shared.tracing import client_span, configure_tracing, instrument_app
 from shared.web import (
     BodyLimitMiddleware,
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "idempotency-key")
 WHOLE_BODY_BYTES = 256 * 1024  # answers up to this size are read whole, not streamed
 RETURNED_HEADERS = ("content-type", "retry-after", "location", "idempotent-replayed",
-                    "content-disposition", "cache-control", "x-ledger-position")
+                    "content-disposition", "cache-control", "x-ledger-position",
+                    "server-timing")
 # Below uvicorn's 5 s: the gateway drops an idle connection before the service would close it
 # under a request just sent on it.
 IDLE_CONNECTION_S = 4.0
@@ -155,6 +158,8 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
     # wrap a public route's answer as they wrap every other.
     app.add_middleware(PublicRoutes, forward=forward, handlers=app.exception_handlers)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Its own time and the round trip to the service, beside the service's own entries (D90).
+    app.add_middleware(ServerTimingMiddleware, total="gateway")
     app.add_middleware(RequestIdMiddleware)
     # Forwarded requests all match one catch-all route: label them by the public route instead.
     app.state.metrics = Metrics()
@@ -236,6 +241,7 @@ async def _forward(request: Request, service: str, base_url: str) -> Response:
     client: aiohttp.ClientSession = request.app.state.client
     url = _upstream_url(request, base_url)
     body = await request.body()
+    asked = time.perf_counter()
     with client_span(request.method, str(url), headers) as span:
         try:
             upstream = await client.request(request.method, url, data=body or None,
@@ -262,7 +268,9 @@ async def _forward(request: Request, service: str, base_url: str) -> Response:
             raise Problem(502, "bad_gateway", f"The {service} service failed") from exc
         finally:
             upstream.release()
+        timed("upstream", time.perf_counter() - asked)  # Server-Timing (D90)
         return Response(answer, status_code=upstream.status, headers=passed)
+    timed("upstream", time.perf_counter() - asked)  # to the answer's start: the body streams
     # Passed on as it arrives: an audit export is never held whole in the gateway's memory.
     return StreamingResponse(_relay_body(upstream, service), status_code=upstream.status,
                              headers=passed, background=BackgroundTask(upstream.release))

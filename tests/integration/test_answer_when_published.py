@@ -24,6 +24,7 @@ from shared.kafka import ensure_topics
 from shared.relay import Relay
 from shared.settings import Settings
 from shared.store import EventStore
+from shared.timing import entries
 from tests.conftest import REAL, Broker
 from tests.e2e.conftest import screening
 from tests.support import eventually, read_to_end
@@ -125,3 +126,29 @@ async def test_no_wait_when_turned_off(own_broker: Broker,
     async with running(settings) as app:
         await screen(app, settings)
         assert relay_of(app).answers == {"published": 0, "before_published": 0}
+
+
+async def test_the_answer_says_where_its_time_went(
+        own_broker: Broker, make_database_url: Callable[[str], str]) -> None:
+    """D90: every answer carries `Server-Timing`. A write's names its wait for the group commit
+    and for the broker (D56) inside the service's whole time; a replay under its key and a read
+    time only themselves (the first answer's timings are not kept with it)."""
+    settings = service_settings(own_broker.bootstrap, make_database_url("randomization"))
+    await ensure_topics(settings)
+    async with running(settings) as app, site(app, settings) as client:
+        key, body = str(uuid.uuid4()), screening()
+        first = await client.post("/v1/screenings", json=body, headers={"Idempotency-Key": key})
+        assert first.status_code == 201, first.text
+        parts = entries(first.headers["server-timing"])
+        assert set(parts) == {"commit", "publish", "app"}, first.headers["server-timing"]
+        assert min(parts.values()) >= 0
+        assert parts["app"] + 0.2 >= parts["commit"] + parts["publish"]  # each rounded to 0.1
+        assert relay_of(app).answers["published"] == 1  # the publish part is that wait
+
+        again = await client.post("/v1/screenings", json=body, headers={"Idempotency-Key": key})
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert set(entries(again.headers["server-timing"])) == {"app"}
+
+        missing = await client.get("/v1/patients/P-0000-none")
+        assert missing.status_code == 404
+        assert set(entries(missing.headers["server-timing"])) == {"app"}
