@@ -28,7 +28,11 @@ topics of a broker of its own (Tansu, or Apache Kafka with `--backend real`), fi
 ledger by the audit service's consumer path (`shared.consumer.ConsumerRunner` with the audit
 handlers: `record`, a fetch a transaction, D40; a JSON log line a record, as the service
 writes it, D60), from its first fetch to the last record stored;
-peer: a bare aiokafka consumer reading the same records, from its start to the last record.
+peer: a bare aiokafka consumer reading the same records, from its start to the last record;
+floor (D91): the same records filed with only the work no rebuild of the ledger can skip (the
+envelope and data validated, the entry, its canonical JSON and chained hash, the row inserted by
+plain sqlite3 into the project's table), in one process and split between the machine's cores
+(each part a ledger of its own: an upper bound for any rebuild of one ledger).
 With `--consumer efficacy|dosing|safety`, that service's consumer reads the same records
 instead (its topics, its handlers, into a fresh store of its own), to the last record it reads:
 how fast a service digests a backlog (D78).
@@ -40,13 +44,16 @@ import argparse
 import asyncio
 import importlib
 import json
+import multiprocessing
 import os
 import resource
 import shutil
+import sqlite3
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
@@ -66,19 +73,21 @@ from bench.scale import (
     rss_mb,
 )
 from deploy import infra
+from services.audit.commands import ledger_entry
 from services.safety.projection import SAFETY_TYPES, Projection, stream_for
 from services.safety.state import Draft, SafetyState
-from shared.consumer import ConsumerRunner
+from shared.consumer import ConsumerRunner, Delivery
+from shared.db import SQLITE_PRAGMAS
 from shared.decider import Identified
-from shared.events import LEDGER_TOPICS
+from shared.events import LEDGER_TOPICS, CloudEvent
 from shared.heap import settle
-from shared.kafka import client_options, ensure_topics, make_producer, physical
+from shared.kafka import client_options, ensure_topics, logical, make_producer, physical
 from shared.logs import configure_logging
 from shared.migrate import upgrade
 from shared.protocol import load_protocol
 from shared.runtime import ServiceSpec
 from shared.settings import Settings
-from shared.store import EventStore, Metadata, NewEvent
+from shared.store import _INSERT_SQLITE, GENESIS_HASH, EventStore, Metadata, NewEvent, _row
 from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
 
 TARGET_PER_S = 50_000.0
@@ -247,19 +256,98 @@ async def service_consumer(service: str, url: str, settings: Settings, topics: C
     return timing
 
 
-async def bare_consumer(settings: Settings, total: int) -> Timing:
+async def bare_consumer(settings: Settings, total: int) -> tuple[Timing, list[tuple[str, bytes]]]:
+    """A bare aiokafka consumer reading every record: its time, and each record's topic (the
+    logical name) and value, for the floor."""
     consumer = AIOKafkaConsumer(*(physical(settings, t) for t in LEDGER_TOPICS),
                                 **client_options(settings),
                                 auto_offset_reset="earliest", enable_auto_commit=False)
-    read = 0
+    read: list[tuple[str, bytes]] = []
     with clocked() as timing:
         await consumer.start()
         try:
-            while read < total:
+            while len(read) < total:
                 batches = await consumer.getmany(timeout_ms=200)
-                read += sum(len(records) for records in batches.values())
+                read += [(r.topic, r.value or b"") for records in batches.values()
+                         for r in records]
         finally:
             await consumer.stop()
+    return timing, [(logical(settings, topic), value) for topic, value in read]
+
+
+# The floor of the ledger's rebuild: a transaction of this many records, about what one fetch
+# gives the audit consumer.
+FLOOR_BATCH = 1_000
+_FLOOR_RECORDS: list[tuple[str, bytes]] = []  # what forked floor processes read their part of
+
+
+def ledger_floor_file(records: list[tuple[str, bytes]], path: str) -> int:
+    """The work no rebuild of the ledger can skip, on each record, and nothing else: the
+    envelope and its data validated (`CloudEvent`, the catalogue's model: what the consumer
+    sends to the dead-letter topic instead), the entry (`ledger_entry`), its canonical JSON and
+    chained hash (`shared.store._row`), and the row inserted into the project's `events` table
+    (its indexes and triggers) by plain sqlite3 with the store's pragmas, `FLOOR_BATCH` a
+    transaction. No event loop, SQLAlchemy, duplicate check, checkpoint or log line. How many
+    rows it wrote."""
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in SQLITE_PRAGMAS:
+        db.execute(pragma)
+    position, prev_hash, versions = 0, GENESIS_HASH, Counter[str]()
+    try:
+        for start in range(0, len(records), FLOOR_BATCH):
+            now = datetime.now(UTC)
+            stamp = (now.isoformat(timespec="microseconds"), now.strftime("%Y-%m-%d %H:%M:%S.%f"))
+            rows = []
+            for topic, raw in records[start:start + FLOOR_BATCH]:
+                event = CloudEvent.from_bytes(raw)
+                stream, entry = ledger_entry(Delivery(event, event.typed_data(), topic))
+                position += 1
+                versions[stream] += 1
+                _, values = _row(position, stream, versions[stream], entry, now, stamp, prev_hash)
+                prev_hash = values[-1]
+                rows.append(values)
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(_INSERT_SQLITE, rows)
+            db.execute("COMMIT")
+    finally:
+        db.close()
+    return position
+
+
+def _floor_part(part: int, parts: int, path: str) -> None:
+    size = -(-len(_FLOOR_RECORDS) // parts)
+    ledger_floor_file(_FLOOR_RECORDS[part * size:(part + 1) * size], path)
+
+
+def ledger_floor(records: list[tuple[str, bytes]], processes: int, folder: Path) -> Timing:
+    """`ledger_floor_file` over `records`: in this process, or split between `processes`
+    forked ones, each into a ledger of its own (no one chain, no order between them: more
+    than any rebuild of one ledger could get from them, so an upper bound)."""
+    paths = [str(folder / f"floor-{processes}-{part}.db") for part in range(processes)]
+    for path in paths:
+        asyncio.run(upgrade(f"sqlite+aiosqlite:///{path}"))  # the project's tables, empty
+    if processes == 1:
+        with clocked() as timing:
+            written = ledger_floor_file(records, paths[0])
+        assert written == len(records), (written, len(records))
+        return timing
+    global _FLOOR_RECORDS
+    _FLOOR_RECORDS = records
+    fork = multiprocessing.get_context("fork")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        with clocked() as timing:
+            workers = [fork.Process(target=_floor_part, args=(part, processes, path))
+                       for part, path in enumerate(paths)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+    finally:
+        _FLOOR_RECORDS = []
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert all(worker.exitcode == 0 for worker in workers), [w.exitcode for w in workers]
+    timing.cpu += (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return timing
 
 
@@ -278,9 +366,17 @@ def ledger_from_kafka(backend: str, events: int, service: str = "audit") -> None
         settle(settings)  # the collector as the service sets it once up (D65)
         what = "the audit ledger" if service == "audit" else f"{service}'s consumer"
         print(f"replay of {what} from Kafka ({total:,} CloudEvents published):")
-        show("bare aiokafka consumer", total, asyncio.run(bare_consumer(settings, total)))
+        bare, records = asyncio.run(bare_consumer(settings, total))
+        show("bare aiokafka consumer", total, bare)
         timing = asyncio.run(service_consumer(service, url, settings, topics))
         show("project (consumer)", read, timing)
+        if service == "audit":  # what the ledger's own work costs here, without the project
+            print("  the ledger's own work, nothing else (a SQLite file whichever the backend):")
+            with tempfile.TemporaryDirectory(prefix="bench-floor-") as folder:
+                for processes in sorted({1, os.cpu_count() or 1}):
+                    show(f"floor, {processes} process{'es' if processes > 1 else ''}", total,
+                         ledger_floor(records, processes, Path(folder)),
+                         " (an upper bound)" if processes > 1 else "")
         rate = read / timing.wall
         print(f"  target >= {TARGET_PER_S:,.0f} events/s: "
               f"{'met' if rate >= TARGET_PER_S else 'NOT met'}")

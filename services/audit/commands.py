@@ -12,13 +12,10 @@ from shared.store import NewEvent, Transaction
 from shared.web import current_request_id
 
 
-@files_under_event_id  # the ledger's entry is the consumer's processed mark (D89)
-async def record(tx: Transaction, delivery: Delivery) -> None:
-    """File the delivery's event in the ledger under its own id, once (a stored id: nothing)."""
+def ledger_entry(delivery: Delivery) -> tuple[str, NewEvent]:
+    """The delivery's entry in the ledger, and the stream it is filed under: the event's type,
+    data and id as published, its envelope's facts as the entry's metadata."""
     e = delivery.event
-    # The ledger holds each event id once (its consumer asks the same first, D89).
-    if await tx.has_event(e.id):
-        return
     metadata = {
         "topic": delivery.topic, "source": e.source, "subject": e.subject,
         "time": ledger_time(e.time), "sequence": e.sequence, "actor": e.actor,
@@ -27,8 +24,18 @@ async def record(tx: Transaction, delivery: Delivery) -> None:
     }
     entry = NewEvent(type=e.type, data=e.data, event_id=e.id, schema_version=e.schemaversion,
                      metadata={k: v for k, v in metadata.items() if v is not None})
+    return ledger_stream(e.subject, e.data), entry
+
+
+@files_under_event_id  # the ledger's entry is the consumer's processed mark (D89)
+async def record(tx: Transaction, delivery: Delivery) -> None:
+    """File the delivery's event in the ledger under its own id, once (a stored id: nothing)."""
+    # The ledger holds each event id once (its consumer asks the same first, D89).
+    if await tx.has_event(delivery.event.id):
+        return
+    stream, entry = ledger_entry(delivery)
     # Position is arrival order (docs/decisions.md, D6 and "Audit: the ledger files by patient").
-    await tx.append(ledger_stream(e.subject, e.data), [entry], None)
+    await tx.append(stream, [entry], None)
 
 
 async def record_view(tx: Transaction, viewed: PatientDataViewed, who: Principal) -> None:
