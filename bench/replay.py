@@ -372,14 +372,18 @@ def ledger_from_kafka(backend: str, events: int, service: str = "audit") -> None
         show("project (consumer)", read, timing)
         if service == "audit":  # what the ledger's own work costs here, without the project
             print("  the ledger's own work, nothing else (a SQLite file whichever the backend):")
+            floors = {}
             with tempfile.TemporaryDirectory(prefix="bench-floor-") as folder:
                 for processes in sorted({1, os.cpu_count() or 1}):
+                    floors[processes] = ledger_floor(records, processes, Path(folder))
                     show(f"floor, {processes} process{'es' if processes > 1 else ''}", total,
-                         ledger_floor(records, processes, Path(folder)),
-                         " (an upper bound)" if processes > 1 else "")
+                         floors[processes], " (an upper bound)" if processes > 1 else "")
         rate = read / timing.wall
+        ratios = f"project / bare consumer = {(read / timing.wall) / (total / bare.wall):.2g}"
+        if service == "audit":
+            ratios += f", project / floor in one process = {floors[1].wall / timing.wall:.2g}"
         print(f"  target >= {TARGET_PER_S:,.0f} events/s: "
-              f"{'met' if rate >= TARGET_PER_S else 'NOT met'}")
+              f"{'met' if rate >= TARGET_PER_S else 'NOT met'} ({ratios})")
 
 
 def main() -> None:
