@@ -57,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from bench.databases import bench_database
 from bench.safety_latency import until
@@ -87,7 +88,15 @@ from shared.migrate import upgrade
 from shared.protocol import load_protocol
 from shared.runtime import ServiceSpec
 from shared.settings import Settings
-from shared.store import _INSERT_SQLITE, GENESIS_HASH, EventStore, Metadata, NewEvent, _row
+from shared.store import (
+    _INSERT_SQLITE,
+    GENESIS_HASH,
+    EventStore,
+    Metadata,
+    NewEvent,
+    _row,
+    _stamp,
+)
 from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
 
 TARGET_PER_S = 50_000.0
@@ -278,6 +287,7 @@ async def bare_consumer(settings: Settings, total: int) -> tuple[Timing, list[tu
 # The floor of the ledger's rebuild: a transaction of this many records, about what one fetch
 # gives the audit consumer.
 FLOOR_BATCH = 1_000
+SQLITE = sqlite_dialect.dialect()
 _FLOOR_RECORDS: list[tuple[str, bytes]] = []  # what forked floor processes read their part of
 
 
@@ -296,7 +306,7 @@ def ledger_floor_file(records: list[tuple[str, bytes]], path: str) -> int:
     try:
         for start in range(0, len(records), FLOOR_BATCH):
             now = datetime.now(UTC)
-            stamp = (now.isoformat(timespec="microseconds"), now.strftime("%Y-%m-%d %H:%M:%S.%f"))
+            stamp = _stamp(SQLITE, now)  # the time as the store writes it on SQLite
             rows = []
             for topic, raw in records[start:start + FLOOR_BATCH]:
                 event = CloudEvent.from_bytes(raw)
@@ -379,7 +389,7 @@ def ledger_from_kafka(backend: str, events: int, service: str = "audit") -> None
                     show(f"floor, {processes} process{'es' if processes > 1 else ''}", total,
                          floors[processes], " (an upper bound)" if processes > 1 else "")
         rate = read / timing.wall
-        ratios = f"project / bare consumer = {(read / timing.wall) / (total / bare.wall):.2g}"
+        ratios = f"project / bare consumer = {rate / (total / bare.wall):.2g}"
         if service == "audit":
             ratios += f", project / floor in one process = {floors[1].wall / timing.wall:.2g}"
         print(f"  target >= {TARGET_PER_S:,.0f} events/s: "

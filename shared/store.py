@@ -378,11 +378,11 @@ _MOVE_CHECKPOINT_SQLITE = (
 _MOVE_CHECKPOINT = _MOVE_CHECKPOINT_SQLITE.replace("(?, ?, ?)", "($1, $2, $3)")
 
 
-def _stamp(conn: AsyncConnection, now: datetime) -> tuple[str, Any]:
+def _stamp(dialect: sa.Dialect, now: datetime) -> tuple[str, Any]:
     """A group commit's one time: its ISO form (what the hash covers) and the value the driver
     takes (on SQLite, the text SQLAlchemy's DateTime stores, so reads through it are unchanged)."""
-    bind = None if conn.dialect.name != "sqlite" else events.c.recorded_at.type.dialect_impl(
-        conn.dialect).bind_processor(conn.dialect)
+    bind = None if dialect.name != "sqlite" else events.c.recorded_at.type.dialect_impl(
+        dialect).bind_processor(dialect)
     return as_utc(now).isoformat(timespec="microseconds"), bind(now) if bind else now
 
 
@@ -939,7 +939,7 @@ class EventStore:
             raw = None if self.sqlite else (await conn.get_raw_connection()).driver_connection
             rows: list[tuple[Any, ...]] = []  # as the database takes them (`_row`)
             now = utcnow()
-            stamp = _stamp(conn, now)
+            stamp = _stamp(conn.dialect, now)
             passed: set[int] = set()
             for tx in batch:
                 conflict = _unmet(tx, passed) or _conflict(tx, versions, head)
