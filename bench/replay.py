@@ -25,9 +25,10 @@ through `EventStore`. Then:
 
 Then the audit ledger from Kafka (`--kafka-events`, 0 to skip): the lives as CloudEvents on their
 topics of a broker of its own (Tansu, or Apache Kafka with `--backend real`), filed into a fresh
-ledger by the audit service's consumer path (`shared.consumer.ConsumerRunner` with the audit
-handlers: `record`, a fetch a transaction, D40; a JSON log line a record, as the service
-writes it, D60), from its first fetch to the last record stored;
+ledger by the audit service's consumer as its process makes it (`ServiceSpec.consumer`: the
+audit handlers, `record`, a fetch a transaction, D40; its linger, none after a full fetch, D92;
+a JSON log line a record, as the service writes it, D60), from its first fetch to the last
+record stored;
 peer: a bare aiokafka consumer reading the same records, from its start to the last record;
 floor (D91): the same records filed with only the work no rebuild of the ledger can skip (the
 envelope and data validated, the entry, its canonical JSON and chained hash, the row inserted by
@@ -77,7 +78,7 @@ from deploy import infra
 from services.audit.commands import ledger_entry
 from services.safety.projection import SAFETY_TYPES, Projection, stream_for
 from services.safety.state import Draft, SafetyState
-from shared.consumer import ConsumerRunner, Delivery
+from shared.consumer import Delivery
 from shared.db import SQLITE_PRAGMAS
 from shared.decider import Identified
 from shared.events import LEDGER_TOPICS, CloudEvent
@@ -234,14 +235,14 @@ def service_spec(service: str) -> ServiceSpec:
 
 async def service_consumer(service: str, url: str, settings: Settings, topics: Counter[str]
                            ) -> Timing:
-    """`service`'s consumer (its topics, handlers and fail-closed records, as `Runtime` makes
-    it) reading every record of its topics into a fresh store: the audit ledger's files each."""
+    """`service`'s consumer (its topics, handlers, fail-closed records and linger, as its
+    process makes it: `ServiceSpec.consumer`) reading every record of its topics into a fresh
+    store: the audit ledger's files each."""
     spec = service_spec(service)
     total = sum(topics[t] for t in spec.consumes)
     await upgrade(url)
     store = EventStore(url)
-    runner = ConsumerRunner(store, settings, list(spec.consumes), spec.handlers(load_protocol()),
-                            group_id=f"{service}-replay", fail_closed=spec.fail_closed)
+    runner = spec.consumer(store, settings, load_protocol(), group_id=f"{service}-replay")
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
 

@@ -201,6 +201,7 @@ class ConsumerRunner:
         # After a fetch that found records, how long to let more gather before the next (D84):
         # at 50 randomizations a second a fetch, a transaction and a commit a record cost each
         # service about 5 ms of CPU a randomization, and a backlog's batches 0.1 ms a record.
+        # Not after a full fetch (`max_records`): that is a backlog, the next one waiting (D92).
         # `caught_up` sets `_hurry` (and counts itself in `_waiters`): a request waiting for
         # this consumer never waits out a linger.
         self.linger_s = linger_ms / 1000
@@ -294,17 +295,23 @@ class ConsumerRunner:
             if self._uncommitted and (not batches or time.monotonic() - self._told_at >= (
                     self.settings.kafka_commit_interval_ms / 1000)):
                 await self.commit_handled(consumer)
-            if batches and self.linger_s and not self._waiters and not stop.is_set():
-                await self._linger()
+            # A full fetch is a backlog: the next is already waiting, so no linger (D92).
+            if (batches and len(fetched) < self.max_records and self.linger_s
+                    and not self._waiters and not stop.is_set()):
+                await self._linger(stop)
         with contextlib.suppress(Exception):  # stopping: the next start resumes from here
             await self.commit_handled(consumer)
 
-    async def _linger(self) -> None:
+    async def _linger(self, stop: asyncio.Event) -> None:
         """Let the fetcher gather records for up to `linger_s` (it goes on fetching meanwhile),
-        unless a request starts waiting for this consumer."""
+        unless a request starts waiting for this consumer, or the consumer is stopped."""
         self._hurry.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._hurry.wait(), self.linger_s)
+        woken = [asyncio.ensure_future(self._hurry.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(woken, timeout=self.linger_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in woken:
+                waiter.cancel()
 
     async def commit_handled(self, consumer: AIOKafkaConsumer) -> None:
         """Tell the group the offsets handled since it was last told (D61): every interval while

@@ -57,6 +57,16 @@ class ServiceSpec:
     # (`shared.catchup`), which cuts the wait short, or where a moment's delay decides nothing.
     consumer_linger_ms: int = 0
 
+    def consumer(self, store: EventStore, settings: Settings, protocol: ProtocolConfig,
+                 group_id: str | None = None) -> ConsumerRunner:
+        """The service's consumer of its topics into `store`, as its process runs it (its
+        handlers, fail-closed records and linger); benchmarks make theirs here too."""
+        linger_ms = (settings.kafka_consumer_linger_ms
+                     if settings.kafka_consumer_linger_ms is not None else self.consumer_linger_ms)
+        return ConsumerRunner(store, settings, self.consumes, self.handlers(protocol),
+                              group_id=group_id, fail_closed=self.fail_closed,
+                              linger_ms=linger_ms)
+
 
 class Runtime:
     """The running parts of one service process. The protocol is read once, here (or handed in
@@ -70,12 +80,7 @@ class Runtime:
         self.store = EventStore(settings.resolved_database_url())
         self.verifier = JWTVerifier(settings)
         self.relay = Relay(self.store, settings) if spec.publishes else None
-        self.consumer = (ConsumerRunner(self.store, settings, spec.consumes,
-                                        spec.handlers(self.protocol),
-                                        fail_closed=spec.fail_closed,
-                                        linger_ms=settings.kafka_consumer_linger_ms
-                                        if settings.kafka_consumer_linger_ms is not None
-                                        else spec.consumer_linger_ms)
+        self.consumer = (spec.consumer(self.store, settings, self.protocol)
                          if spec.consumes else None)
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -498,6 +498,39 @@ async def test_a_fetch_across_topics_is_filed_as_one_batch(settings: Settings,
             topics[0]: 2, topics[1]: 1}
 
 
+async def test_a_full_fetch_is_a_backlog_and_the_next_is_taken_without_a_linger(
+        settings: Settings, store: EventStore) -> None:
+    """D92: a fetch that hands over `max_records` leaves records waiting, so the consumer takes
+    the next at once; only a fetch short of it lingers. Lingering after every fetch held a
+    backlog (a restart, an outage) to `max_records` a linger: the audit ledger caught up at
+    half its speed. Here a linger is ten minutes and a fetch three records: a backlog of seven
+    is filed as 3 + 3 + 1 within a minute, and the short fetch that ended it lingers (until the
+    consumer is stopped, which ends a linger at once)."""
+    topic = f"test.backlog.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(settings, [topic, dlq_topic(topic)])
+    await produce(settings, topic, *(withdrawal(f"P-b{n}").to_bytes() for n in range(7)))
+    runner = _Batches(store, settings, [topic], {"PatientWithdrawn": count_down},
+                      group_id=f"g-{uuid.uuid4().hex[:8]}", linger_ms=600_000)
+    runner.max_records = 3
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop))
+    try:
+        await eventually(lambda: runner.handled == 7, what="the backlog, no linger between")
+        assert runner.batch_sizes == [3, 3]  # then one record alone, handled as a record
+        assert [len(await store.read_stream(f"seen-P-b{n}")) for n in range(7)] == [1] * 7
+        await produce(settings, topic, withdrawal("P-b7").to_bytes())
+        live = runner._consumer
+        assert live is not None
+        await eventually(lambda: any(live.highwater(tp) == 8 for tp in live.assignment()),
+                         what="the eighth record fetched")
+        assert runner.handled == 7  # the short fetch lingers: not filed yet
+        stop.set()  # a stop ends the linger: a service's shutdown does not wait it out
+        await asyncio.wait_for(task, timeout=60)  # a tenth of the linger
+    finally:
+        stop.set()
+        await task
+
+
 async def test_the_log_end_is_asked_beside_the_consumer_s_fetch_not_behind_it(
         settings: Settings, store: EventStore) -> None:
     """D87. `caught_up` (every dose and assessment waits for it) asks the log's end over
