@@ -2,10 +2,11 @@
 
 Each service's principal (named as the service) may write, and create, the topics it publishes
 to (`shared.events.PUBLISHERS`, through its relay, which reads them back too, or, for the audit
-service, its anchorer) and the DLQs of the topics it consumes; read the topics it consumes
-(`CONSUMES`, which a test holds equal to each service's `ServiceSpec.consumes`) and use its own
-consumer group. A pharmacy's principal may only read `trial.dosing` and use its group. Topic and
-group names are the broker's (`shared.kafka.physical`: an environment's prefix before them).
+service, `WITHOUT_RELAY`: its anchors and the reads made through it, D93) and the DLQs of the
+topics it consumes; read the topics it consumes (`CONSUMES`, which a test holds equal to each
+service's `ServiceSpec.consumes`) and use its own consumer group. A pharmacy's principal may
+only read `trial.dosing` and use its group. Topic and group names are the broker's
+(`shared.kafka.physical`: an environment's prefix before them).
 
 Used by compose's one-shot `kafka-acls` service (its command lists exactly these grants, which
 tests/unit/test_compose_schema.py checks), by tests/integration/test_kafka_acls.py, and by an
@@ -25,6 +26,7 @@ import shlex
 from collections.abc import Sequence
 
 from shared.events import (
+    ACCESS,
     AUDIT_ANCHORS,
     DOSING,
     EFFICACY,
@@ -55,16 +57,18 @@ READ = ("READ", "DESCRIBE")
 RELAY = (*WRITE, "READ")
 
 
-# Services without a relay (`ServiceSpec.publishes` False): they write only the topics they alone
-# own (the audit service: its anchors), not trial.access and trial.protocol.
-WITHOUT_RELAY = frozenset({"audit"})
+# Services without a relay (`ServiceSpec.publishes` False) write only the topics named here, not
+# every one they may publish to: the audit service its anchors (D27) and the reads made through
+# it, to trial.access (`services.audit.views`, D93); not trial.protocol.
+WITHOUT_RELAY: dict[str, tuple[str, ...]] = {"audit": (AUDIT_ANCHORS, ACCESS)}
 
 
 def writes(service: str) -> list[str]:
     """The topics `service` publishes to (logical names)."""
+    if service in WITHOUT_RELAY:
+        return list(WITHOUT_RELAY[service])
     source = f"/services/{service}"
-    return [topic for topic, owners in PUBLISHERS.items() if source in owners
-            and (service not in WITHOUT_RELAY or owners == {source})]
+    return [topic for topic, owners in PUBLISHERS.items() if source in owners]
 
 
 def grants(topic_prefix: str = "", principal_prefix: str = "",

@@ -116,6 +116,8 @@ class Settings(BaseSettings):
     idempotency_lease_s: float = Field(300.0, gt=0)
     # How often the audit ledger may publish its verified chain head to trial.audit.anchors (D27).
     audit_anchor_interval_s: float = Field(60.0, gt=0)
+    # How often the audit service publishes the reads made through it to trial.access (D93).
+    audit_views_interval_s: float = Field(1.0, gt=0)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).
     dosing_sweep_interval_s: float = Field(300.0, gt=0)
     # How often efficacy looks for assessment visits whose window closed (VisitMissed).

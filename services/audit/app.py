@@ -9,6 +9,7 @@ from services.audit import api, reports
 from services.audit.anchors import Anchorer
 from services.audit.commands import record_view
 from services.audit.handlers import handlers
+from services.audit.views import ViewPublisher
 from shared.app import create_app, run_beside
 from shared.events import LEDGER_TOPICS
 from shared.runtime import Loop, ServiceSpec
@@ -34,6 +35,10 @@ def create_audit_app(settings: Settings | None = None) -> FastAPI:
         return anchorer.run
 
     run_beside(app, start_anchorer)
+    # The reads made through it, on trial.access too: the one entry no topic carried (D93);
+    # published as a relay publishes, so not where relays are off.
+    if settings.relay_enabled:
+        run_beside(app, lambda app: ViewPublisher(app.state.runtime.store, settings).run)
     return app
 
 

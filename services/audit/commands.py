@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from services.audit.domain import ledger_stream, ledger_time
 from shared.auth import Principal
@@ -25,6 +27,18 @@ def ledger_entry(delivery: Delivery) -> tuple[str, NewEvent]:
     entry = NewEvent(type=e.type, data=e.data, event_id=e.id, schema_version=e.schemaversion,
                      metadata={k: v for k, v in metadata.items() if v is not None})
     return ledger_stream(e.subject, e.data), entry
+
+
+def ledger_cloudevent(event_id: str, type_: str, schema_version: int, data: dict[str, Any],
+                      metadata: Mapping[str, Any]) -> CloudEvent:
+    """The envelope an entry was filed from: `ledger_entry`'s inverse (what `ViewPublisher`
+    publishes of the ledger's own entries, D93)."""
+    m = metadata
+    return CloudEvent(id=event_id, source=m["source"], type=type_, subject=m["subject"],
+                      time=m["time"], data=data, schemaversion=schema_version,
+                      sequence=m["sequence"], correlationid=m.get("correlation_id"),
+                      causationid=m.get("causation_id"), actor=m.get("actor"),
+                      actorrole=m.get("role"), actorsite=m.get("site"), reason=m.get("reason"))
 
 
 @files_under_event_id  # the ledger's entry is the consumer's processed mark (D89)

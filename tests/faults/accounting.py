@@ -354,6 +354,8 @@ async def kafka_check(stores: Mapping[str, EventStore], log: Sequence[KafkaRecor
         places = [r for r in log if r.event_id == event_id]
         check.duplicate_places.append(f"{places[0].type} {event_id}: " + ", ".join(
             f"{r.topic}/{r.partition}@{r.offset}" for r in places))
+    if "audit" in stores:  # the reads made through the audit service, which it publishes (D93)
+        held.update((await ledger_ids(stores["audit"]))[1])
     check.unknown = [i for i in counts if i not in held]
     return check
 
@@ -374,8 +376,9 @@ class LedgerCheck:
 
 async def ledger_ids(ledger: EventStore) -> tuple[Counter[str], set[str]]:
     """Each event id in the ledger with its count, and the ids of the ledger's own entries,
-    which never were on Kafka: the protocol version it applies (appended at its start, with no
-    topic) and its own records of reads of the ledger (D50, source /services/audit)."""
+    which no other store holds: the protocol version it applies (appended at its start, with no
+    topic, never on Kafka) and its own records of reads of the ledger (D50, source
+    /services/audit), which it publishes to trial.access itself (D93)."""
     counts: Counter[str] = Counter()
     own: set[str] = set()
     async for rows in ledger.scan():
