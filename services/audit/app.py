@@ -35,10 +35,18 @@ def create_audit_app(settings: Settings | None = None) -> FastAPI:
         return anchorer.run
 
     run_beside(app, start_anchorer)
+    def start_views(app: FastAPI) -> Loop:
+        views = ViewPublisher(app.state.runtime.store, settings)
+        Gauge("trial_audit_views_published_through",
+              "Ledger position through which the reads made through the audit service are on "
+              "trial.access", registry=app.state.metrics.registry).set_function(
+            lambda: views.through)
+        return views.run
+
     # The reads made through it, on trial.access too: the one entry no topic carried (D93);
     # published as a relay publishes, so not where relays are off.
     if settings.relay_enabled:
-        run_beside(app, lambda app: ViewPublisher(app.state.runtime.store, settings).run)
+        run_beside(app, start_views)
     return app
 
 

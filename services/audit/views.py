@@ -43,14 +43,16 @@ class ViewPublisher:
         self.producer = LazyProducer(settings,
                                      before_start=lambda: ensure_topics(settings, [self.topic]))
         self.published = 0  # reads published by this process
+        self.through = 0  # the ledger's position through which they are on the broker
 
     async def publish_once(self) -> int:
         """Publish the reads filed since the checkpoint, then move it to the head read; how many."""
         async with self.producer.using() as producer:
             cluster, _ = await broker_view(producer.client, [])
-            checkpoint = f"audit-views@{cluster}"
+            checkpoint = f"audit-views@{cluster}" if cluster else "audit-views"  # as a relay's
             after, head = await self.store.checkpoint(checkpoint), await self.store.head()
             if head <= after:
+                self.through = after
                 return 0
             sent = []
             async for page in self.store.scan(after=after, where=OWN_VIEWS):
@@ -65,7 +67,7 @@ class ViewPublisher:
             await asyncio.wait_for(asyncio.gather(*sent),
                                    3 * self.settings.kafka_request_timeout_ms / 1000)
         await self.store.save_checkpoint(checkpoint, head)
-        self.published += len(sent)
+        self.published, self.through = self.published + len(sent), head
         return len(sent)
 
     async def run(self, stop: asyncio.Event) -> None:

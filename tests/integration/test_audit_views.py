@@ -4,7 +4,7 @@ topics holds them (D93): on the real database and broker, through the running au
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ from shared.kafka import known_partitions, physical
 from shared.migrate import upgrade
 from shared.settings import Settings
 from shared.store import EventStore, RecordedEvent, utcnow
-from tests.support import read_topic
+from tests.support import eventually, read_topic
 from tooling.operations import rebuild_ledger
 
 
@@ -40,6 +40,10 @@ async def _records_on(bootstrap: str, topic: str) -> int:
         return sum((await consumer.end_offsets(partitions)).values())
     finally:
         await consumer.stop()
+
+
+async def _at_least(value: Awaitable[float], bound: int) -> bool:
+    return await value >= bound
 
 
 def _as_filed(entry: RecordedEvent) -> tuple[object, ...]:
@@ -87,6 +91,14 @@ async def test_the_reads_made_through_the_audit_service_survive_a_rebuild_from_t
             assert published == [ledger_cloudevent(read.event_id, read.type, read.schema_version,
                                                    read.data, read.metadata)]
             assert records[0].key == published[0].subject.encode()
+
+
+            async def through() -> float:  # its gauge: how far the ledger's reads are on the broker
+                scraped = (await client.get("/metrics")).text.splitlines()
+                (line,) = [m for m in scraped if m.startswith("trial_audit_views_published_thro")]
+                return float(line.split()[1])
+
+            await eventually(lambda: _at_least(through(), read.position), what="the gauge")
         # Once, and nothing else: the read through dosing is its relay's to publish.
         assert await _records_on(audit.kafka_bootstrap_servers, physical(audit, ACCESS)) == 1
         # The ledger reading it back files nothing again (each event id once, D89).
