@@ -32,8 +32,9 @@ record stored;
 peer: a bare aiokafka consumer reading the same records, from its start to the last record;
 floor (D91): the same records filed with only the work no rebuild of the ledger can skip (the
 envelope and data validated, the entry, its canonical JSON and chained hash, the row inserted by
-plain sqlite3 into the project's table), in one process and split between the machine's cores
-(each part a ledger of its own: an upper bound for any rebuild of one ledger).
+plain sqlite3 into the project's table), in one process; as one ledger over every core (D94:
+forked parsers, one chain in this process, the inserts on a thread); and split between the
+machine's cores (each part a ledger of its own: an upper bound for any rebuild of one ledger).
 With `--consumer efficacy|dosing|safety`, that service's consumer reads the same records
 instead (its topics, its handlers, into a fresh store of its own), to the last record it reads:
 how fast a service digests a backlog (D78).
@@ -51,11 +52,13 @@ import resource
 import shutil
 import sqlite3
 import tempfile
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -81,7 +84,7 @@ from services.safety.state import Draft, SafetyState
 from shared.consumer import Delivery
 from shared.db import SQLITE_PRAGMAS
 from shared.decider import Identified
-from shared.events import LEDGER_TOPICS, CloudEvent
+from shared.events import LEDGER_TOPICS, CloudEvent, canonical_json
 from shared.heap import settle
 from shared.kafka import client_options, ensure_topics, logical, make_producer, physical
 from shared.logs import configure_logging
@@ -95,8 +98,8 @@ from shared.store import (
     EventStore,
     Metadata,
     NewEvent,
-    _row,
     _stamp,
+    chained_hash,
 )
 from tooling.cli import EMBEDDED_SESSION_TIMEOUT_MS
 
@@ -154,7 +157,7 @@ async def steps(store: EventStore, trial_id: str) -> tuple[dict[str, Timing], Sa
 
 
 def show(way: str, events: int, timing: Timing, note: str = "") -> None:
-    print(f"  {way:<22} {timing.wall:7.1f} s  {events / timing.wall:9,.0f} events/s "
+    print(f"  {way:<25} {timing.wall:7.1f} s  {events / timing.wall:9,.0f} events/s "
           f"({events / timing.cpu:9,.0f} a CPU second){note}")
 
 
@@ -290,39 +293,100 @@ async def bare_consumer(settings: Settings, total: int) -> tuple[Timing, list[tu
 FLOOR_BATCH = 1_000
 SQLITE = sqlite_dialect.dialect()
 _FLOOR_RECORDS: list[tuple[str, bytes]] = []  # what forked floor processes read their part of
+# An entry as the ledger files it, before its place in the chain: its stream, event id, type,
+# schema version, and its data and metadata in canonical JSON.
+Encoded = tuple[str, str, str, int, str, str]
 
 
-def ledger_floor_file(records: list[tuple[str, bytes]], path: str) -> int:
-    """The work no rebuild of the ledger can skip, on each record, and nothing else: the
+def encoded(records: list[tuple[str, bytes]]) -> list[Encoded]:
+    """The work of the floor that is each record's own, whatever its place in the chain: the
     envelope and its data validated (`CloudEvent`, the catalogue's model: what the consumer
-    sends to the dead-letter topic instead), the entry (`ledger_entry`), its canonical JSON and
-    chained hash (`shared.store._row`), and the row inserted into the project's `events` table
-    (its indexes and triggers) by plain sqlite3 with the store's pragmas, `FLOOR_BATCH` a
-    transaction. No event loop, SQLAlchemy, duplicate check, checkpoint or log line. How many
-    rows it wrote."""
+    sends to the dead-letter topic instead), the entry (`ledger_entry`), its data and metadata
+    in canonical JSON. What parsers in processes of their own can do."""
+    entries: list[Encoded] = []
+    for topic, raw in records:
+        event = CloudEvent.from_bytes(raw)
+        stream, entry = ledger_entry(Delivery(event, event.typed_data(), topic))
+        entries.append((stream, entry.event_id, entry.type, entry.schema_version,
+                        canonical_json(entry.data), canonical_json(entry.metadata)))
+    return entries
+
+
+class Chain:
+    """The ledger's one chain, in the order entries come: each entry's position, its stream's
+    next version, its hash chained on the last (`shared.store.chained_hash`), and the row as
+    the project's `events` table takes it (`shared.store._COLUMNS`' order), one time a batch."""
+
+    def __init__(self) -> None:
+        self.position, self.prev_hash, self.versions = 0, GENESIS_HASH, Counter[str]()
+
+    def rows(self, entries: list[Encoded]) -> list[tuple[Any, ...]]:
+        recorded_at, stored = _stamp(SQLITE, datetime.now(UTC))  # as the store writes SQLite's
+        rows = []
+        for stream, event_id, type_, schema_version, data, metadata in entries:
+            self.position += 1
+            self.versions[stream] += 1
+            row = {"position": self.position, "stream_id": stream, "event_id": event_id,
+                   "stream_version": self.versions[stream], "type": type_,
+                   "schema_version": schema_version}
+            digest = chained_hash(self.prev_hash, row, data, metadata, recorded_at)
+            rows.append((self.position, stream, self.versions[stream], event_id, type_,
+                         schema_version, data, metadata, stored, self.prev_hash, digest))
+            self.prev_hash = digest
+        return rows
+
+
+def _open_floor(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     for pragma in SQLITE_PRAGMAS:
         db.execute(pragma)
-    position, prev_hash, versions = 0, GENESIS_HASH, Counter[str]()
+    return db
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany(_INSERT_SQLITE, rows)
+    db.execute("COMMIT")
+
+
+def _batches(records: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, bytes]]]:
+    return (records[start:start + FLOOR_BATCH] for start in range(0, len(records), FLOOR_BATCH))
+
+
+def ledger_floor_file(records: list[tuple[str, bytes]], path: str) -> int:
+    """The work no rebuild of the ledger can skip, on each record, and nothing else: `encoded`,
+    the chain (`Chain`), and the rows inserted into the project's `events` table (its indexes
+    and triggers) by plain sqlite3 with the store's pragmas, `FLOOR_BATCH` a transaction. No
+    event loop, SQLAlchemy, duplicate check, checkpoint or log line. How many rows it wrote."""
+    db, chain = _open_floor(path), Chain()
     try:
-        for start in range(0, len(records), FLOOR_BATCH):
-            now = datetime.now(UTC)
-            stamp = _stamp(SQLITE, now)  # the time as the store writes it on SQLite
-            rows = []
-            for topic, raw in records[start:start + FLOOR_BATCH]:
-                event = CloudEvent.from_bytes(raw)
-                stream, entry = ledger_entry(Delivery(event, event.typed_data(), topic))
-                position += 1
-                versions[stream] += 1
-                _, values = _row(position, stream, versions[stream], entry, now, stamp, prev_hash)
-                prev_hash = values[-1]
-                rows.append(values)
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(_INSERT_SQLITE, rows)
-            db.execute("COMMIT")
+        for batch in _batches(records):
+            _insert(db, chain.rows(encoded(batch)))
     finally:
         db.close()
-    return position
+    return chain.position
+
+
+def ledger_pipeline_file(records: list[tuple[str, bytes]], path: str, parsers: int) -> int:
+    """The same work, laid out to use every core for one ledger (D94): `parsers` forked
+    processes run `encoded` on the batches, handed back in order; this process chains them; a
+    thread of its own inserts them (sqlite3 lets go of the GIL while it writes), two batches
+    at most waiting. The best a rebuild of one ledger could do with these parts, before the
+    Kafka read. How many rows it wrote."""
+    chain, waiting = Chain(), deque[Future[None]]()
+    with ThreadPoolExecutor(1) as writer, \
+            multiprocessing.get_context("fork").Pool(parsers) as pool:
+        db = writer.submit(_open_floor, path).result()  # made and used on the writer's thread
+        try:
+            for entries in pool.imap(encoded, _batches(records)):
+                waiting.append(writer.submit(_insert, db, chain.rows(entries)))
+                if len(waiting) > 2:
+                    waiting.popleft().result()
+            while waiting:
+                waiting.popleft().result()
+        finally:
+            writer.submit(db.close).result()
+    return chain.position
 
 
 def _floor_part(part: int, parts: int, path: str) -> None:
@@ -330,13 +394,26 @@ def _floor_part(part: int, parts: int, path: str) -> None:
     ledger_floor_file(_FLOOR_RECORDS[part * size:(part + 1) * size], path)
 
 
+@contextmanager
+def with_children() -> Iterator[Timing]:
+    """`clocked`, the CPU of the children the block waited for counted in."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with clocked() as timing:
+        yield timing
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    timing.cpu += (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def _fresh(path: Path) -> str:
+    asyncio.run(upgrade(f"sqlite+aiosqlite:///{path}"))  # the project's tables, empty
+    return str(path)
+
+
 def ledger_floor(records: list[tuple[str, bytes]], processes: int, folder: Path) -> Timing:
     """`ledger_floor_file` over `records`: in this process, or split between `processes`
     forked ones, each into a ledger of its own (no one chain, no order between them: more
     than any rebuild of one ledger could get from them, so an upper bound)."""
-    paths = [str(folder / f"floor-{processes}-{part}.db") for part in range(processes)]
-    for path in paths:
-        asyncio.run(upgrade(f"sqlite+aiosqlite:///{path}"))  # the project's tables, empty
+    paths = [_fresh(folder / f"floor-{processes}-{part}.db") for part in range(processes)]
     if processes == 1:
         with clocked() as timing:
             written = ledger_floor_file(records, paths[0])
@@ -345,9 +422,8 @@ def ledger_floor(records: list[tuple[str, bytes]], processes: int, folder: Path)
     global _FLOOR_RECORDS
     _FLOOR_RECORDS = records
     fork = multiprocessing.get_context("fork")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
-        with clocked() as timing:
+        with with_children() as timing:
             workers = [fork.Process(target=_floor_part, args=(part, processes, path))
                        for part, path in enumerate(paths)]
             for worker in workers:
@@ -356,9 +432,16 @@ def ledger_floor(records: list[tuple[str, bytes]], processes: int, folder: Path)
                 worker.join()
     finally:
         _FLOOR_RECORDS = []
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert all(worker.exitcode == 0 for worker in workers), [w.exitcode for w in workers]
-    timing.cpu += (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return timing
+
+
+def ledger_pipeline(records: list[tuple[str, bytes]], parsers: int, folder: Path) -> Timing:
+    """`ledger_pipeline_file` over `records`, into a fresh ledger."""
+    path = _fresh(folder / f"pipeline-{parsers}.db")
+    with with_children() as timing:
+        written = ledger_pipeline_file(records, path, parsers)
+    assert written == len(records), (written, len(records))
     return timing
 
 
@@ -384,11 +467,16 @@ def ledger_from_kafka(backend: str, events: int, service: str = "audit") -> None
         if service == "audit":  # what the ledger's own work costs here, without the project
             print("  the ledger's own work, nothing else (a SQLite file whichever the backend):")
             floors = {}
+            cores = os.cpu_count() or 1
+            parsers = max(1, cores - 1)
             with tempfile.TemporaryDirectory(prefix="bench-floor-") as folder:
-                for processes in sorted({1, os.cpu_count() or 1}):
-                    floors[processes] = ledger_floor(records, processes, Path(folder))
-                    show(f"floor, {processes} process{'es' if processes > 1 else ''}", total,
-                         floors[processes], " (an upper bound)" if processes > 1 else "")
+                floors[1] = ledger_floor(records, 1, Path(folder))
+                show("floor, 1 process", total, floors[1])
+                show(f"floor, {parsers} parser{'s' if parsers > 1 else ''} + 1 chain", total,
+                     ledger_pipeline(records, parsers, Path(folder)), " (one ledger, D94)")
+                if cores > 1:
+                    show(f"floor, {cores} processes", total,
+                         ledger_floor(records, cores, Path(folder)), " (an upper bound)")
         rate = read / timing.wall
         ratios = f"project / bare consumer = {rate / (total / bare.wall):.2g}"
         if service == "audit":
