@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from services.audit.domain import ledger_stream, ledger_time
+from services.audit.domain import AUDIT_SOURCE, ledger_stream, ledger_time
 from shared.auth import Principal
 from shared.consumer import Delivery, files_under_event_id
 from shared.events import ACCESS, CloudEvent, PatientDataViewed
@@ -56,7 +56,7 @@ async def record_view(tx: Transaction, viewed: PatientDataViewed, who: Principal
     """A read of the ledger's own patient history (D50), filed as every entry is: the envelope
     the audit service would have published, under the patient, in the chain."""
     request_id = current_request_id()
-    event = CloudEvent(id=str(uuid.uuid4()), source="/services/audit", type=viewed.event_type(),
+    event = CloudEvent(id=str(uuid.uuid4()), source=AUDIT_SOURCE, type=viewed.event_type(),
                        subject=viewed.subject(), time=viewed.viewed_at,
                        data=viewed.model_dump(mode="json"), sequence=0,
                        correlationid=request_id, actor=who.sub, actorrole=who.role,

@@ -6,6 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+# The source of what the audit service files itself (the reads through it, D50) and publishes
+# (its anchors' and those reads' envelopes, D93).
+AUDIT_SOURCE = "/services/audit"
+
 
 def ledger_stream(subject: str, data: dict[str, Any]) -> str:
     """The ledger files an event under its patient when it names one, else under its subject.

@@ -11,7 +11,7 @@ from datetime import datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from services.audit.domain import entry, history_order, ledger_time, reason_of
+from services.audit.domain import AUDIT_SOURCE, entry, history_order, ledger_time, reason_of
 from services.audit.history import Fact, History
 from shared.events import CATALOGUE, parse_data
 from shared.store import SCAN_PAGE, EventFilter, EventStore, RawEvent, as_utc
@@ -170,7 +170,7 @@ async def history(store: EventStore, up_to: int | None = None) -> History:
                 time = meta.get("time")
                 facts.append(Fact(position=e.position, event_id=e.event_id,
                                   time=datetime.fromisoformat(time) if time else e.recorded_at,
-                                  source=str(meta.get("source") or "/services/audit"),
+                                  source=str(meta.get("source") or AUDIT_SOURCE),
                                   data=parse_data(e.type, e.data)))
         if len(batch) < 1000:
             return History.of_facts(facts)

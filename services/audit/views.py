@@ -19,6 +19,7 @@ import json
 import logging
 
 from services.audit.commands import ledger_cloudevent
+from services.audit.domain import AUDIT_SOURCE
 from shared.events import ACCESS, PatientDataViewed
 from shared.kafka import LazyProducer, broker_view, ensure_topics, physical
 from shared.settings import Settings
@@ -26,7 +27,6 @@ from shared.store import EventFilter, EventStore
 
 log = logging.getLogger(__name__)
 
-AUDIT_SOURCE = "/services/audit"
 # The ledger's own entries that no topic carries: the reads filed by `record_view`.
 OWN_VIEWS = EventFilter(types=(PatientDataViewed.event_type(),),
                         metadata={"source": AUDIT_SOURCE})

@@ -45,6 +45,7 @@ from typing import Any
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 
+from services.audit.domain import AUDIT_SOURCE
 from shared.consumer import ANY_TYPE, marks_by_event_id
 from shared.events import LEDGER_TOPICS, dlq_topic
 from shared.kafka import broker_view, client_options, known_partitions
@@ -385,7 +386,7 @@ async def ledger_ids(ledger: EventStore) -> tuple[Counter[str], set[str]]:
         for row in rows:
             counts[row.event_id] += 1
             meta = json.loads(row.metadata)
-            if "topic" not in meta or meta.get("source") == "/services/audit":
+            if "topic" not in meta or meta.get("source") == AUDIT_SOURCE:
                 own.add(row.event_id)
     return counts, own
 

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer
 
 from services.audit.app import create_audit_app
 from services.audit.commands import ledger_cloudevent, record
+from services.audit.domain import AUDIT_SOURCE
 from services.audit.views import ViewPublisher
 from shared.auth import issue_dev_token
 from shared.consumer import Delivery
@@ -81,7 +82,7 @@ async def test_the_reads_made_through_the_audit_service_survive_a_rebuild_from_t
             assert r.status_code == 200, r.text
             # The DSMB's read is in the ledger before the answer left (D50) ...
             (read,) = [e for e in await ledger.read_stream(patient)
-                       if e.type == "PatientDataViewed" and e.metadata["source"] == "/services/audit"]
+                       if e.type == "PatientDataViewed" and e.metadata["source"] == AUDIT_SOURCE]
             assert (read.metadata["actor"], read.metadata["role"]) == ("dora", "dsmb")
             # ... and on trial.access soon after, as the envelope it was filed from; the read
             # through dosing, whose own relay publishes it, is not published again.
@@ -142,7 +143,7 @@ async def test_a_read_filed_while_the_broker_was_away_is_published_by_a_later_pa
     try:
         async with ledger.transaction() as tx:
             for view in views:
-                await record(tx, Delivery(_cloud("/services/audit", view, actor="dora",
+                await record(tx, Delivery(_cloud(AUDIT_SOURCE, view, actor="dora",
                                                  actorrole="dsmb"), view, ACCESS))
         lost = ViewPublisher(ledger, away)
         with pytest.raises(Exception):  # noqa: B017 - whichever way the client gives up
