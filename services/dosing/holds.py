@@ -37,7 +37,8 @@ class Holds:
 def evolve(state: Holds, event: EventData) -> Holds:
     match event:
         case DosingHeld():
-            return Holds({**state.active, event.hold_id: event}, state.seen | {event.hold_id})
+            return replace(state, active={**state.active, event.hold_id: event},
+                           seen=state.seen | {event.hold_id})
         case DosingResumed():
             active = {k: v for k, v in state.active.items() if k != event.hold_id}
             return replace(state, active=active)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from services.dosing import holds as holding
 from shared.events import (
     ArmSuspended,
@@ -10,6 +12,8 @@ from shared.events import (
     EventData,
     PatientDosingHeld,
     SafetyHoldLifted,
+    SafetyRecordResolved,
+    SafetyRecordUnapplied,
     TrialHalted,
 )
 
@@ -65,3 +69,30 @@ def test_unknown_lifts_and_repeated_holds_change_nothing() -> None:
     # Held once, resumed once: a lifted hold id never comes back, a second lift finds nothing.
     assert [type(e) for e in published] == [DosingHeld, DosingResumed]
     assert state.active == {}
+
+
+def unapplied(record_id: str, scope: str = "patient", target: str = "P1") -> SafetyRecordUnapplied:
+    return SafetyRecordUnapplied.model_validate({
+        "record_id": record_id, "scope": scope, "target": target, "error": "handler failed",
+        "detected_at": datetime(2026, 12, 4, tzinfo=UTC)})
+
+
+def test_a_new_hold_keeps_every_safety_record_dosing_could_not_apply() -> None:
+    """Fail closed (D32): a record dosing could not apply stops what it may concern until an
+    operator resolves it, whatever holds come and go meanwhile, for anyone."""
+    state = holding.fold([
+        unapplied("trial.safety:0:7", target="P1"),
+        unapplied("trial.safety:0:9", scope="trial", target="*"),
+        DosingHeld(scope="patient", target="P2", rule_id="R4-infusion-reaction", hold_id="H1"),
+        DosingHeld(scope="arm", target="msc_high", rule_id="R2-related-grade4", hold_id="H2"),
+        DosingResumed(scope="patient", target="P2", rule_id="R4-infusion-reaction",
+                      hold_id="H1"),
+    ])
+    assert set(state.unapplied) == {"trial.safety:0:7", "trial.safety:0:9"}
+    assert set(state.active) == {"H2"} and state.seen == {"H1", "H2"}
+    assert holding.unapplied_over(state, "P1", "msc_low") is not None
+    resolved = holding.evolve(state, SafetyRecordResolved.model_validate({
+        "record_id": "trial.safety:0:9", "scope": "trial", "target": "*",
+        "resolved_by": "ops-1", "reason": "applied by hand",
+        "resolved_at": datetime(2026, 12, 5, tzinfo=UTC)}))
+    assert set(resolved.unapplied) == {"trial.safety:0:7"} and resolved.active == state.active
