@@ -203,10 +203,27 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC) if value.tzinfo is not None else value
 
 
-IsoDate = Annotated[date, _iso_only(_ISO_DATE, "date (YYYY-MM-DD)")]
-IsoDateTime = Annotated[datetime, _iso_only(_ISO_DATETIME, "date-time"), AfterValidator(_utc)]
+# The dates a request may carry: a year inside Python's range at either end, so that a time's
+# UTC instant, any site's local date and the trial's windows can all be worked out from them.
+# Beyond, a 422 saying so, where `astimezone` or a date's arithmetic would raise OverflowError:
+# a 500 for bad input.
+EARLIEST_DATE, LATEST_DATE = date(2, 1, 1), date(9998, 12, 31)
+
+
+def _in_range(value: date) -> date:
+    day = value.date() if isinstance(value, datetime) else value
+    if not EARLIEST_DATE <= day <= LATEST_DATE:
+        raise ValueError(f"must be between {EARLIEST_DATE.isoformat()} and "
+                         f"{LATEST_DATE.isoformat()}")
+    return value
+
+
+_IN_RANGE = AfterValidator(_in_range)
+IsoDate = Annotated[date, _iso_only(_ISO_DATE, "date (YYYY-MM-DD)"), _IN_RANGE]
+IsoDateTime = Annotated[datetime, _iso_only(_ISO_DATETIME, "date-time"), _IN_RANGE,
+                        AfterValidator(_utc)]
 IsoAwareDateTime = Annotated[AwareDatetime, _iso_only(_ISO_DATETIME, "date-time with a time zone"),
-                             AfterValidator(_utc)]
+                             _IN_RANGE, AfterValidator(_utc)]
 
 
 def _repeatable(annotation: Any) -> bool:

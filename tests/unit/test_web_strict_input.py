@@ -3,7 +3,7 @@ the gateway's upstream URL carrying the caller's raw path and query."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated
 
 import pytest
@@ -92,6 +92,38 @@ def test_json_numbers_are_not_dates_or_times() -> None:
             Body.model_validate_json(bad)
     # Python callers may still pass the objects themselves.
     assert Body(day=date(2026, 1, 1), at=datetime.fromisoformat("2026-01-01T00:00:00+00:00"))
+
+
+@pytest.fixture(scope="module")
+def posting() -> TestClient:
+    app = FastAPI()
+    install_problem_handlers(app)
+
+    @app.post("/body")
+    async def body(sent: Body) -> dict[str, str]:
+        return {"day": sent.day.isoformat(), "at": sent.at.isoformat()}
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("day, at", [
+    ("2026-11-26", "0001-01-01T00:00:00+05:00"),  # before year 1 in UTC: astimezone overflowed
+    ("2026-11-26", "9999-12-31T23:00:00-05:00"),  # after 9999 in UTC
+    ("2026-11-26", "0001-01-01T00:00:00Z"),
+    ("9999-12-31", "2026-11-26T10:00:00Z"),  # a week later does not exist
+    ("0001-01-01", "2026-11-26T10:00:00Z"),
+])
+def test_a_date_or_time_at_the_calendar_s_ends_is_a_422_not_a_500(
+        posting: TestClient, day: str, at: str) -> None:
+    r = posting.post("/body", json={"day": day, "at": at})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith(PROBLEM_JSON)
+    assert "must be between 0002-01-01 and 9998-12-31" in r.json()["errors"][0]["message"]
+
+
+def test_the_calendar_s_usable_ends_are_taken() -> None:
+    sent = Body.model_validate_json('{"day": "9998-12-31", "at": "0002-01-01T00:00:00+14:00"}')
+    assert sent.day == date(9998, 12, 31) and sent.at == datetime(1, 12, 31, 10, tzinfo=UTC)
 
 
 def _request(raw_path: bytes, query: bytes) -> Request:
