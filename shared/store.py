@@ -183,6 +183,22 @@ def event_hash(prev_hash: str, row: dict[str, Any]) -> str:
     return hashlib.sha256((prev_hash + canonical_json(content)).encode()).hexdigest()
 
 
+# The events' columns as `verify` reads them: the data and metadata as the very text stored.
+_AS_STORED = tuple(sa.cast(c, sa.Text).label(c.name) if c.name in ("data", "metadata") else c
+                   for c in events.c)
+
+
+def _stored_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """`event_hash` of a row read by `_AS_STORED`, over its data and metadata as the text the
+    table holds, which every writer stores as the canonical JSON the hash was computed over
+    (`_row`). So any other text breaks the link, even one that decodes to the same values: a
+    key given twice (SQLite's `json_extract`, which the audit filters use, reads the first, and
+    Python's decoder the last), a space, or text that is not JSON at all (then named as the
+    broken position, not raised)."""
+    return chained_hash(prev_hash, row, row["data"], row["metadata"],
+                        as_utc(row["recorded_at"]).isoformat(timespec="microseconds"))
+
+
 def _to_recorded(row: sa.Row[Any]) -> RecordedEvent:
     m = row._mapping
     return RecordedEvent(
@@ -1090,7 +1106,7 @@ class EventStore:
         prev_hash, expected_position, checked, first = after_hash, after + 1, 0, None
         async with self.read_engine.connect() as conn:
             while True:
-                q = events.select().where(events.c.position >= expected_position).order_by(
+                q = sa.select(*_AS_STORED).where(events.c.position >= expected_position).order_by(
                     events.c.position).limit(batch)
                 rows = [dict(r._mapping) for r in await conn.execute(q)]
                 if not rows:
@@ -1098,7 +1114,7 @@ class EventStore:
                                         prev_hash if checked else None)
                 for row in rows:
                     if (row["position"] != expected_position or row["prev_hash"] != prev_hash
-                            or event_hash(prev_hash, row) != row["hash"]):
+                            or _stored_hash(prev_hash, row) != row["hash"]):
                         return VerifyResult(False, checked, expected_position, first)
                     prev_hash, expected_position, checked = row["hash"], expected_position + 1, \
                         checked + 1

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from shared.db import is_sqlite
+from shared.events import canonical_json
 from shared.kafka import client_options, drain, known_partitions
 from shared.schema import append_only_ddl, events
 from shared.settings import Settings
@@ -96,8 +97,12 @@ async def rewrite_history(store: EventStore, position: int, data: dict[str, Any]
                 row["data"] = data
             row["prev_hash"] = prev
             row["hash"] = prev = event_hash(prev, row)
-            await conn.execute(events.update().where(events.c.position == row["position"]).values(
-                data=row["data"], prev_hash=row["prev_hash"], hash=row["hash"]))
+            # As the store writes it: the canonical JSON the hash is over (`verify` reads it).
+            await conn.execute(sa.text(
+                "UPDATE events SET data = :data, prev_hash = :prev_hash, hash = :hash "
+                "WHERE position = :position"), {
+                "data": canonical_json(row["data"]), "prev_hash": row["prev_hash"],
+                "hash": row["hash"], "position": row["position"]})
 
 
 async def read_to_end(source: str | Settings, topic: str,

@@ -179,6 +179,45 @@ async def test_verifier_names_the_first_altered_position(store: EventStore, stat
     assert result.events_checked == 6
 
 
+async def test_verifier_breaks_on_stored_text_that_decodes_to_the_same_values(
+        store: EventStore) -> None:
+    """A key given twice decodes, in Python, to the values hashed (the last copy wins), while
+    SQLite's json_extract, which the audit's filters use, reads the first: the forged actor
+    would move the entry between actors' queries with the chain still verifying. The text
+    stored is what is checked, so it and any other non-canonical text break the link."""
+    for i in range(9):
+        await store.append("s", [ev(i)], None)
+    json_of = "" if store.sqlite else "::json"
+    await tamper(store, "UPDATE events SET metadata = ('{\"actor\":\"mallory\",' || "
+                        f"substr(metadata{'' if store.sqlite else '::text'}, 2)){json_of} "
+                        "WHERE position = 4")
+    await tamper(store, "UPDATE events SET data = replace("
+                        f"data{'' if store.sqlite else '::text'}, ',', ', '){json_of} "
+                        "WHERE position = 6")
+    async with store.engine.connect() as conn:
+        forged = (await conn.execute(sa.text(
+            "SELECT metadata FROM events WHERE position = 4"))).scalar_one()
+    assert (forged if isinstance(forged, dict) else json.loads(forged))["actor"] == "tester"
+    result = await store.verify()
+    assert (result.ok, result.first_broken_position, result.events_checked) == (False, 4, 3)
+
+
+async def test_verifier_names_a_row_that_is_not_json_rather_than_failing(
+        store: EventStore) -> None:
+    for i in range(5):
+        await store.append("s", [ev(i)], None)
+    statement = "UPDATE events SET data = substr(data, 1, 7) WHERE position = 2"
+    if not store.sqlite:  # PostgreSQL's json type refuses the text itself
+        with pytest.raises(DBAPIError, match="invalid input syntax for type json"):
+            await tamper(store, "UPDATE events SET data = substr(data::text, 1, 7)::json "
+                                "WHERE position = 2")
+        assert (await store.verify()).ok
+        return
+    await tamper(store, statement)
+    result = await store.verify()
+    assert (result.ok, result.first_broken_position, result.events_checked) == (False, 2, 1)
+
+
 async def test_verifier_reports_a_removed_row(store: EventStore) -> None:
     for i in range(5):
         await store.append("s", [ev(i)], None)
