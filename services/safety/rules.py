@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from math import comb
 from typing import Any
@@ -186,11 +187,22 @@ def qualifying_prefix(config: SafetyConfig, criteria: tuple[AdverseEventCriteria
     return None
 
 
+def above_times(value: float, times: float, uln: float) -> bool:
+    """`value > times x uln` in the decimals written, not in binary floating point, where
+    3 * 33.3 is 99.89999999999999 and a result of exactly 3 x ULN would count as above it (the
+    rule is strictly above). Not a number is above nothing, as in floating point."""
+    try:
+        return Decimal(repr(value)) > Decimal(repr(times)) * Decimal(repr(uln))
+    except InvalidOperation:
+        return False
+
+
 def lab_matches(c: LabCriteria, lab: LabFile) -> bool:
     for r in lab.results:
         if r.analyte != c.analyte:
             continue
-        if c.above_uln_times is not None and r.uln is not None and r.value > c.above_uln_times * r.uln:
+        if (c.above_uln_times is not None and r.uln is not None
+                and above_times(r.value, c.above_uln_times, r.uln)):
             return True
         if c.below is not None and r.value < c.below:
             return True

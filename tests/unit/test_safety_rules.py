@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
@@ -258,6 +259,19 @@ def test_r6_fires_on_the_arm_at_its_boundary(dosed: int, toxic: int, fires: bool
 def test_r7_liver_enzymes_above_3_uln_hold_methotrexate(values: dict[str, Any], fires: bool) -> None:
     state = given(patient("P1", "mtx"), lab("P1", "mtx", **values))
     assert (("PatientDosingHeld", "R7-mtx-liver", "P1") in then(state)) is fires
+
+
+@pytest.mark.parametrize("uln", [33.3, 43.3, 19.1, 40.0, 0.7])
+def test_r7_exactly_3_uln_is_not_above_it_and_the_next_step_is(uln: float) -> None:
+    """Strictly above 3 x ULN, in the decimals the site sent: 99.9 against a ULN of 33.3 is
+    3 x ULN exactly, though 3 * 33.3 is 99.89999999999999 in binary floating point."""
+    exactly = float(Decimal(repr(uln)) * 3)
+    above = float(Decimal(repr(exactly)) + Decimal("0.1"))
+    assert not rules.above_times(exactly, 3.0, uln) and rules.above_times(above, 3.0, uln)
+    for value, fires in ((exactly, False), (above, True)):
+        state = given(patient("P1", "mtx"), lab("P1", "mtx", ALT=(value, uln)))
+        assert (("PatientDosingHeld", "R7-mtx-liver", "P1") in then(state)) is fires, value
+    assert not rules.above_times(float("nan"), 3.0, uln)
 
 
 def test_r7_an_alt_increased_event_counts_and_other_arms_do_not() -> None:
