@@ -7,6 +7,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -81,6 +82,23 @@ def access_router() -> APIRouter:
 # own staff reading their patients is their work, not oversight.
 VIEWERS = frozenset({"monitor", "dsmb"})
 _PATIENT_READ = re.compile(r"^/v1/(?:audit/)?patients/([^/]+)")
+# The query parameters that narrow a read to one patient: the audit's filters
+# (`/v1/audit/events`, `/export`) and FHIR's search parameter (`/v1/fhir/AdverseEvent`, ...).
+_PATIENT_PARAMS = ("patient_id", "patient")
+
+
+def patient_read(scope: Scope) -> str | None:
+    """The patient whose data a GET reads: named in its path, or by a query parameter that
+    narrows the answer to that patient's entries."""
+    if scope["type"] != "http" or scope["method"] != "GET":
+        return None
+    found = _PATIENT_READ.match(scope["path"])
+    if found is not None:
+        return found.group(1)
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return next((query[name][0] for name in _PATIENT_PARAMS if query.get(name)), None)
+
+
 # How a service files a view: in its own store by default (relayed to trial.access, filed by the
 # ledger); the ledger itself files it straight in (services.audit).
 RecordView = Callable[[Transaction, PatientDataViewed, Principal], Awaitable[None]]
@@ -91,18 +109,18 @@ async def append_view(tx: Transaction, viewed: PatientDataViewed, who: Principal
 
 
 class PatientReadAudit:
-    """A GET of one patient's data (`/v1/patients/{id}...`, `/v1/audit/patients/{id}...`)
-    answered 200 to a monitor or the DSMB is recorded before the answer leaves: when it cannot
-    be recorded, the reader gets 503 and retries, so no such read goes unaudited (fails closed,
-    like the dose checks)."""
+    """A GET of one patient's data (`/v1/patients/{id}...`, `/v1/audit/patients/{id}...`, or
+    any read narrowed to a patient by `patient_id=` or `patient=`: the audit's events and
+    export, FHIR's searches) answered 200 to a monitor or the DSMB is recorded before the answer
+    leaves: when it cannot be recorded, the reader gets 503 and retries, so no such read goes
+    unaudited (fails closed, like the dose checks)."""
 
     def __init__(self, app: ASGIApp, service: str, record: RecordView = append_view) -> None:
         self.app, self.service, self.record = app, service, record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        found = (_PATIENT_READ.match(scope["path"])
-                 if scope["type"] == "http" and scope["method"] == "GET" else None)
-        if found is None:
+        patient_id = patient_read(scope)
+        if patient_id is None:
             await self.app(scope, receive, send)
             return
         refused = False
@@ -115,7 +133,7 @@ class PatientReadAudit:
                 who = scope.get("state", {}).get("principal")
                 if isinstance(who, Principal) and who.role in VIEWERS:
                     try:
-                        await self._record(scope, found.group(1), who)
+                        await self._record(scope, patient_id, who)
                     except Exception as error:
                         log.error("could not record PatientDataViewed: %r", error)
                         refused = True

@@ -27,18 +27,25 @@ async def test_monitor_and_dsmb_reads_of_a_patient_are_in_the_audit_trail(system
             assert answer.status_code == 200, answer.text
             return list(answer.json()["items"])
 
-        found = await _until(views, lambda items: len(items) >= 2)
+        everyone = await _until(views, lambda items: sum(
+            e["actor"]["role"] == "monitor" for e in items) >= 2)
+        found = [e for e in everyone if e["actor"]["role"] == "monitor"]
         assert sorted(e["data"]["route"] for e in found) == [
             "/v1/patients/{patient_id}", "/v1/patients/{patient_id}/schedule"]
         assert {(e["actor"]["role"], e["source"]) for e in found} == {
             ("monitor", "/services/randomization"), ("monitor", "/services/dosing")}
+        # The DSMB's own queries narrowed to the patient are reads of it too (filed by the
+        # ledger as it answers, so each one after the first sees those before it).
+        assert {(e["actor"]["role"], e["source"], e["data"]["route"])
+                for e in everyone if e["actor"]["role"] != "monitor"} == {
+            ("dsmb", "/services/audit", "/v1/audit/events")}
         # The DSMB reading the ledger's own history of the patient: filed straight in it.
         assert (await dsmb.get(f"/v1/audit/patients/{patient}/history")).status_code == 200
         history = (await dsmb.get(f"/v1/audit/patients/{patient}/history")).json()["items"]
         ledger_views = [e for e in history if e["type"] == "PatientDataViewed"
                         and e["actor"]["role"] == "dsmb"]
-        assert [e["data"]["route"] for e in ledger_views][:1] == [
-            "/v1/audit/patients/{patient_id}/history"]
+        assert "/v1/audit/patients/{patient_id}/history" in [
+            e["data"]["route"] for e in ledger_views]
         assert all(e["actor"]["role"] != "site_coordinator" for e in history
                    if e["type"] == "PatientDataViewed")
 

@@ -55,8 +55,12 @@ async def test_screen_enrol_randomize_schedule_and_audit(system: System) -> None
         by_type = {i["type"]: i for i in items}
         assert sum(i["type"] in expected for i in items) == 4
         # Safety's own record of the facts its rules need names the patient too (D16), and so
-        # does efficacy's of what it learnt for the follow-up (D37).
-        assert set(by_type) - expected <= {"PatientSafetyFactRecorded", "FollowUpFactRecorded"}
+        # does efficacy's of what it learnt for the follow-up (D37); and the monitor's own
+        # queries of the patient before this one, which are reads of it (D50).
+        assert set(by_type) - expected <= {"PatientSafetyFactRecorded", "FollowUpFactRecorded",
+                                           "PatientDataViewed"}
+        assert {(i["actor"]["role"], i["data"]["route"]) for i in items
+                if i["type"] == "PatientDataViewed"} <= {("monitor", "/v1/audit/events")}
         # Across topics and keys the ledger keeps arrival order; within one source's topic and
         # key (one partition), the source's order.
         randomization = [i["type"] for i in items if i["source"] == "/services/randomization"

@@ -216,3 +216,40 @@ async def test_the_history_route_answers_the_same_json(ledger: EventStore) -> No
                 entry(vars(e)) for e in await ledger.read_stream(patients[0])]
     finally:
         await app.state.runtime.store.close()
+
+
+async def test_a_read_narrowed_to_a_patient_by_its_query_is_filed_as_a_view_of_that_patient(
+        ledger: EventStore) -> None:
+    """D50 for the reads that name their patient in the query rather than the path: FHIR's
+    searches by `patient`, the audit's events and export filtered by `patient_id`. A read of no
+    one in particular files nothing."""
+    patients = [f"PT-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    settings = Settings(service_name="audit", database_url=ledger.url, relay_enabled=False,
+                        consumers_enabled=False, jwt_secret="audit-" + "s" * 40)
+    app = create_app(audit_spec, settings)
+    app.state.runtime = Runtime(audit_spec, settings)
+    headers = {"Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'monitor')}"}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://audit", headers=headers) as client:
+            # FHIR's searches first: `_fill`'s entries are not whole events for FHIR to read.
+            for path in ("/v1/fhir/AdverseEvent", "/v1/fhir/ResearchSubject"):
+                r = await client.get(path, params={"patient": patients[1]})
+                assert r.status_code == 200, (path, r.text)
+            await _fill(ledger, patients[:1])
+            head = await ledger.head()
+            r = await client.get("/v1/audit/events", params={"type": "PatientEnrolled"})
+            assert r.status_code == 200 and len(r.json()["items"]) == 2  # a stranger too
+            assert await ledger.head() == head  # no one's in particular: nothing filed
+            for path, params in [("/v1/audit/events", {"patient_id": patients[0]}),
+                                 ("/v1/audit/export", {"patient_id": patients[0]})]:
+                r = await client.get(path, params=params)
+                assert r.status_code == 200, (path, r.text)
+        views = {p: [(v.metadata["role"], v.data["route"]) for v in await ledger.read_stream(p)
+                     if v.type == "PatientDataViewed"] for p in patients}
+        assert views == {
+            patients[0]: [("monitor", "/v1/audit/events"), ("monitor", "/v1/audit/export")],
+            patients[1]: [("monitor", "/v1/fhir/AdverseEvent"),
+                          ("monitor", "/v1/fhir/ResearchSubject")]}
+    finally:
+        await app.state.runtime.store.close()
