@@ -134,7 +134,8 @@ async def _record(rt: Runtime, patient_id: str, who: Principal, command: domain.
                   protocol: ProtocolConfig) -> dict[str, object]:
     """Record the dose; a patient dosing has not heard of yet is waited for, never "unknown"."""
     async def record() -> list[EventData]:
-        await asyncio.gather(  # both asked of the broker at once; either not read: 503
+        await asyncio.gather(  # all asked of the broker at once; any not read: 503
+            having_read(rt, ENROLLMENT, patient_id),  # a withdrawal or a crossover, likewise
             having_read(rt, EFFICACY, patient_id),  # a discontinuation published a moment ago
             having_read(rt, SAFETY))  # a hold published a moment ago, on any key (D73)
         return await commands.record_dose(rt.store, patient_id, who, command, protocol,

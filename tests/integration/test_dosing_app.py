@@ -5,17 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from services.dosing import domain
 from services.dosing.app import create_dosing_app
 from shared.auth import issue_dev_token
 from shared.clock import FixedClock
-from shared.events import DOSING, SAFETY, CloudEvent, TrialHalted
+from shared.events import (
+    DOSING,
+    ENROLLMENT,
+    SAFETY,
+    CloudEvent,
+    EventData,
+    PatientWithdrawn,
+    TrialHalted,
+)
 from shared.kafka import client_options, ensure_topics
 from shared.runtime import Runtime
 from shared.settings import Settings
@@ -87,12 +97,27 @@ async def test_the_apps_sweep_follows_its_clock_and_publishes_each_missed_visit_
 
 
 
-async def test_a_dose_waits_until_dosing_has_read_every_hold_already_on_the_broker(
-        settings: Settings) -> None:
-    """D73. A hold safety published is on trial.safety before dosing has applied it (its
-    consumer is behind, or wedged): the dose then is refused with 503 `not_caught_up`, never
-    given, whatever key the hold has (a trial halt is keyed by the trial, not the patient).
-    Dosing's consumer is held at the halt by the test; once it applies it, the dose is 409."""
+def _halt(patient: str) -> EventData:
+    return TrialHalted(hold_id="H-73", trial_id="NCT03424629", rule_id="R1-death")
+
+
+def _withdrawal(patient: str) -> EventData:
+    return PatientWithdrawn(patient_id=patient, site_id="S1", reason="consent withdrawn",
+                            withdrawn_at=RANDOMIZED)
+
+
+@pytest.mark.parametrize(("forbids", "topic", "keyed", "refused"), [
+    (_halt, SAFETY, False, "dosing_held"),
+    (_withdrawal, ENROLLMENT, True, "withdrawn"),
+], ids=["a trial halt on trial.safety", "a withdrawal on trial.enrollment"])
+async def test_a_dose_waits_until_dosing_has_read_every_fact_already_on_the_broker_that_forbids_it(
+        settings: Settings, forbids: Callable[[str], EventData], topic: str, keyed: bool,
+        refused: str) -> None:
+    """D73. A fact that forbids the dose (a hold safety published, whatever its key: a trial
+    halt is keyed by the trial, not the patient; the patient's withdrawal) is on the broker
+    before dosing has applied it (its consumer is behind, or wedged): the dose then is refused
+    with 503 `not_caught_up`, never given. Dosing's consumer is held at the fact by the test;
+    once it applies it, the dose is 409."""
     env = settings.model_copy(update={"kafka_topic_prefix": f"d73-{uuid.uuid4().hex[:8]}.",
                                       "service_name": "dosing", "dosing_sweep_interval_s": 3600})
     await ensure_topics(env)
@@ -103,23 +128,25 @@ async def test_a_dose_waits_until_dosing_has_read_every_hold_already_on_the_brok
         consumer = rt.consumer
         assert consumer is not None
         patient = await assign(rt.store, "msc_low")
+        fact = forbids(patient)
+        key = patient if keyed else None
         gate = asyncio.Event()
-        apply_hold = consumer.handlers["TrialHalted"]
+        apply = consumer.handlers[fact.event_type()]
 
         async def held_at_the_gate(tx: Any, delivery: Any) -> None:
             await gate.wait()
-            await apply_hold(tx, delivery)
+            await apply(tx, delivery)
 
-        consumer.handlers["TrialHalted"] = held_at_the_gate
-        await eventually(lambda: consumer.caught_up(SAFETY, None, 0.2), timeout=60,
-                         what="dosing reading trial.safety")
-        halt = cloud(TrialHalted(hold_id="H-73", trial_id="NCT03424629", rule_id="R1-death")
-                     ).model_copy(update={"time": RANDOMIZED})  # decided before the dose
+        consumer.handlers[fact.event_type()] = held_at_the_gate
+        await eventually(lambda: consumer.caught_up(topic, key, 0.2), timeout=60,
+                         what=f"dosing reading {topic}")
+        record = cloud(fact).model_copy(update={  # before the dose, from its publisher
+            "time": RANDOMIZED, "source": f"/services/{'randomization' if keyed else 'safety'}"})
         producer = AIOKafkaProducer(**client_options(env))
         await producer.start()
         try:
-            await producer.send_and_wait(env.kafka_topic_prefix + SAFETY, halt.to_bytes(),
-                                         key=halt.subject.encode())
+            await producer.send_and_wait(env.kafka_topic_prefix + topic, record.to_bytes(),
+                                         key=record.subject.encode())
         finally:
             await producer.stop()
         token = issue_dev_token(env.jwt_secret, "site_coordinator", "S1")
@@ -134,8 +161,9 @@ async def test_a_dose_waits_until_dosing_has_read_every_hold_already_on_the_brok
             assert [e.type for e in await rt.store.read_stream(domain.schedule_stream(patient))
                     ].count("InfusionGiven") == 0
             gate.set()
-            await eventually(lambda: consumer.caught_up(SAFETY, None, 0.2),
-                             what="dosing applying the halt")
+            await eventually(lambda: consumer.caught_up(topic, key, 0.2),
+                             what=f"dosing applying {fact.event_type()}")
             r = await api.post(f"/v1/patients/{patient}/infusions", json=body)
-            assert (r.status_code, r.json().get("code")) == (409, "dosing_held"), r.text
-            assert (r.json()["scope"], r.json()["hold_id"]) == ("trial", "H-73")
+            assert (r.status_code, r.json().get("code")) == (409, refused), r.text
+            if refused == "dosing_held":
+                assert (r.json()["scope"], r.json()["hold_id"]) == ("trial", "H-73")
