@@ -256,17 +256,32 @@ def _walk_query(route: object) -> dict[str, bool]:
     return names
 
 
+# A NUL character in JSON text: `\\u0000` after an even number of backslashes (`\\\\u0000` is a
+# backslash, then the letters).
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 async def reject_unknown_query(request: Request) -> None:
     """Unknown query parameters are refused, as unknown body fields are (`extra="forbid"`), and so
     is a single-valued parameter given twice (which of the two would count is anybody's guess).
 
     A filter misspelt as `?patinet_id=` must not silently answer with the unfiltered audit log.
+    Nor may a path or query parameter, or a string of the JSON body, hold a NUL character
+    (`%00`, `\\u0000`): no identifier or text of the trial has one, and PostgreSQL's text
+    refuses it, so a lookup by it would fail as a 500 instead of a 422.
     """
     route = request.scope.get("route")
     if route is None:
         return
     declared = _declared_query(route)
-    errors = []
+    errors = [{"field": f"{where}.{name}", "message": "Must not contain a NUL character",
+               "type": "string_nul"}
+              for where, items in (("path", request.path_params.items()),
+                                   ("query", request.query_params.multi_items()))
+              for name, value in items if isinstance(value, str) and "\x00" in value]
+    if request.method in ("POST", "PUT", "PATCH") and _JSON_NUL.search(await request.body()):
+        errors.append({"field": "body", "message": "Must not contain a NUL character",
+                       "type": "string_nul"})
     for name in sorted(set(request.query_params)):
         if name not in declared:
             errors.append({"field": f"query.{name}", "message": "Unknown query parameter",

@@ -227,6 +227,22 @@ async def test_impossible_screenings_are_refused_and_write_nothing(
 # --- 100 concurrent randomizations ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("method", "path", "body", "field"), [
+    ("GET", "/v1/patients/%00", None, "path.patient_id"),
+    ("POST", "/v1/patients/PT-%00/randomization", None, "path.patient_id"),
+    ("POST", "/v1/patients", b'{"screening_id": "\\u0000"}', "body"),
+])
+async def test_a_nul_character_in_an_id_is_a_422_on_either_database(
+        trial: Trial, method: str, path: str, body: bytes | None, field: str) -> None:
+    """PostgreSQL's text cannot hold NUL: the lookup by such an id was a 500 there."""
+    async with client(trial.system) as site:
+        r = await site.request(method, path, content=body,
+                               headers={"Content-Type": "application/json"} if body else {})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    assert [e["field"] for e in r.json()["errors"]] == [field]
+
+
 async def test_100_concurrent_randomizations_are_gapless_and_balanced_per_block(
         trial: Trial) -> None:
     sites = [fresh_site(), fresh_site()]

@@ -126,6 +126,50 @@ def test_the_calendar_s_usable_ends_are_taken() -> None:
     assert sent.day == date(9998, 12, 31) and sent.at == datetime(1, 12, 31, 10, tzinfo=UTC)
 
 
+class Note(BaseModel):
+    text: str
+
+
+@pytest.fixture(scope="module")
+def lookups() -> TestClient:
+    app = FastAPI(dependencies=[Depends(reject_unknown_query)])
+    install_problem_handlers(app)
+
+    @app.get("/patients/{patient_id}")
+    async def patient(patient_id: str, since: str | None = None) -> dict[str, str]:
+        return {"patient_id": patient_id}
+
+    @app.post("/patients/{patient_id}/notes")
+    async def note(patient_id: str, sent: Note) -> dict[str, str]:
+        return {"text": sent.text}
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.mark.parametrize("method, url, body, field", [
+    ("GET", "/patients/%00", None, "path.patient_id"),
+    ("GET", "/patients/PT-1%00", None, "path.patient_id"),
+    ("GET", "/patients/PT-1?since=a%00b", None, "query.since"),
+    ("POST", "/patients/PT-1/notes", b'{"text": "a\\u0000b"}', "body"),
+    ("POST", "/patients/PT-1/notes", b'{"text": "\\\\\\u0000"}', "body"),
+])
+def test_a_nul_character_anywhere_is_a_422_naming_where(
+        lookups: TestClient, method: str, url: str, body: bytes | None, field: str) -> None:
+    """PostgreSQL's text cannot hold NUL: a lookup by such an id failed as a 500 there."""
+    r = lookups.request(method, url, content=body,
+                        headers={"content-type": "application/json"} if body else {})
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"].startswith(PROBLEM_JSON)
+    assert [(e["field"], e["type"]) for e in r.json()["errors"]] == [(field, "string_nul")]
+
+
+def test_a_backslash_followed_by_u0000_is_text_not_a_nul(lookups: TestClient) -> None:
+    r = lookups.post("/patients/PT-1/notes", content=b'{"text": "C:\\\\u0000"}',
+                     headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"text": "C:\\u0000"}
+
+
 def _request(raw_path: bytes, query: bytes) -> Request:
     return Request({"type": "http", "method": "GET", "path": raw_path.decode("latin-1"),
                     "raw_path": raw_path, "query_string": query, "headers": []})
