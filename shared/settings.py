@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     idempotency_lease_s: float = Field(300.0, gt=0)
     # How often the audit ledger may publish its verified chain head to trial.audit.anchors (D27).
     audit_anchor_interval_s: float = Field(60.0, gt=0)
+    # The audit ledger's name (its hash at position 1) pinned outside its database (D95): its
+    # anchors are read for this name, and a ledger that no longer carries it fails verify (a
+    # rewrite from position 1 renames the ledger, and its old anchors then name another).
+    audit_ledger_id: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     # How often the audit service publishes the reads made through it to trial.access (D93).
     audit_views_interval_s: float = Field(1.0, gt=0)
     # How often dosing looks for visits whose window closed without a dose (VisitMissed).

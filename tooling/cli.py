@@ -192,13 +192,18 @@ def migrate(database_url: str = typer.Argument(..., help="SQLAlchemy async URL, 
 def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"),
            anchors: str | None = typer.Option(
                None, help="Kafka bootstrap: also check an audit ledger against the anchors "
-                          "published for it on trial.audit.anchors")) -> None:
+                          "published for it on trial.audit.anchors"),
+           ledger_id: str | None = typer.Option(
+               None, envvar="TRIAL_AUDIT_LEDGER_ID",
+               help="with --anchors: the ledger's pinned name (its hash at position 1); the "
+                    "anchors are read for it and a ledger not carrying it fails")) -> None:
     """Walk a store's hash chain; exit 1 and name the first broken position if it is broken.
 
     With --anchors, exit 1 too if any anchored position no longer holds its hash: the sign of a
-    rewrite whose author recomputed the chain after it.
+    rewrite whose author recomputed the chain after it; or if the ledger no longer carries its
+    pinned name (`--ledger-id`): the sign of one from position 1.
     """
-    from services.audit.anchors import check_anchors, read_anchors
+    from services.audit.anchors import check_anchors, ledger_name, read_anchors
     from shared.settings import Settings
     from shared.store import EventStore
 
@@ -210,13 +215,13 @@ def verify(database_url: str = typer.Argument(..., help="SQLAlchemy async URL"),
                     f"first_broken_position={result.first_broken_position}")
             ok = result.ok
             if anchors is not None:
-                found = await check_anchors(store, [] if result.first_hash is None else
-                                            await read_anchors(Settings(
-                                                kafka_bootstrap_servers=anchors),
-                                                result.first_hash))
+                name, renamed = ledger_name(result.first_hash, ledger_id)
+                found = await check_anchors(store, [] if name is None else await read_anchors(
+                    Settings(kafka_bootstrap_servers=anchors), name))
                 line += (f" anchors_checked={found.checked} "
-                         f"first_anchor_mismatch={found.first_mismatch}")
-                ok = ok and found.first_mismatch is None
+                         f"first_anchor_mismatch={found.first_mismatch}"
+                         f" pinned_ledger_mismatch={renamed}")
+                ok = ok and found.first_mismatch is None and not renamed
         finally:
             await store.close()
         typer.echo(line)

@@ -55,9 +55,15 @@ class Anchorer:
                           result.first_broken_position)
             self.broken_at = result.first_broken_position
             return None
-        self.broken_at = None
         self.ledger = self.ledger or await ledger_id(self.store)
         assert self.ledger is not None and result.last_hash is not None
+        if ledger_name(self.ledger, self.settings.audit_ledger_id)[1]:
+            if self.broken_at != 1:
+                log.error("audit ledger %s is not the pinned TRIAL_AUDIT_LEDGER_ID: not "
+                          "anchoring", self.ledger)
+            self.broken_at = 1  # never vouched for under a name of its own
+            return None
+        self.broken_at = None
         anchor = AuditChainAnchored(ledger=self.ledger,
                                     position=self.anchored_position + result.events_checked,
                                     hash=result.last_hash, anchored_at=utcnow())
@@ -144,3 +150,13 @@ async def check_anchors(store: EventStore, anchors: list[AuditChainAnchored]) ->
 async def ledger_id(store: EventStore) -> str | None:
     """The hash at position 1: the name this ledger's anchors carry."""
     return (await store.hashes_at([1])).get(1)
+
+
+def ledger_name(own: str | None, pinned: str | None) -> tuple[str | None, bool]:
+    """The name whose anchors the ledger is checked against, and whether the ledger has lost
+    it. Pinned outside the database (`TRIAL_AUDIT_LEDGER_ID`, D95), that name, which the ledger
+    must still carry: whoever rewrites it from position 1 renames it, and the anchors published
+    under its old name would otherwise no longer apply to it. Else the ledger's own."""
+    if pinned is None:
+        return own, False
+    return pinned, own != pinned

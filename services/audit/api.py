@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 
 from services.audit import query
-from services.audit.anchors import check_anchors, ledger_id, read_anchors
+from services.audit.anchors import check_anchors, ledger_id, ledger_name, read_anchors
 from services.audit.export import export_stream
 from services.audit.query import Filters
 from shared.catchup import unless_lagging
@@ -83,7 +83,8 @@ async def verify(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]
     checked: int | None = None
     mismatch: int | None = None
     through: int | None = None
-    ledger = await ledger_id(rt.store)
+    own = await ledger_id(rt.store)
+    ledger, renamed = ledger_name(own, rt.settings.audit_ledger_id)
     if ledger is not None:
         try:
             found = await check_anchors(rt.store, await read_anchors(rt.settings, ledger))
@@ -92,12 +93,14 @@ async def verify(who: CurrentPrincipal, rt: CurrentRuntime) -> dict[str, object]
             log.warning("could not read the audit anchors: %r", exc)
     else:
         checked = 0
-    return {"ok": result.ok and mismatch is None, "events_checked": result.events_checked,
+    return {"ok": result.ok and mismatch is None and not renamed,
+            "events_checked": result.events_checked,
             "first_broken_position": result.first_broken_position,
             "head_position": result.events_checked if result.ok else None,
             "head_hash": result.last_hash if result.ok else None,
             "anchors_checked": checked, "first_anchor_mismatch": mismatch,
-            "anchored_through": through}
+            "anchored_through": through, "ledger": own,
+            "pinned_ledger": rt.settings.audit_ledger_id, "pinned_ledger_mismatch": renamed}
 
 
 @router.get("/export")

@@ -51,11 +51,11 @@ async def _append(store: EventStore, n: int) -> int:
     return await store.head()
 
 
-async def _trial_verify(database_url: str, bootstrap: str) -> tuple[int, str]:
+async def _trial_verify(database_url: str, bootstrap: str, *more: str) -> tuple[int, str]:
     """The operators' `trial verify --anchors`, run as they would run it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tooling.cli", "verify", database_url, "--anchors", bootstrap,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *more, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
     return proc.returncode, out.decode().strip().splitlines()[-1]
@@ -104,6 +104,53 @@ async def test_a_rewrite_with_every_hash_recomputed_is_caught_by_the_anchors(
     assert caught["first_anchor_mismatch"] == witness  # the first anchor at or after it
     code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers)
     assert code == 1 and "ok=True" in line and f"first_anchor_mismatch={witness}" in line, line
+
+
+async def test_a_rewrite_from_position_1_fails_against_the_pinned_ledger_name(
+        ledger: tuple[FastAPI, httpx.AsyncClient], settings: Settings) -> None:
+    """D95. The anchors name their ledger by its hash at position 1; whoever rewrites it from
+    there renames the ledger, so the anchors published under the old name no longer apply to
+    it. Pinned outside the database (TRIAL_AUDIT_LEDGER_ID), the old name still holds them."""
+    app, client = ledger
+    rt = app.state.runtime
+    store: EventStore = rt.store
+    head = await _append(store, 3)
+    await _anchored(app.state.anchorer, head)
+    first = (await store.verify()).first_hash
+    assert first is not None
+    unpinned = rt.settings
+    pinned = unpinned.model_copy(update={"audit_ledger_id": first})
+    rt.settings = pinned
+    clean = (await client.get("/v1/audit/verify")).json()
+    assert (clean["ok"], clean["ledger"], clean["pinned_ledger"],
+            clean["pinned_ledger_mismatch"]) == (True, first, first, False)
+    assert clean["anchors_checked"] >= 1 and clean["anchored_through"] == head
+
+    victim = (await store.read_all(limit=1))[0]
+    assert victim.position == 1
+    await rewrite_history(store, 1, {**victim.data, "forged": True})
+    renamed = (await store.verify()).first_hash
+    assert (await store.verify()).ok and renamed != first  # the chain alone is fooled
+
+    rt.settings = unpinned  # unpinned, the renamed ledger has no anchors to fail against
+    fooled = (await client.get("/v1/audit/verify")).json()
+    assert (fooled["ok"], fooled["anchors_checked"], fooled["ledger"]) == (True, 0, renamed)
+    rt.settings = pinned
+    caught = (await client.get("/v1/audit/verify")).json()
+    assert (caught["ok"], caught["pinned_ledger_mismatch"], caught["ledger"]) == (
+        False, True, renamed)
+    assert caught["anchors_checked"] >= 1 and caught["first_anchor_mismatch"] is not None
+    code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers,
+                                     "--ledger-id", first)
+    assert code == 1 and "pinned_ledger_mismatch=True" in line, line
+    code, line = await _trial_verify(settings.database_url, settings.kafka_bootstrap_servers)
+    assert code == 0 and "anchors_checked=0" in line, line
+
+    anchorer = Anchorer(store, pinned)  # a restarted ledger never anchors its new name
+    try:
+        assert await anchorer.anchor_once() is None and anchorer.broken_at == 1
+    finally:
+        await anchorer.close()
 
 
 async def test_the_anchors_topic_is_one_partition_kept_forever(settings: Settings) -> None:
