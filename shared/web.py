@@ -90,6 +90,7 @@ REFUSAL_STATUS: dict[str, int] = {
     # dosing
     "wrong_arm": 422, "not_a_dosing_week": 422, "already_given": 409, "visit_cancelled": 409,
     "dosing_held": 409, "given_in_future": 422, "dose_out_of_range": 422, "out_of_window": 422,
+    "given_before_assignment": 422,
     "dose_mismatch": 422, "dose_step_exceeded": 422, "weight_change_unconfirmed": 422,
     "safety_record_unapplied": 409, "no_such_unapplied_record": 404,
     # safety

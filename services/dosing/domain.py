@@ -427,6 +427,10 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
                       weight_kg=command.weight_kg, last_weight_kg=state.weight_kg)
     # Windows are calendar days at the patient's site, whatever offset given_at was written in.
     given_on = protocol.site_date(state.site_id, given_at)
+    if given_on < cur.earliest:  # no reason makes it possible: the arm was not known yet
+        raise Refused("given_before_assignment", f"The dose is dated {given_on}, before the "
+                      f"patient's assignment to {cur.arm} on {cur.earliest} (day 0 is on or "
+                      "after the randomization day)", assigned_on=str(cur.earliest))
     v = slot.visit
     if not calendar.in_window(v, given_on):
         if command.deviation_reason is None:
@@ -467,7 +471,7 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
             patient_id=state.patient_id, site_id=state.site_id, arm=cur.arm,
             anchor_date=given_on,
             visits=calendar.reanchor(tuple(s.visit for s in cur.slots), given_on,
-                                     min(cur.earliest, given_on), protocol.window_days)))
+                                     cur.earliest, protocol.window_days)))
     if deviations:  # a reason alone, on an on-time, on-target dose, is no deviation
         assert command.deviation_reason is not None
         events.append(ProtocolDeviationRecorded(

@@ -114,7 +114,8 @@ def test_week_0_window_opens_on_the_randomization_day(day: date, inside: bool) -
     if inside:
         assert isinstance(given(history, mtx(0, day, 7.5))[0], MethotrexateDoseGiven)
     else:
-        assert refused(history, mtx(0, day, 7.5)).code == "out_of_window"
+        assert refused(history, mtx(0, day, 7.5)).code == (
+            "given_before_assignment" if day < RANDOMIZED.date() else "out_of_window")
 
 
 @pytest.mark.parametrize(("day", "inside"), [
@@ -217,6 +218,20 @@ def test_a_dose_in_the_future_is_refused() -> None:
     problem = refused([created("msc_low")], infusion(0, date(2026, 11, 26),
                                                      now=RANDOMIZED - timedelta(days=1)))
     assert (problem.status, problem.code) == (422, "given_in_future")
+
+
+@pytest.mark.parametrize("reason", [None, "site's calendar error"])
+def test_a_dose_dated_before_the_randomization_day_is_refused_whatever_the_reason(
+        reason: str | None) -> None:
+    """Day 0 is on or after the randomization day: a dose before it would also move day 0, and
+    every visit with it, to before the patient had an arm."""
+    doses: list[tuple[list[EventData], domain.DoseCommand]] = [
+        ([created("msc_low")], infusion(0, date(2026, 11, 25), deviation=reason)),
+        ([created("mtx")], mtx(0, date(2026, 11, 21), 7.5, reason))]
+    for history, dose in doses:
+        problem = refused(history, dose)
+        assert (problem.status, problem.code) == (422, "given_before_assignment")
+        assert problem.extra["assigned_on"] == "2026-11-26"
 
 
 def held(scope: str, target: str, product: str = "any", hold_id: str = "H1") -> holding.Holds:
