@@ -755,6 +755,9 @@ class FollowUpFactRecorded(EventData):
     screening_dlqi: int | None = None
     visits: tuple[PlannedVisit, ...] = ()  # the assessment visits, dated (assessment_visits)
     reason: str | None = None
+    # (added, D95) assessment_visits: dated from the first dose (true) or, until it is given,
+    # provisionally from the randomization day (false); none in facts recorded before.
+    day_zero_fixed: bool | None = None
 
 
 class TreatmentDiscontinued(EventData):

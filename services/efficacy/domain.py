@@ -115,6 +115,9 @@ class FollowUp:
     assessments: tuple[Assessment, ...] = ()
     treatment_discontinued_at: datetime | None = None
     treatment_discontinuation_reason: str | None = None
+    # The visits are dated from the first dose, not provisionally from randomization (a fact
+    # recorded before D95 does not say: taken as fixed, the rule before it).
+    day_zero_fixed: bool = False
     ended: Disposition | None = None  # withdrawn, lost_to_follow_up, died, completed
     ended_at: datetime | None = None
     end_reason: str | None = None
@@ -173,6 +176,7 @@ def _learn(state: FollowUp, fact: FollowUpFactRecorded) -> FollowUp:
             # Re-dated from day 0: done and cancelled visits stay; the rest are planned again on
             # their new dates (as dosing does: a visit missed before day 0 may now lie ahead).
             kept = {v.visit.week: v for v in state.visits if v.status in ("done", "cancelled")}
+            state = replace(state, day_zero_fixed=fact.day_zero_fixed is not False)
             return _set_visits(state, [replace(kept[p.week], visit=p) if p.week in kept
                                        else AssessmentVisit(p) for p in fact.visits])
     return state
@@ -255,7 +259,8 @@ def decide_learn(state: FollowUp, learn: Learn, protocol: ProtocolConfig) -> lis
             visits = tuple(v for v in e.visits if v.kind == "assessment")
             if not visits or state.ended is not None:
                 return []  # a crossover's calendar has doses only: the assessments stay
-            return [_fact(learn, "assessment_visits", visits=visits)]
+            return [_fact(learn, "assessment_visits", visits=visits,
+                          day_zero_fixed=isinstance(e, DosingScheduleReanchored))]
         case AdverseEventReported() | AdverseEventFollowedUp():
             if state.ended is None and _fatal(e, protocol):
                 return [DeathRecorded(patient_id=e.patient_id, site_id=e.site_id,
@@ -431,7 +436,11 @@ class Sweep:
 
 def decide_sweep(state: FollowUp, command: Sweep, protocol: ProtocolConfig) -> list[EventData]:
     """Every planned assessment visit whose window closed before the site's today is missed;
-    with the configured number missed in a row, the patient is lost to follow-up."""
+    with the configured number missed in a row, the patient is lost to follow-up. Not while the
+    visits are only provisionally dated from randomization and the first dose may still come
+    (a dose held by safety, say): that dose re-dates them, and a visit missed on the
+    provisional calendar may then lie ahead (D95); once day 0 is fixed, or the treatment
+    discontinued before it (the provisional calendar then stands), the run counts."""
     if state.patient_id is None or state.site_id is None or state.randomized_arm is None:
         return []
     if state.ended is not None:
@@ -443,7 +452,8 @@ def decide_sweep(state: FollowUp, command: Sweep, protocol: ProtocolConfig) -> l
         return []
     after = decider.fold(evolve, state, missed)
     weeks = _missed_in_a_row(after)
-    if len(weeks) >= protocol.efficacy.lost_to_follow_up_after_missed:
+    dated = state.day_zero_fixed or state.treatment_discontinued_at is not None
+    if dated and len(weeks) >= protocol.efficacy.lost_to_follow_up_after_missed:
         return [*missed, LostToFollowUp(
             patient_id=state.patient_id, site_id=state.site_id, declared_by=SWEEP,
             reason=f"{len(weeks)} scheduled assessments missed in a row (weeks "

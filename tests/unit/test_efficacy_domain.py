@@ -590,6 +590,46 @@ def test_two_assessments_missed_in_a_row_lose_the_patient() -> None:
     assert sweep(history, NOW) == []
 
 
+PROVISIONAL: list[EventData] = learnt([ENROLMENT, ASSIGNED, SCHEDULE])
+
+
+def test_a_first_dose_held_for_weeks_loses_no_one_and_its_calendar_is_the_one_swept() -> None:
+    """D95. Until the first dose, the assessments are dated provisionally from randomization:
+    they may be missed there, but no run of them loses the patient, since the first dose
+    (delayed by a safety hold, say) re-dates them all and a missed one may then lie ahead.
+    Once day 0 is fixed, the run counts."""
+    assert FOLLOWUPS.fold(PROVISIONAL).day_zero_fixed is False
+    history = then(PROVISIONAL, on_due_day(0))
+    found = sweep(history, site_time(date(2027, 1, 24)))  # weeks 4 and 8 closed, undosed
+    assert types(found) == ["VisitMissed", "VisitMissed"]
+    history += found
+    assert FOLLOWUPS.fold(history).ended is None
+    first_dose = date(2027, 1, 28)  # nine weeks late: the calendar from here
+    reanchored = DosingScheduleReanchored(
+        patient_id="P1", site_id="S1", arm="msc_low", anchor_date=first_dose,
+        visits=calendar.reanchor(SCHEDULE.visits, first_dose, RANDOMIZED.date(),
+                                 PROTOCOL.window_days))
+    history = learnt([reanchored], history)
+    state = FOLLOWUPS.fold(history)
+    assert state.day_zero_fixed is True and state.ended is None
+    assert [v.status for v in state.visits][:3] == ["done", "planned", "planned"]
+    week4 = state.visit(4)
+    assert week4 is not None and week4.visit.due_date == first_dose + timedelta(weeks=4)
+    found = sweep(history, site_time(first_dose + timedelta(weeks=8, days=3)))
+    assert types(found) == ["VisitMissed", "VisitMissed", "LostToFollowUp"]
+    lost = found[-1]
+    assert isinstance(lost, LostToFollowUp) and lost.missed_weeks == (4, 8)
+
+
+def test_a_treatment_stopped_before_the_first_dose_leaves_the_provisional_calendar_standing(
+        ) -> None:
+    history = then(PROVISIONAL, on_due_day(0))
+    history = then(history, domain.DiscontinueTreatment("no dose will be given", "dr-who",
+                                                        RANDOMIZED + timedelta(days=3)))
+    found = sweep(history, site_time(date(2027, 1, 24)))
+    assert types(found) == ["VisitMissed", "VisitMissed", "LostToFollowUp"]
+
+
 def test_one_missed_assessment_is_not_a_loss() -> None:
     history = then(FOLLOWED, on_due_day(0))
     found = sweep(history, site_time(date(2026, 12, 27)))
