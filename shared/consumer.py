@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from shared.events import CATALOGUE, CloudEvent, EventData, dlq_topic, may_publish
+from shared.events import ARMS, CATALOGUE, CloudEvent, EventData, SafetyHold, dlq_topic, may_publish
 from shared.failpoints import BEFORE_OFFSET_COMMIT, Failpoints
 from shared.kafka import LazyProducer, client_options, logical, physical, quietly
 from shared.retry import Stopped, on_conflict_again, retry
@@ -102,22 +102,31 @@ class Unapplied:
 
     def names(self) -> dict[str, str | None]:
         """Whom the record concerns, as far as it can be read: its event's id and type, and
-        the scope and target its data names; a record naming no one readable concerns the whole
-        trial ("*")."""
+        the scope and target it names. A hold's type fixes its scope (a trial halt stops
+        everyone, whatever else its data names: a field a newer safety service added must not
+        narrow it to one patient); otherwise the scope and target its data names. A record
+        naming no one readable, or an arm that is not the trial's, concerns the whole trial
+        ("*"): when unsure, the widest (fails closed)."""
         try:
             cloud = CloudEvent.from_bytes(self.value or b"")
         except ValueError:
             return {"event_id": None, "type": None, "scope": "trial", "target": "*"}
         data = cloud.data
         scope, target = data.get("scope"), data.get("target")
-        if not (scope in ("patient", "arm", "trial") and isinstance(target, str)):
-            scope, target = "trial", "*"
+        held = CATALOGUE.get(cloud.type)
+        if held is not None and issubclass(held, SafetyHold):
+            scope, target = held.scope, data.get(
+                {"patient": "patient_id", "arm": "arm", "trial": "trial_id"}[held.scope])
+        elif not (scope in ("patient", "arm", "trial") and isinstance(target, str)):
+            scope, target = None, None
             for key, named in (("patient_id", "patient"), ("arm", "arm"), ("trial_id", "trial")):
                 if isinstance(data.get(key), str):
                     scope, target = named, str(data[key])
                     break
+        if not isinstance(target, str) or (scope == "arm" and target not in ARMS):
+            scope, target = "trial", "*"
         return {"event_id": cloud.id, "type": cloud.type, "scope": str(scope),
-                "target": str(target)}
+                "target": target}
 
 
 # What a service does, in its own store, with a record of a topic it must not simply skip:

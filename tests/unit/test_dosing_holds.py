@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from services.dosing import holds as holding
+from shared.consumer import Unapplied
 from shared.events import (
     ArmSuspended,
+    CloudEvent,
     DosingHeld,
     DosingResumed,
     EventData,
@@ -96,3 +100,44 @@ def test_a_new_hold_keeps_every_safety_record_dosing_could_not_apply() -> None:
         "resolved_by": "ops-1", "reason": "applied by hand",
         "resolved_at": datetime(2026, 12, 5, tzinfo=UTC)}))
     assert set(resolved.unapplied) == {"trial.safety:0:7"} and resolved.active == state.active
+
+
+def _record(type_: str, data: dict[str, object]) -> Unapplied:
+    cloud = CloudEvent(id="e-1", source="/services/safety", type=type_, subject="x",
+                       time=datetime(2026, 12, 4, tzinfo=UTC), data=data, sequence=1)
+    return Unapplied("trial.safety", 0, 7, None, cloud.to_bytes(), "ValidationError")
+
+
+HOLD = {"hold_id": "H1", "rule_id": "R1-death"}
+
+
+@pytest.mark.parametrize(("record", "scope", "target"), [
+    # A newer safety service's field must not narrow a halt, or an arm's suspension, to one
+    # patient: the type says whom a hold stops.
+    (_record("TrialHalted", {**HOLD, "trial_id": "NCT03424629", "patient_id": "P1"}),
+     "trial", "NCT03424629"),
+    (_record("ArmSuspended", {**HOLD, "arm": "msc_low", "patient_id": "P1"}), "arm", "msc_low"),
+    # An arm that is not the trial's (unreadable as one): everyone.
+    (_record("ArmSuspended", {**HOLD, "arm": "msc_mid"}), "trial", "*"),
+    (_record("SafetyHoldLifted", {"hold_id": "H1", "scope": "arm", "target": "msc_mid"}),
+     "trial", "*"),
+    (_record("PatientDosingHeld", {**HOLD, "product": "radiation"}), "trial", "*"),
+    (_record("PatientDosingHeld", {**HOLD, "patient_id": "P1", "product": "radiation"}),
+     "patient", "P1"),
+    (_record("SomethingNew", {"note": "no one named"}), "trial", "*"),
+    (Unapplied("trial.safety", 0, 7, None, b"{not json", "JSONDecodeError"), "trial", "*"),
+], ids=["halt naming a patient", "suspension naming a patient", "unknown arm", "lift of an "
+        "unknown arm", "patient hold naming no one", "patient hold", "unknown type", "not JSON"])
+def test_an_unapplied_record_stops_at_least_whom_its_type_stops(
+        record: Unapplied, scope: str, target: str) -> None:
+    """D32, fail closed: whom a record dosing could not apply concerns, as far as it can be
+    read; when unsure, everyone. A halt stops every patient, not just one its data names."""
+    names = record.names()
+    assert (names["scope"], names["target"]) == (scope, target)
+    state = holding.fold([SafetyRecordUnapplied.model_validate({
+        "record_id": record.record_id, **names, "error": record.error,
+        "detected_at": datetime(2026, 12, 4, tzinfo=UTC)})])
+    stopped = {p for p, arm in (("P1", "msc_low"), ("P2", "msc_low"), ("P3", "mtx"))
+               if holding.unapplied_over(state, p, arm) is not None}
+    assert stopped == {"trial": {"P1", "P2", "P3"}, "arm": {"P1", "P2"},
+                       "patient": {"P1"}}[scope]
