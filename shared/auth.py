@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import jwt
 from pydantic import SecretStr
@@ -26,6 +26,22 @@ class NoBearerToken(AuthError):
 
     def __init__(self) -> None:
         super().__init__("A bearer token is required")
+
+
+class Headers(Protocol):
+    """A request's headers, every copy of each (Starlette's); this module stays framework-free."""
+
+    def getlist(self, key: str) -> list[str]: ...
+
+
+def authorization_header(headers: Headers) -> str | None:
+    """The request's one `Authorization` header, none if absent. More than one is a bad
+    token (401): which would count is anybody's guess, and the gateway and a service could each
+    read a different one (its check and its log line one caller's, the service's act another's)."""
+    found = headers.getlist("authorization")
+    if len(found) > 1:
+        raise AuthError("more than one Authorization header")
+    return found[0] if found else None
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -113,6 +129,10 @@ class JWTVerifier:
             raise AuthError(f"role {role} needs a 'site' claim")
         if not isinstance(claims["sub"], str) or not claims["sub"]:
             raise AuthError("empty 'sub' claim")
+        for claim in ("exp", "iat", "nbf"):  # PyJWT takes "1767000000" as a time too
+            if claim in claims and (isinstance(claims[claim], bool)
+                                    or not isinstance(claims[claim], int | float)):
+                raise AuthError(f"the {claim!r} claim must be a number")
         cap = self.settings.jwt_max_lifetime_s
         issued = claims.get("iat")
         if claims["exp"] - time.time() > cap or (

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from shared.auth import Principal
+from shared.auth import Principal, authorization_header
 from shared.clock import Clock, SystemClock
 from shared.protocol import ProtocolConfig
 from shared.runtime import Runtime
@@ -31,7 +31,7 @@ async def protocol(request: Request) -> ProtocolConfig:
 async def principal(request: Request) -> Principal:
     """The caller, from its bearer token; every service checks it, not only the gateway.
     A missing or bad token raises `AuthError`, answered 401 by the problem handlers."""
-    who = await (await runtime(request)).verifier.principal_of(request.headers.get("authorization"))
+    who = await (await runtime(request)).verifier.principal_of(authorization_header(request.headers))
     request.state.principal = who  # so a refusal later in the request can name who was refused
     return who
 

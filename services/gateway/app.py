@@ -20,7 +20,7 @@ from yarl import URL
 from services.gateway.docs import asyncapi, merged_openapi
 from services.gateway.ratelimit import RateLimiter, retry_after
 from services.gateway.routes import ROUTES, Route, match_route, route_for
-from shared.auth import JWTVerifier, Principal
+from shared.auth import JWTVerifier, Principal, authorization_header
 from shared.heap import settle
 from shared.logs import RequestLogMiddleware, configure_logging
 from shared.metrics import Metrics, MetricsMiddleware, metrics_endpoint, route_template
@@ -132,7 +132,7 @@ def create_gateway(settings: Settings | None = None) -> FastAPI:
         return problem
 
     async def forward(request: Request, route: Route) -> Response:
-        who = await verifier.principal_of(request.headers.get("authorization"))  # else 401
+        who = await verifier.principal_of(authorization_header(request.headers))  # else 401
         request.state.principal = who  # for the request's log line (sub and role only)
         wait = limiter.take(who.sub)
         if wait > 0:

@@ -103,6 +103,12 @@ async def test_tokens_are_checked_before_anything_else(lone_gateway: System) -> 
             assert r.status_code == 401, (header, r.text)
             assert r.json()["code"] == "unauthorized"
             assert r.headers["www-authenticate"] == "Bearer"
+        # Two tokens: the gateway would check one and forward the other.
+        monitor, site = token("monitor", None), token("pharmacist", "S1")
+        r = await anyone.get("/v1/safety/status", headers=[
+            ("Authorization", f"Bearer {monitor}"), ("Authorization", f"Bearer {site}")])
+        assert (r.status_code, r.json()["code"]) == (401, "unauthorized"), r.text
+        assert "more than one" in r.json()["detail"]
 
 
 async def test_one_merged_openapi_document_and_the_asyncapi_document(lone_gateway: System) -> None:

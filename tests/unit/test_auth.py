@@ -16,8 +16,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
+from starlette.datastructures import Headers
 
-from shared.auth import ROLES, SITE_ROLES, AuthError, JWTVerifier, Principal, issue_dev_token
+from shared.auth import (
+    ROLES,
+    SITE_ROLES,
+    AuthError,
+    JWTVerifier,
+    Principal,
+    authorization_header,
+    issue_dev_token,
+)
 from shared.settings import Settings
 
 SECRET = "unit-test-secret-" + "0123456789abcdef" * 4  # long enough for HS512 too
@@ -128,6 +137,27 @@ def test_missing_required_claim_is_rejected(claim: str) -> None:
     del payload[claim]
     with pytest.raises(AuthError):
         JWTVerifier(hs_settings()).verify(hs_token(payload))
+
+
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+def test_a_time_claim_that_is_not_a_number_is_a_bad_token_not_a_500(claim: str) -> None:
+    """PyJWT takes "1767000000" as a time; the lifetime check then subtracted a string (500)."""
+    now = int(time.time())
+    value = {"exp": now + 300, "iat": now - 10, "nbf": now - 10}[claim]
+    with pytest.raises(AuthError, match=f"'{claim}'"):
+        JWTVerifier(hs_settings()).verify(hs_token(claims(**{claim: str(value)})))
+    with pytest.raises(AuthError):  # a boolean is no time either
+        JWTVerifier(hs_settings()).verify(hs_token(claims(**{claim: True})))
+
+
+def test_more_than_one_authorization_header_is_a_bad_token() -> None:
+    token = f"Bearer {hs_token(claims())}"
+    one = Headers(raw=[(b"authorization", token.encode())])
+    assert authorization_header(one) == token
+    assert authorization_header(Headers(raw=[])) is None
+    two = Headers(raw=[(b"authorization", token.encode()), (b"authorization", token.encode())])
+    with pytest.raises(AuthError, match="more than one"):
+        authorization_header(two)
 
 
 def test_empty_subject_is_rejected() -> None:
