@@ -22,6 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from shared.errors import ConcurrencyError
 from shared.events import ARMS, CATALOGUE, CloudEvent, EventData, SafetyHold, dlq_topic, may_publish
 from shared.failpoints import BEFORE_OFFSET_COMMIT, Failpoints
 from shared.kafka import LazyProducer, client_options, logical, physical, quietly
@@ -603,8 +604,12 @@ class ConsumerRunner:
                 async with self.store.transaction() as tx:
                     await closed(tx, unapplied)
 
-            await retry(record_it, what=f"consumer {self.group_id}: fail closed on "
-                                        f"{unapplied.record_id}", retry_if=_transient)
+            # Run again, as every command is, when what it read moved before its commit (the
+            # holds, by another replica's consumer or an operator): that must not end the
+            # session and send the record to the DLQ a second time.
+            await retry(lambda: on_conflict_again(record_it),
+                        what=f"consumer {self.group_id}: fail closed on {unapplied.record_id}",
+                        retry_if=lambda exc: _transient(exc) or isinstance(exc, ConcurrencyError))
 
 
 def _short(exc: ValidationError) -> str:

@@ -10,12 +10,14 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from services.dosing import commands
+from services.dosing import holds as holding
 from services.dosing.app import spec
 from shared.app import Runtime
+from shared.consumer import Unapplied
 from shared.errors import Refused
-from shared.events import PatientDosingHeld
+from shared.events import DosingHeld, PatientDosingHeld
 from shared.settings import Settings
-from shared.store import EventStore
+from shared.store import EventStore, NewEvent, Transaction
 from tests.integration.conftest import broken, dead_letter_through
 from tests.integration.test_dosing_store import (
     HANDLERS,
@@ -72,6 +74,32 @@ async def test_an_unreadable_safety_record_refuses_every_dose(
     assert refused.value.code == "safety_record_unapplied"
     with pytest.raises(Refused):
         await commands.resolve_safety_record(store, "no:such:record", "ops", "typo")
+
+
+async def test_a_commit_to_the_holds_meanwhile_does_not_lose_the_fail_closed_record(
+        settings: Settings, store: EventStore) -> None:
+    """The fail-closed write reads the holds stream and appends at the version it read: another
+    replica's consumer applying a hold meanwhile moved it, and the ConcurrencyError escaped the
+    consumer (its session torn down, the record dead-lettered again on the next). It is run
+    again, as every command is."""
+    patient = await assign(store, "msc_low")
+    raced = False
+
+    async def raced_by_a_hold(tx: Transaction, unapplied: Unapplied) -> None:
+        nonlocal raced
+        await commands.fail_closed_on_safety_record(tx, unapplied)
+        if not raced:  # before this transaction commits, another commits to the holds
+            raced = True
+            await store.append(holding.HOLDS_STREAM, [NewEvent.of(DosingHeld(
+                scope="arm", target="mtx", rule_id="R2", hold_id="H-other"))], None)
+
+    await dead_letter_through(store, settings, HANDLERS, raced_by_a_hold, b"\x00unreadable")
+    assert raced
+    [unapplied] = await commands.unapplied_safety_records(store)
+    assert (unapplied.scope, unapplied.target) == ("trial", "*")
+    with pytest.raises(Refused) as refused:
+        await record_dose(store, patient, NURSE, infusion(0, RANDOMIZED))
+    assert refused.value.code == "safety_record_unapplied"
 
 
 async def test_operators_list_and_resolve_unapplied_records_from_the_command_line(
