@@ -63,6 +63,14 @@ idempotency_keys = sa.Table(
 _CLAIM_ATTEMPTS = 5
 
 
+def taken_over() -> Problem:
+    """What a request whose key another replica took over meanwhile answers: its events did
+    not commit, and the retry that took the key over runs (or ran) the request."""
+    return Problem(409, "idempotency_key_taken_over", "A retry with this Idempotency-Key took "
+                   "the request over; this attempt wrote nothing",
+                   "Its answer is the retry's: send the request again with the key to get it")
+
+
 class _LostRace(Exception):
     """Another request with the same key changed its row between this one's read and write."""
 
@@ -152,16 +160,27 @@ class IdempotencyRecords:
         t = idempotency_keys
 
         async def mark(conn: AsyncConnection) -> None:
-            await conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
-                               .values(written_at=utcnow()))
+            # Fenced by this request's claim: a key another replica took over (this process's
+            # instance lock was lost with its connection while it ran: the other took it for
+            # dead) is no longer this request's to write under, and its events do not commit.
+            marked = await conn.execute(t.update().where(*self._ours(principal, key))
+                                        .values(written_at=utcnow()))
+            if marked.rowcount != 1:
+                raise taken_over()
 
         return mark
+
+    def _ours(self, principal: str, key: str) -> tuple[sa.ColumnElement[bool], ...]:
+        """The key's row while this request's claim holds it."""
+        t = idempotency_keys
+        mine = (t.c.principal == principal, t.c.key == key)
+        return mine if self.claimed_at is None else (*mine, t.c.created_at == self.claimed_at)
 
     async def complete(self, principal: str, key: str, status: int,
                        headers: list[list[str]], body: bytes) -> None:
         t = idempotency_keys
-        async with self.store.engine.begin() as conn:
-            await conn.execute(t.update().where(t.c.principal == principal, t.c.key == key)
+        async with self.store.engine.begin() as conn:  # never over another claim's answer
+            await conn.execute(t.update().where(*self._ours(principal, key))
                                .values(status=status, headers=headers, body=body,
                                        completed_at=utcnow()))
 
@@ -170,11 +189,9 @@ class IdempotencyRecords:
         released so that a retry runs it again; if it wrote, a retry must never write a second
         time, so the key's answer becomes 409 `idempotency_key_outcome_unknown`."""
         t = idempotency_keys
-        where = sa.and_(t.c.principal == principal, t.c.key == key)
-        if self.claimed_at is not None:
-            # Only this request's own claim: given up late (the database was down, D54), a
-            # retry may have claimed the key since, and its claim is not this one's to drop.
-            where = sa.and_(where, t.c.created_at == self.claimed_at)
+        # Only this request's own claim: given up late (the database was down, D54), a retry
+        # may have claimed the key since, and its claim is not this one's to drop.
+        where = sa.and_(*self._ours(principal, key))
         async with self.store.engine.begin() as conn:
             await conn.execute(t.delete().where(where, t.c.written_at.is_(None)))
             await conn.execute(t.update().where(where, t.c.status.is_(None)).values(

@@ -25,6 +25,7 @@ from tests.support import eventually
 
 LEASE_S = 600.0  # far beyond the test: nothing here may wait for it
 hung = asyncio.Event()  # what the first process's requests wait for: never set while it "lives"
+resumed = asyncio.Event()  # what a first process that lost its lock but lives waits for
 HANGING: set[int] = set()  # the runtimes (by id) whose requests hang: the first replica's
 
 
@@ -36,6 +37,8 @@ def _router() -> APIRouter:
         hangs = id(rt) in HANGING  # the retry, on the other replica, runs through
         if hangs and thing.name.startswith("hang-before"):
             await hung.wait()  # the process dies here, having written nothing
+        if hangs and thing.name.startswith("hang-lost"):
+            await resumed.wait()  # it lost its instance lock, but lives on, and goes on
         await rt.store.append(f"thing-{uuid.uuid4()}", [_event(thing.name)], 0)
         if hangs and thing.name.startswith("hang-after"):
             await hung.wait()  # the process dies here, after its write committed
@@ -112,3 +115,33 @@ async def test_a_retry_on_another_replica_settles_a_key_whose_process_died(
 
 async def _things_written(store: EventStore, name: str) -> bool:
     return await _things(store, name) == 1
+
+
+async def test_a_process_that_lost_its_lock_but_lives_cannot_write_under_a_key_taken_over(
+        replicas: list[tuple[httpx.AsyncClient, FastAPI]]) -> None:
+    """On PostgreSQL the instance lock is a session's: a database restart or a dropped
+    connection ends it while the process runs on. A retry on another replica then takes the
+    key for dead and runs the request; the first, going on, must not write as well: its write
+    is fenced by its claim, and it answers 409 `idempotency_key_taken_over`."""
+    (first, first_app), (second, second_app) = replicas
+    store: EventStore = second_app.state.runtime.store
+    key, name = f"k-{uuid.uuid4()}", f"hang-lost-{uuid.uuid4().hex[:6]}"
+    body = {"name": name}
+    running = asyncio.create_task(first.post("/things", json=body,
+                                             headers={"Idempotency-Key": key}))
+    try:
+        await eventually(lambda: _claimed(store, key), what="the first request's claim")
+        await _die(first_app)  # its lock is gone; the process and its request are not
+        r = await second.post("/things", json=body, headers={"Idempotency-Key": key})
+        assert r.status_code == 201, r.text
+        resumed.set()
+        late = await asyncio.wait_for(running, 60)
+        assert (late.status_code, late.json()["code"]) == (409, "idempotency_key_taken_over")
+        assert await _things(store, name) == 1  # once, by the retry
+        again = await second.post("/things", json=body, headers={"Idempotency-Key": key})
+        assert (again.status_code, again.json()) == (201, {"name": name})  # the retry's answer
+        assert again.headers["idempotent-replayed"] == "true"
+    finally:
+        resumed.clear()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
