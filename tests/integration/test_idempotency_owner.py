@@ -76,6 +76,15 @@ async def _die(first: FastAPI) -> None:
     await runtime._instance.release()
 
 
+def _first_request(first: httpx.AsyncClient, kind: str
+                   ) -> tuple[str, str, dict[str, str], asyncio.Task[httpx.Response]]:
+    """The first replica's request under a new key, running: its key, thing's name, body."""
+    key, name = f"k-{uuid.uuid4()}", f"{kind}-{uuid.uuid4().hex[:6]}"
+    body = {"name": name}
+    return key, name, body, asyncio.create_task(first.post(
+        "/things", json=body, headers={"Idempotency-Key": key}))
+
+
 async def _claimed(store: EventStore, key: str) -> bool:
     try:
         await _key_row(store, key)
@@ -89,10 +98,7 @@ async def test_a_retry_on_another_replica_settles_a_key_whose_process_died(
         replicas: list[tuple[httpx.AsyncClient, FastAPI]], moment: str) -> None:
     (first, first_app), (second, second_app) = replicas
     store: EventStore = second_app.state.runtime.store
-    key, name = f"k-{uuid.uuid4()}", f"hang-{moment}-{uuid.uuid4().hex[:6]}"
-    body = {"name": name}
-    running = asyncio.create_task(first.post("/things", json=body,
-                                             headers={"Idempotency-Key": key}))
+    key, name, body, running = _first_request(first, f"hang-{moment}")
     try:
         await eventually(lambda: _claimed(store, key), what="the first request's claim")
         if moment == "after":
@@ -125,10 +131,7 @@ async def test_a_process_that_lost_its_lock_but_lives_cannot_write_under_a_key_t
     is fenced by its claim, and it answers 409 `idempotency_key_taken_over`."""
     (first, first_app), (second, second_app) = replicas
     store: EventStore = second_app.state.runtime.store
-    key, name = f"k-{uuid.uuid4()}", f"hang-lost-{uuid.uuid4().hex[:6]}"
-    body = {"name": name}
-    running = asyncio.create_task(first.post("/things", json=body,
-                                             headers={"Idempotency-Key": key}))
+    key, name, body, running = _first_request(first, "hang-lost")
     try:
         await eventually(lambda: _claimed(store, key), what="the first request's claim")
         await _die(first_app)  # its lock is gone; the process and its request are not
