@@ -370,6 +370,11 @@ class DosingHeld(_DosingHoldChange):
 class DosingResumed(_DosingHoldChange):
     """The hold `hold_id` was lifted by a DSMB decision: preparing may restart."""
 
+    # (added, D95) When the lift took effect (the DSMB decision's time): a dose given while the
+    # hold was in force, from its `held_from` to this, is still refused when entered later.
+    # Unknown (resumptions recorded before): the hold's span is not kept.
+    resumed_from: datetime | None = None
+
 
 class SafetyRecordUnapplied(_UnappliedRecord):
     """Dosing could not apply a record of trial.safety: it refuses the doses the record may

@@ -398,7 +398,8 @@ def decide_dose(state: DosingRecord, holds: holding.Holds, command: DoseCommand,
                       target=unapplied.target)
     held = holding.blocking(holds, state.patient_id, cur.arm, kind, given_at)
     if held is not None:
-        raise Refused("dosing_held", f"Dosing is held by safety rule {held.rule_id}",
+        when = "is" if held.hold_id in holds.active else "was, when this dose was given,"
+        raise Refused("dosing_held", f"Dosing {when} held by safety rule {held.rule_id}",
                       rule_id=held.rule_id, hold_id=held.hold_id, scope=held.scope,
                       target=held.target)
     # A hold in force that took effect after the dose was given: a late entry, accepted.

@@ -32,6 +32,8 @@ class Holds:
     active: dict[str, DosingHeld] = field(default_factory=dict)
     seen: frozenset[str] = frozenset()
     unapplied: dict[str, SafetyRecordUnapplied] = field(default_factory=dict)
+    # Lifted holds and when the lift took effect: a dose given in between is still refused.
+    lifted: tuple[tuple[DosingHeld, datetime], ...] = ()
 
 
 def evolve(state: Holds, event: EventData) -> Holds:
@@ -41,7 +43,10 @@ def evolve(state: Holds, event: EventData) -> Holds:
                            seen=state.seen | {event.hold_id})
         case DosingResumed():
             active = {k: v for k, v in state.active.items() if k != event.hold_id}
-            return replace(state, active=active)
+            held = state.active.get(event.hold_id)
+            lifted = state.lifted if held is None or event.resumed_from is None else (
+                *state.lifted, (held, event.resumed_from))
+            return replace(state, active=active, lifted=lifted)
         case SafetyRecordUnapplied():
             return replace(state, unapplied={**state.unapplied, event.record_id: event})
         case SafetyRecordResolved():
@@ -75,7 +80,7 @@ def decide(state: Holds, event: SafetyEvent, at: datetime | None = None) -> list
             if held is None:
                 return []  # not in force (never seen, or lifted already): nothing to resume
             return [DosingResumed(scope=held.scope, target=held.target, rule_id=held.rule_id,
-                                  hold_id=held.hold_id, product=held.product)]
+                                  hold_id=held.hold_id, product=held.product, resumed_from=at)]
         case PatientDosingHeld() | ArmSuspended() | TrialHalted() if event.hold_id not in state.seen:
             product = event.product if isinstance(event, PatientDosingHeld) else "any"
             return [DosingHeld(scope=event.scope, target=event.target, rule_id=event.rule_id,
@@ -88,19 +93,20 @@ HOLDS: Decider[Holds, SafetyNotice, EventData] = Decider(
     Holds(), evolve, lambda state, notice: decide(state, notice.event, notice.at))
 
 
+def _over(h: DosingHeld | SafetyRecordUnapplied, patient_id: str, arm: str) -> bool:
+    return (h.scope == "trial" or (h.scope == "arm" and h.target == arm)
+            or (h.scope == "patient" and h.target == patient_id))
+
+
 def applying_to(state: Holds, patient_id: str, arm: str) -> list[DosingHeld]:
     """The holds in force over this patient: its own, its arm's, the trial's."""
-    return [h for h in state.active.values()
-            if h.scope == "trial" or (h.scope == "arm" and h.target == arm)
-            or (h.scope == "patient" and h.target == patient_id)]
+    return [h for h in state.active.values() if _over(h, patient_id, arm)]
 
 
 def unapplied_over(state: Holds, patient_id: str, arm: str) -> SafetyRecordUnapplied | None:
     """An unresolved safety record that may concern this patient: its own, its arm's, or one
     naming the trial or no one readable (then every patient)."""
-    return next((u for u in state.unapplied.values()
-                 if u.scope == "trial" or (u.scope == "arm" and u.target == arm)
-                 or (u.scope == "patient" and u.target == patient_id)), None)
+    return next((u for u in state.unapplied.values() if _over(u, patient_id, arm)), None)
 
 
 def covering(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> list[DosingHeld]:
@@ -110,7 +116,14 @@ def covering(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> list[Do
 
 def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind,
              given_at: datetime | None = None) -> DosingHeld | None:
-    """The first hold in force that stops a dose given at `given_at`: every covering hold that
-    took effect before then, or whose start is unknown (fails closed)."""
-    return next((h for h in covering(state, patient_id, arm, kind)
-                 if h.held_from is None or given_at is None or given_at >= h.held_from), None)
+    """The first hold that stops a dose given at `given_at`: every covering hold in force that
+    took effect before then, or whose start is unknown (fails closed); and a lifted one that was
+    in force then (a dose given under a hold and entered after its lift, D95)."""
+    found = next((h for h in covering(state, patient_id, arm, kind)
+                  if h.held_from is None or given_at is None or given_at >= h.held_from), None)
+    if found is not None or given_at is None:
+        return found
+    return next((h for h, until in state.lifted
+                 if _over(h, patient_id, arm) and h.product in ("any", kind)
+                 and (h.held_from is None or h.held_from <= given_at) and given_at < until),
+                None)

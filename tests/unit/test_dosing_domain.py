@@ -17,7 +17,9 @@ from shared.events import (
     Arm,
     ArmAssigned,
     ArmCrossedOver,
+    ArmSuspended,
     DosingHeld,
+    DosingResumed,
     DosingScheduleCreated,
     DosingScheduleReanchored,
     EventData,
@@ -25,6 +27,7 @@ from shared.events import (
     MethotrexateDoseGiven,
     PatientWithdrawn,
     ProtocolDeviationRecorded,
+    SafetyHoldLifted,
     VisitMissed,
     VisitsCancelled,
 )
@@ -238,6 +241,34 @@ def held(scope: str, target: str, product: str = "any", hold_id: str = "H1") -> 
     return holding.fold([DosingHeld.model_validate(
         {"scope": scope, "target": target, "rule_id": "R4-infusion-reaction",
          "hold_id": hold_id, "product": product})])
+
+
+def test_a_dose_given_under_a_hold_and_entered_after_its_lift_is_still_refused() -> None:
+    """D95. The hold's span is kept when it is lifted: a dose given while it was in force is
+    refused whenever it is entered, as it was while the hold stood; before or after the span,
+    the dose is given."""
+    suspended = ArmSuspended(hold_id="H1", arm="msc_low", rule_id="R3-arm-toxicity")
+    lift = SafetyHoldLifted(hold_id="H1", scope="arm", target="msc_low",
+                                    rationale="reviewed", decided_by="dsmb-chair")
+    holds = holding.Holds()
+    for notice, when in ((suspended, at(date(2026, 11, 26), 12)),
+                         (lift, at(date(2026, 11, 28), 9))):
+        holds = holding.evolve(holds, *holding.decide(holds, notice, when))
+    assert holds.active == {}
+    history: list[EventData] = [created("msc_low")]
+    problem = refused(history, infusion(0, date(2026, 11, 27)), holds)  # at 10:00, under it
+    assert (problem.status, problem.code, problem.extra["hold_id"]) == (409, "dosing_held", "H1")
+    assert "was, when this dose was given," in problem.title
+    after = given(history, infusion(0, date(2026, 11, 28)), holds)  # 10:00, after the lift
+    assert isinstance(after[0], InfusionGiven) and after[0].late_entry is False
+    before = holding.Holds(lifted=((holds.lifted[0][0].model_copy(
+        update={"held_from": at(date(2026, 11, 27), 12)}), holds.lifted[0][1]),))
+    assert isinstance(given(history, infusion(0, date(2026, 11, 27)), before)[0], InfusionGiven)
+    # A resumption recorded before D95 kept no span: nothing to refuse by.
+    old = holding.evolve(holding.evolve(holding.Holds(), holding.decide(
+        holding.Holds(), suspended, at(date(2026, 11, 26), 12))[0]), DosingResumed(
+        scope="arm", target="msc_low", rule_id="R3-arm-toxicity", hold_id="H1"))
+    assert old.lifted == () and old.active == {}
 
 
 @pytest.mark.parametrize(("holds", "blocked"), [
