@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     safety_url: str = "http://127.0.0.1:8003"
     audit_url: str = "http://127.0.0.1:8004"
     efficacy_url: str = "http://127.0.0.1:8005"
+    # The system's public base, as its callers reach it (the gateway): links the services make
+    # for callers (FHIR's) start with it; unset, with the request's own base (D95).
+    public_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/\S*)?$")
     upstream_timeout_s: float = Field(10.0, gt=0)
     # The gateway's token bucket per principal: generous, so bursts of real work never trip it.
     rate_limit_per_s: float = Field(50.0, gt=0)

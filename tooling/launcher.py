@@ -46,6 +46,7 @@ class System:
         env["TRIAL_SERVICE_NAME"] = service
         for name in SERVICES:
             env[f"TRIAL_{name.upper()}_URL"] = self.url(name)
+        env["TRIAL_PUBLIC_URL"] = self.url("gateway")  # callers' links go through it
         if service in self.database_urls:
             env["TRIAL_DATABASE_URL"] = self.database_urls[service]
         return env

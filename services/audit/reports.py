@@ -15,6 +15,7 @@ from services.audit import dsmb_report, fhir, query, sdtm
 from shared.deps import CurrentPrincipal, CurrentProtocol, CurrentRuntime
 from shared.errors import Refused
 from shared.permissions import Action, allowed, authorize
+from shared.settings import Settings
 from shared.store import utcnow
 
 router = APIRouter(prefix="/v1", tags=["reports"])
@@ -69,9 +70,10 @@ async def sdtm_export(domain: SdtmDomain, who: CurrentPrincipal, rt: CurrentRunt
     return Response(body, media_type="application/x-sas-xport", headers=headers)
 
 
-def _base(request: Request) -> str:
-    """The public base of the FHIR views, as the caller reached them (through the gateway)."""
-    return str(request.base_url).rstrip("/") + "/v1/fhir"
+def _base(request: Request, settings: Settings) -> str:
+    """The public base of the FHIR views: the system's (`TRIAL_PUBLIC_URL`, the gateway's),
+    never the audit service's own address behind it; unset, as the caller reached it."""
+    return (settings.public_url or str(request.base_url)).rstrip("/") + "/v1/fhir"
 
 
 @router.get("/fhir/ResearchStudy/{study_id}", response_class=FhirResponse)
@@ -90,7 +92,7 @@ async def research_subjects(request: Request, who: CurrentPrincipal, rt: Current
     """A searchset Bundle: every subject, or the one `patient` names."""
     authorize(who, Action.READ_REPORTS)
     return fhir.search_research_subjects(await query.history(rt.store), protocol, patient,
-                                         base=_base(request))
+                                         base=_base(request, rt.settings))
 
 
 @router.get("/fhir/AdverseEvent", response_class=FhirResponse)
@@ -98,4 +100,4 @@ async def adverse_events(request: Request, who: CurrentPrincipal, rt: CurrentRun
                          protocol: CurrentProtocol, patient: PatientId = None) -> dict[str, Any]:
     authorize(who, Action.READ_REPORTS)
     return fhir.search_adverse_events(await query.history(rt.store), patient,
-                                      study_id=protocol.trial_id, base=_base(request))
+                                      study_id=protocol.trial_id, base=_base(request, rt.settings))

@@ -197,6 +197,10 @@ async def test_fhir_views_validate_and_round_trip(cohort: dict[str, Any]) -> Non
     one = cohort["patients"][5]
     found = (await monitor.get("/v1/fhir/ResearchSubject", params={"patient": one})).json()
     assert [e["resource"]["id"] for e in found["entry"]] == [one]
+    # Links as the caller reaches the system (the gateway), never the audit service's address.
+    public = str(monitor.base_url).rstrip("/") + "/v1/fhir/"
+    links = [link["url"] for link in found["link"]] + [e["fullUrl"] for e in found["entry"]]
+    assert links and all(url.startswith(public) for url in links), links
     assert found["entry"][0]["resource"]["status"] == "off-study"  # withdrawn
     events = (await monitor.get("/v1/fhir/AdverseEvent")).json()
     assert Bundle.model_validate(events).total == len(ADVERSE_EVENTS)
