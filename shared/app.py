@@ -31,7 +31,7 @@ from shared.web import (
     health_router,
     install_problem_handlers,
     problem_response,
-    reject_unknown_query,
+    strict_input,
 )
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def create_app(spec: ServiceSpec, settings: Settings | None = None) -> FastAPI:
         return await request.app.state.runtime.ready()
 
     app = FastAPIOffline(title=f"NCT03424629 {spec.name} service", lifespan=lifespan,
-                         dependencies=[Depends(reject_unknown_query)])
+                         dependencies=[Depends(strict_input)])
     app.state.protocol = protocol
     # A monitor's or the DSMB's read of a patient, recorded before the answer leaves (D50).
     app.add_middleware(PatientReadAudit, service=spec.name,

@@ -262,9 +262,10 @@ def _walk_query(route: object) -> dict[str, bool]:
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
-async def reject_unknown_query(request: Request) -> None:
-    """Unknown query parameters are refused, as unknown body fields are (`extra="forbid"`), and so
-    is a single-valued parameter given twice (which of the two would count is anybody's guess).
+async def strict_input(request: Request) -> None:
+    """Every route's input checks beyond its models (D23). Unknown query parameters are refused,
+    as unknown body fields are (`extra="forbid"`), and so is a single-valued parameter given
+    twice (which of the two would count is anybody's guess).
 
     A filter misspelt as `?patinet_id=` must not silently answer with the unfiltered audit log.
     Nor may a path or query parameter, or a string of the JSON body, hold a NUL character

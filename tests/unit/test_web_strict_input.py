@@ -20,7 +20,7 @@ from shared.web import (
     IsoDateTime,
     Problem,
     install_problem_handlers,
-    reject_unknown_query,
+    strict_input,
 )
 
 
@@ -30,7 +30,7 @@ def filters(patient_id: str | None = None, since: IsoDateTime | None = None) -> 
 
 @pytest.fixture(scope="module")
 def client() -> TestClient:
-    app = FastAPI(dependencies=[Depends(reject_unknown_query)])
+    app = FastAPI(dependencies=[Depends(strict_input)])
     install_problem_handlers(app)
 
     @app.get("/events")
@@ -132,7 +132,7 @@ class Note(BaseModel):
 
 @pytest.fixture(scope="module")
 def lookups() -> TestClient:
-    app = FastAPI(dependencies=[Depends(reject_unknown_query)])
+    app = FastAPI(dependencies=[Depends(strict_input)])
     install_problem_handlers(app)
 
     @app.get("/patients/{patient_id}")
