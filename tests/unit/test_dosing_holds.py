@@ -71,7 +71,7 @@ def test_unknown_lifts_and_repeated_holds_change_nothing() -> None:
     hold = PatientDosingHeld(hold_id="H1", patient_id="P1", rule_id="R4-infusion-reaction")
     state, published = run(hold, hold, lifted("H1"), hold, lifted("H1"))
     # Held once, resumed once: a lifted hold id never comes back, a second lift finds nothing.
-    assert [type(e) for e in published] == [DosingHeld, DosingResumed]
+    assert [e.event_type() for e in published] == ["DosingHeld", "DosingResumed"]
     assert state.active == {}
 
 
