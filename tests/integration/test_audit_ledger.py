@@ -174,17 +174,20 @@ async def test_a_ledger_row_altered_behind_the_triggers_back_is_reported_at_its_
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://audit",
                                  headers=headers) as client:
         head = (await ledger.read_all(after=9))[0].hash
+        named = {"ledger": (await ledger.read_all(limit=1))[0].hash,  # its hash at position 1
+                 "pinned_ledger": None, "pinned_ledger_mismatch": False}  # not pinned here
         assert (await client.get("/v1/audit/verify")).json() == {
             "ok": True, "events_checked": 10, "first_broken_position": None,
             "head_position": 10, "head_hash": head,
             "anchors_checked": 0, "first_anchor_mismatch": None,  # no anchorer runs here
-            "anchored_through": None}
+            "anchored_through": None, **named}
         await tamper(ledger, "UPDATE events SET metadata = '{\"actor\": \"nobody\"}' "
                               "WHERE position = 6")
         assert (await client.get("/v1/audit/verify")).json() == {
             "ok": False, "events_checked": 5, "first_broken_position": 6,
             "head_position": None, "head_hash": None,
-            "anchors_checked": 0, "first_anchor_mismatch": None, "anchored_through": None}
+            "anchors_checked": 0, "first_anchor_mismatch": None, "anchored_through": None,
+            **named}
         r = await client.get("/v1/audit/verify", headers={
             "Authorization": f"Bearer {issue_dev_token(settings.jwt_secret, 'pharmacist', 'S1')}"})
         assert (r.status_code, r.json()["code"]) == (403, "forbidden")
