@@ -109,9 +109,13 @@ def unapplied_over(state: Holds, patient_id: str, arm: str) -> SafetyRecordUnapp
     return next((u for u in state.unapplied.values() if _over(u, patient_id, arm)), None)
 
 
+def _covers(h: DosingHeld, patient_id: str, arm: str, kind: DoseKind) -> bool:
+    return _over(h, patient_id, arm) and h.product in ("any", kind)
+
+
 def covering(state: Holds, patient_id: str, arm: str, kind: DoseKind) -> list[DosingHeld]:
     """The holds in force over this patient that cover this product."""
-    return [h for h in applying_to(state, patient_id, arm) if h.product in ("any", kind)]
+    return [h for h in state.active.values() if _covers(h, patient_id, arm, kind)]
 
 
 def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind,
@@ -123,7 +127,5 @@ def blocking(state: Holds, patient_id: str, arm: str, kind: DoseKind,
                   if h.held_from is None or given_at is None or given_at >= h.held_from), None)
     if found is not None or given_at is None:
         return found
-    return next((h for h, until in state.lifted
-                 if _over(h, patient_id, arm) and h.product in ("any", kind)
-                 and (h.held_from is None or h.held_from <= given_at) and given_at < until),
-                None)
+    return next((h for h, until in state.lifted if _covers(h, patient_id, arm, kind)
+                 and (h.held_from is None or h.held_from <= given_at) and given_at < until), None)
